@@ -1,0 +1,25 @@
+"""unipeft: parameter-efficient fine-tuning where every method is a function at a position.
+
+The public API::
+
+    import unipeft as up
+    model = up.attach(model, up.LoRA(r=8, alpha=16, targets=["query", "value"]), name="sst2")
+    up.trainable_parameters(model); print(up.summary(model))
+    up.save(model, "out/sst2", name="sst2"); up.load(base_model, "out/sst2")
+    up.merge(model, "sst2"); up.unmerge(model, "sst2")
+    up.activate(model, ["sst2"]); up.detach(model, "sst2")
+"""
+__version__ = "0.1.0"
+
+from .config import METHODS, MethodConfig  # noqa: E402
+from .engine import active, attach, deltas, detach, merge, summary, trainable_parameters, unmerge  # noqa: E402
+from .engine import set_active as activate  # noqa: E402
+from .errors import UnipeftError  # noqa: E402
+from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTuning, PromptTuning  # noqa: E402
+from .storage import fingerprint, load, save  # noqa: E402
+
+__all__ = [
+    "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "save", "load", "summary",
+    "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
+    "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
+]

@@ -1,0 +1,530 @@
+"""The injection engine: attach, activate, merge and detach named deltas.
+
+A *delta* is everything one ``up.attach(model, method, name=...)`` adds:
+  * ``LinearDelta`` modules at linear sites (LoRA, (IA)3, adapters, task heads),
+  * ``KVSource`` objects at attention sites (prefix tuning),
+  * prompt sources at input sites (prompt tuning),
+  * model-level modules (a prompt table, a prefix MLP) under ``model.unipeft_modules``,
+  * selected base parameters trained in place (BitFit, Freeze, full fine-tuning).
+
+Methods never touch the model directly: their ``install(view, name)`` asks a
+``ModelView`` for positions and hands it the modules to put there, so the
+engine alone does the bookkeeping that makes detach, activate, merge, save and
+load work the same for every method. The registry lives on the model object
+itself (``model.__dict__['_unipeft']``) so several models never share state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from . import positions as pos
+from .architectures import ModelMap, map_model
+from .config import MethodConfig
+from .errors import UnipeftError, choices
+
+MODULES_ATTR = "unipeft_modules"
+
+
+@dataclasses.dataclass
+class Delta:
+    """The bookkeeping for one named delta."""
+
+    name: str
+    config: MethodConfig
+    linear: dict[str, pos.LinearDelta] = dataclasses.field(default_factory=dict)   # site path -> delta
+    attention: dict[str, pos.KVSource] = dataclasses.field(default_factory=dict)   # attention path -> source
+    inputs: dict[str, object] = dataclasses.field(default_factory=dict)            # stack path -> prompt source
+    module: nn.Module | None = None                                                # model-level parameters
+    selected: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)    # param path -> original value
+    trained: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)     # values while switched off
+    head: list[str] = dataclasses.field(default_factory=list)                      # head site paths
+    merged: bool = False
+
+    def parameters(self) -> list[nn.Parameter]:
+        ps = [p for d in self.linear.values() for p in d.parameters()]
+        if self.module is not None:
+            ps += list(self.module.parameters())
+        return ps
+
+
+class Registry:
+    def __init__(self, model: nn.Module):
+        self.deltas: dict[str, Delta] = {}
+        self.active: list[str] = []
+        self.input_sites: dict[str, pos.InputSite] = {}
+        self.map: ModelMap = map_model(model)
+        # requires_grad of every base parameter before the first attach, restored when the last delta goes
+        self.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def registry(model: nn.Module, create: bool = False) -> Registry | None:
+    reg = model.__dict__.get("_unipeft")
+    if reg is None and create:
+        reg = Registry(model)
+        model.__dict__["_unipeft"] = reg
+    return reg
+
+
+def _require(model: nn.Module, name: str) -> tuple[Registry, Delta]:
+    reg = registry(model)
+    if reg is None or not reg.deltas:
+        raise UnipeftError(f"no delta named {name!r}: this model has no deltas attached")
+    if name not in reg.deltas:
+        raise UnipeftError(f"no delta named {name!r}; attached deltas: {choices(list(reg.deltas))}")
+    return reg, reg.deltas[name]
+
+
+# ---------------------------------------------------------------------------
+# The view a method sees while installing itself
+# ---------------------------------------------------------------------------
+
+class ModelView:
+    """What a method may do to a model: find positions and put modules there."""
+
+    def __init__(self, model: nn.Module, reg: Registry, delta: Delta, tokenizer=None):
+        self.model, self.reg, self.delta, self.tokenizer = model, reg, delta, tokenizer
+        self.map = reg.map
+        self.config = getattr(model, "config", None)
+
+    # --- positions -------------------------------------------------------
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def resolve_targets(self, targets, owner: str) -> list[str]:
+        from .targets import resolve
+
+        return resolve(self.model, self.map, targets, owner)
+
+    def add_linear(self, path: str, delta: pos.LinearDelta) -> None:
+        self.delta.linear[path] = delta
+
+    def add_attention(self, path: str, source: pos.KVSource) -> None:
+        self.delta.attention[path] = source
+
+    def add_input(self, stack_path: str, source) -> None:
+        self.delta.inputs[stack_path] = source
+
+    def set_module(self, module: nn.Module) -> None:
+        self.delta.module = module
+
+    def select(self, paths: Iterable[str]) -> None:
+        params = dict(self.model.named_parameters())
+        for p in paths:
+            self.delta.selected[p] = params[p].detach().clone()
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        """Base parameters (no delta parameters, no task head)."""
+        head = tuple(h + "." for h in head_modules(self.model))
+        return {n: p for n, p in self.model.named_parameters()
+                if "unipeft_" not in n and not n.startswith(head)}
+
+    def stacks_for_input(self) -> list[tuple[str, nn.Module, nn.Module, bool, nn.Module | None]]:
+        """The stacks that read input embeddings: (path, stack, embedding, strip_output, decoder)."""
+        return input_stacks(self.model)
+
+
+# ---------------------------------------------------------------------------
+# Task heads
+# ---------------------------------------------------------------------------
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the model's task head: children of the top model that are neither
+    the backbone nor contain the (pretrained) output embeddings.
+
+    BertForSequenceClassification -> ["classifier"]; GPT2LMHeadModel -> [];
+    BertForMaskedLM -> [] (its MLM head is pretrained and holds the decoder).
+    """
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return []
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = []
+    for name, child in model.named_children():
+        if child is base or name == MODULES_ATTR:
+            continue
+        if out_emb is not None and any(m is out_emb for m in child.modules()):
+            continue
+        if any(True for _ in child.parameters()):
+            heads.append(name)
+    return heads
+
+
+class HeadDelta(pos.LinearDelta):
+    """A task head owned by one delta: its own copy of the head's weights.
+
+    Each delta trains and saves its own head, so two task deltas on one base
+    each keep their classifier. Merging copies it into the base head.
+    """
+
+    replaces_base = True
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        w = module.unipeft_weight_out_in() if isinstance(module, pos.LinearSite) else (
+            module.weight.T if not isinstance(module, nn.Linear) else module.weight)
+        self.weight = nn.Parameter(w.detach().clone())
+        self.bias = nn.Parameter(module.bias.detach().clone()) if module.bias is not None else None
+
+    def replace(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def merged(self, weight, bias):
+        return self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone()
+
+
+def _add_head(model: nn.Module, view: ModelView, delta: Delta) -> None:
+    from .architectures import is_linear_like
+
+    setting = getattr(delta.config, "train_head", True)
+    if setting is False:
+        return
+    heads = head_modules(model)
+    if isinstance(setting, (list, tuple)):
+        heads = list(setting)
+    for h in heads:
+        try:
+            mod = model.get_submodule(h)
+        except AttributeError:
+            raise UnipeftError(f"train_head: no module {h!r}; the model's head is {choices(head_modules(model))}") from None
+        for sub, m in mod.named_modules():
+            if is_linear_like(m):
+                path = f"{h}.{sub}" if sub else h
+                view.add_linear(path, HeadDelta(m))
+                delta.head.append(path)
+            elif any(True for _ in m.parameters(recurse=False)):
+                # a LayerNorm or similar inside the head: train it in place as a selected parameter
+                for pn, _ in m.named_parameters(recurse=False):
+                    full = f"{h}.{sub}.{pn}" if sub else f"{h}.{pn}"
+                    delta.selected[full] = model.get_parameter(full).detach().clone()
+
+
+# ---------------------------------------------------------------------------
+# Input stacks (for prompt methods)
+# ---------------------------------------------------------------------------
+
+def input_stacks(model: nn.Module):
+    base = getattr(model, "base_model", model)
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        enc = model.get_encoder() if hasattr(model, "get_encoder") else None
+        dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if enc is None:
+            raise UnipeftError(f"{type(model).__name__}: cannot find the encoder for prompt tuning")
+        path = _path_of(model, enc)
+        embed = enc.get_input_embeddings() if hasattr(enc, "get_input_embeddings") else model.get_input_embeddings()
+        return [(path, enc, embed, False, dec)]
+    path = _path_of(model, base)
+    return [(path, base, model.get_input_embeddings(), True, None)]
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    for n, m in model.named_modules():
+        if m is target:
+            return n
+    raise UnipeftError(f"module {type(target).__name__} is not part of the model")
+
+
+# ---------------------------------------------------------------------------
+# attach / detach
+# ---------------------------------------------------------------------------
+
+def attach(model: nn.Module, method: MethodConfig, name: str = "default", *, activate: bool = True,
+           tokenizer=None) -> nn.Module:
+    """Attach a new delta to ``model`` (in place) and return the same model.
+
+    The base model is frozen; the new delta's parameters (and its own copy of
+    a newly added task head) are the only trainable ones. With ``activate``
+    the new delta becomes the only active one.
+    """
+    if not isinstance(method, MethodConfig):
+        from .config import METHODS
+
+        raise UnipeftError(f"attach expects a method config such as up.LoRA(...), got {type(method).__name__}; "
+                           f"valid methods: {choices(sorted(METHODS))}")
+    if not isinstance(name, str) or not name or "." in name or ":" in name:
+        raise UnipeftError(f"delta name must be a non-empty string without '.' or ':', got {name!r}")
+    if not isinstance(model, nn.Module):
+        raise UnipeftError(f"attach expects a torch.nn.Module, got {type(model).__name__}")
+    reg = registry(model, create=True)
+    if name in reg.deltas:
+        raise UnipeftError(f"a delta named {name!r} is already attached; detach it first or pick another name "
+                           f"(attached: {choices(list(reg.deltas))})")
+    delta = Delta(name, method)
+    view = ModelView(model, reg, delta, tokenizer)
+    try:
+        method.install(view, name)
+        _add_head(model, view, delta)
+        _place(model, reg, delta)
+    except BaseException:
+        _unplace(model, reg, delta)
+        if not reg.deltas:
+            model.__dict__.pop("_unipeft", None)
+        raise
+    reg.deltas[name] = delta
+    # freeze everything that is not a delta
+    for n, p in model.named_parameters():
+        if "unipeft_" not in n:
+            p.requires_grad_(False)
+    if activate:
+        set_active(model, [name])
+    else:
+        delta.trained = {p: t.clone() for p, t in delta.selected.items()}
+        set_active(model, [n for n in reg.active])
+    return model
+
+
+def _place(model: nn.Module, reg: Registry, delta: Delta) -> None:
+    """Put the delta's modules at their positions (inactive)."""
+    name = delta.name
+    for path, d in delta.linear.items():
+        site = pos.install_linear_site(model.get_submodule(path))
+        ref = site.weight
+        d.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        site.unipeft_deltas[name] = d
+        site.unipeft_refresh(reg.active)
+    if delta.module is not None:
+        holder = getattr(model, MODULES_ATTR, None)
+        if holder is None:
+            holder = nn.ModuleDict()
+            model.add_module(MODULES_ATTR, holder)
+        ref = next(model.parameters())
+        delta.module.to(device=ref.device)
+        holder[name] = delta.module
+    if delta.attention:
+        pos.enable_attention_sites(model)
+        for path, src in delta.attention.items():
+            pos.attention_site(model.get_submodule(path), create=True).sources[name] = src
+    for path, src in delta.inputs.items():
+        site = reg.input_sites.get(path)
+        if site is None:
+            for spath, stack, embed, strip, dec in input_stacks(model):
+                if spath == path:
+                    site = pos.InputSite(stack, embed, strip, dec)
+                    reg.input_sites[path] = site
+        site.sources[name] = src
+
+
+def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:
+    name = delta.name
+    for path in delta.linear:
+        try:
+            site = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(site, pos.LinearSite) and name in site.unipeft_deltas:
+            site.unipeft_unmerge(name)
+            del site.unipeft_deltas[name]
+            site.unipeft_refresh([n for n in reg.active if n != name])
+            pos.uninstall_linear_site(site)
+    holder = getattr(model, MODULES_ATTR, None)
+    if holder is not None and name in holder:
+        del holder[name]
+        if not len(holder):
+            delattr(model, MODULES_ATTR)
+    any_attention = False
+    for path in delta.attention:
+        site = pos.attention_site(model.get_submodule(path))
+        if site is not None:
+            site.sources.pop(name, None)
+            site.refresh([n for n in reg.active if n != name])
+            if not site.sources:
+                model.get_submodule(path).__dict__.pop("_unipeft_kv", None)
+    for _, m in model.named_modules():
+        if m.__dict__.get("_unipeft_kv") is not None:
+            any_attention = True
+    if delta.attention and not any_attention:
+        pos.disable_attention_sites(model)
+    for path in delta.inputs:
+        site = reg.input_sites.get(path)
+        if site is not None:
+            site.sources.pop(name, None)
+            site.refresh([n for n in reg.active if n != name])
+            if not site.sources:
+                site.remove()
+                del reg.input_sites[path]
+
+
+def detach(model: nn.Module, name: str) -> nn.Module:
+    """Remove a delta completely; with no delta left the model is the untouched base again."""
+    reg, delta = _require(model, name)
+    if name in reg.active:
+        set_active(model, [n for n in reg.active if n != name])
+    _unplace(model, reg, delta)
+    del reg.deltas[name]
+    if not reg.deltas:
+        params = dict(model.named_parameters())
+        for n, flag in reg.original_requires_grad.items():
+            if n in params:
+                params[n].requires_grad_(flag)
+        model.__dict__.pop("_unipeft", None)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# activate
+# ---------------------------------------------------------------------------
+
+def set_active(model: nn.Module, names: list[str]) -> None:
+    """Switch on exactly ``names`` (in that order); everything else is off."""
+    reg = registry(model)
+    if reg is None:
+        raise UnipeftError("this model has no deltas attached; use up.attach first")
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    for n in names:
+        if n not in reg.deltas:
+            raise UnipeftError(f"no delta named {n!r}; attached deltas: {choices(list(reg.deltas))}")
+    if len(set(names)) != len(names):
+        raise UnipeftError(f"delta names repeat in {names!r}")
+    for n, d in reg.deltas.items():
+        if d.merged and n not in names:
+            raise UnipeftError(f"delta {n!r} is merged into the base weights; unmerge it before switching it off")
+    seen: dict[str, str] = {}
+    for n in names:
+        for p in reg.deltas[n].selected:
+            if p in seen:
+                raise UnipeftError(f"deltas {seen[p]!r} and {n!r} both train parameter {p!r} in place; "
+                                   f"they cannot be active together")
+            seen[p] = n
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        # selective deltas: put the originals back for those going off, then the trained values of those going on
+        for n in reg.active:
+            if n not in names:
+                d = reg.deltas[n]
+                for p, orig in d.selected.items():
+                    d.trained[p] = params[p].detach().clone()
+                    params[p].copy_(orig)
+                    params[p].requires_grad_(False)
+        for n in names:
+            if n not in reg.active:
+                d = reg.deltas[n]
+                for p in d.selected:
+                    if p in d.trained:
+                        params[p].copy_(d.trained[p])
+                d.trained = {}
+    reg.active = names
+    for n, d in reg.deltas.items():
+        on = n in names
+        for p in d.parameters():
+            p.requires_grad_(on and not d.merged)
+        for p in d.selected:
+            params[p].requires_grad_(on and not d.merged)
+    _refresh_sites(model, reg)
+
+
+def _refresh_sites(model: nn.Module, reg: Registry) -> None:
+    paths = {p for d in reg.deltas.values() for p in d.linear}
+    for p in paths:
+        model.get_submodule(p).unipeft_refresh(reg.active)
+    for p in {p for d in reg.deltas.values() for p in d.attention}:
+        pos.attention_site(model.get_submodule(p)).refresh(reg.active)
+    for site in reg.input_sites.values():
+        site.refresh(reg.active)
+
+
+def active(model: nn.Module) -> list[str]:
+    reg = registry(model)
+    return list(reg.active) if reg else []
+
+
+def deltas(model: nn.Module) -> dict[str, MethodConfig]:
+    reg = registry(model)
+    return {n: d.config for n, d in reg.deltas.items()} if reg else {}
+
+
+# ---------------------------------------------------------------------------
+# merge / unmerge
+# ---------------------------------------------------------------------------
+
+def merge(model: nn.Module, name: str) -> nn.Module:
+    """Fold a delta into the base weights: zero inference overhead, same outputs."""
+    reg, delta = _require(model, name)
+    if not type(delta.config).mergeable:
+        from .config import METHODS
+
+        ok = sorted(k for k, c in METHODS.items() if c.mergeable)
+        raise UnipeftError(f"delta {name!r} ({delta.config.kind}) cannot be merged: it adds computation that is not "
+                           f"a change of weights; mergeable methods: {choices(ok)}")
+    if delta.merged:
+        return model
+    if name not in reg.active:
+        raise UnipeftError(f"delta {name!r} is not active; activate it before merging (active: {reg.active})")
+    for path in delta.linear:
+        model.get_submodule(path).unipeft_merge(name)
+    delta.merged = True
+    for p in delta.parameters():
+        p.requires_grad_(False)
+    params = dict(model.named_parameters())
+    for p in delta.selected:
+        params[p].requires_grad_(False)
+    _refresh_sites(model, reg)
+    return model
+
+
+def unmerge(model: nn.Module, name: str) -> nn.Module:
+    """Undo ``merge``: the base weights are restored bit for bit."""
+    reg, delta = _require(model, name)
+    if not delta.merged:
+        return model
+    for path in delta.linear:
+        model.get_submodule(path).unipeft_unmerge(name)
+    delta.merged = False
+    params = dict(model.named_parameters())
+    for p in delta.parameters():
+        p.requires_grad_(True)
+    for p in delta.selected:
+        params[p].requires_grad_(True)
+    _refresh_sites(model, reg)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# counting
+# ---------------------------------------------------------------------------
+
+def base_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "unipeft_" not in n)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) over all parameters of the model, deltas included."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def delta_parameter_count(model: nn.Module, delta: Delta) -> int:
+    params = dict(model.named_parameters())
+    n = sum(p.numel() for p in delta.parameters())
+    n += sum(params[p].numel() for p in delta.selected)
+    return n
+
+
+def summary(model: nn.Module) -> str:
+    """A table of the attached deltas: name, method, type, parameters, % of the base."""
+    reg = registry(model)
+    base = base_parameter_count(model)
+    rows = [("delta", "method", "type", "params", "% of base", "state")]
+    if reg:
+        for n, d in reg.deltas.items():
+            cnt = delta_parameter_count(model, d)
+            state = "merged" if d.merged else ("active" if n in reg.active else "off")
+            rows.append((n, d.config.kind, d.config.method_type, f"{cnt:,}", f"{100 * cnt / base:.4f}", state))
+    trainable, total = trainable_parameters(model)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"base parameters: {base:,}; trainable now: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    return "\n".join(lines)

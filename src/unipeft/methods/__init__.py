@@ -1,0 +1,15 @@
+"""One file per method: its config (validated), its modules, the positions it uses.
+
+Importing this package registers every method under its ``kind`` so saved
+deltas can be rebuilt by name.
+"""
+from .adapter import Adapter
+from .bitfit import BitFit
+from .freeze import Freeze
+from .full import FullFineTune
+from .ia3 import IA3
+from .lora import LoRA
+from .prefix_tuning import PrefixTuning
+from .prompt_tuning import PromptTuning
+
+__all__ = ["Adapter", "BitFit", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -1,0 +1,132 @@
+"""Bottleneck adapters (seed 000 "Additive PEFT: Adapters"; seed 001 summary table; He et al. 2022).
+
+    ADT(h) = f(h W_down) W_up                        (bottleneck m << d)
+    sequential (Houlsby, Pfeiffer):  h <- h + ADT(h)          after the sublayer, before residual + LN
+    parallel  (He et al.):           h <- F(x) + ADT(x)       x = the sublayer's input
+    scaled parallel:                 h <- F(x) + s * ADT(x)
+
+Houlsby puts one after the attention output and one after the FFN; Pfeiffer
+only after the FFN; the parallel forms default to the FFN (He et al.'s best
+placement) and accept ``locations=("attention", "ffn")``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..config import MethodConfig, check_choice, check_number, check_positive_int, method
+from ..errors import UnipeftError, choices
+from ..positions import LinearDelta, linear_shape
+
+STYLES = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+DEFAULT_LOCATIONS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",), "parallel": ("ffn",),
+                     "scaled_parallel": ("ffn",)}
+
+
+@method
+class Adapter(MethodConfig):
+    """style: where and how the adapter composes; bottleneck: m; activation: f;
+    scale: s (scaled_parallel only; default 4, He et al.); locations:
+    "attention" and/or "ffn"; init: "near_identity" (weights ~ N(0, 1e-2),
+    Houlsby) or "zero" (up-projection zero: exactly the identity)."""
+
+    style: str = "houlsby"
+    bottleneck: int = 64
+    activation: str = "relu"
+    scale: float | None = None
+    locations: tuple | None = None
+    init: str = "near_identity"
+    train_head: bool | list = True
+
+    kind: ClassVar[str] = "adapter"
+    method_type: ClassVar[str] = "additive"
+    mergeable: ClassVar[bool] = False
+
+    def validate(self):
+        check_choice("Adapter", "style", self.style, STYLES)
+        check_positive_int("Adapter", "bottleneck", self.bottleneck)
+        check_choice("Adapter", "activation", self.activation, tuple(ACTIVATIONS))
+        check_choice("Adapter", "init", self.init, ("near_identity", "zero"))
+        if self.scale is not None:
+            if self.style != "scaled_parallel":
+                raise UnipeftError(f"Adapter: scale applies only to style 'scaled_parallel', not {self.style!r}")
+            check_number("Adapter", "scale", self.scale, lo=0, lo_open=True)
+        if self.locations is not None:
+            locs = (self.locations,) if isinstance(self.locations, str) else tuple(self.locations)
+            for loc in locs:
+                check_choice("Adapter", "locations", loc, ("attention", "ffn"))
+            if not locs:
+                raise UnipeftError("Adapter: locations is empty; give 'attention' and/or 'ffn'")
+            self.locations = locs
+
+    def install(self, view, name):
+        locations = self.locations or DEFAULT_LOCATIONS[self.style]
+        parallel = self.style in ("parallel", "scaled_parallel")
+        scale = (self.scale if self.scale is not None else 4.0) if self.style == "scaled_parallel" else 1.0
+        found = False
+        for block in view.map.blocks:
+            inside = [p for p in view.map.roles if view.map.block_of(p) is block]
+            pairs = []
+            if "attention" in locations:
+                outs = [p for p in inside if "o" in view.map.roles[p]]
+                ins = [p for p in inside if "q" in view.map.roles[p]]
+                pairs += list(zip(ins, outs))
+            if "ffn" in locations:
+                outs = [p for p in inside if "ffn_out" in view.map.roles[p]]
+                ins = [p for p in inside if "ffn_in" in view.map.roles[p]][:1]
+                pairs += list(zip(ins, outs)) if parallel else [(None, o) for o in outs]
+            for src, out in pairs:
+                _, d = linear_shape(view.module(out))
+                adapter = AdapterDelta(d, self.bottleneck, self.activation, scale, parallel, self.init)
+                view.add_linear(out, adapter)
+                if parallel:
+                    view.add_linear(src, InputTap(adapter))
+                found = True
+        if not found:
+            raise UnipeftError(f"Adapter: found no {choices(locations)} sublayer in {view.map.model_type!r}")
+
+
+class AdapterDelta(LinearDelta):
+    rewrites_output = True
+
+    def __init__(self, d: int, m: int, activation: str, scale: float, parallel: bool, init: str):
+        super().__init__()
+        self.down = nn.Linear(d, m)
+        self.up = nn.Linear(m, d)
+        self.act = ACTIVATIONS[activation]()
+        self.scale, self.parallel = scale, parallel
+        self.tapped: torch.Tensor | None = None
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.bias)
+        nn.init.trunc_normal_(self.down.weight, std=1e-2, a=-2e-2, b=2e-2)
+        if init == "zero":
+            nn.init.zeros_(self.up.weight)
+        else:
+            nn.init.trunc_normal_(self.up.weight, std=1e-2, a=-2e-2, b=2e-2)
+
+    def output(self, x, y):
+        if self.parallel:
+            src, self.tapped = self.tapped, None  # do not keep the activation alive past its use
+            if src is None:
+                raise RuntimeError("parallel adapter: the sublayer input was not seen before its output")
+        else:
+            src = y
+        a = self.up(self.act(self.down(src)))
+        return y + a * self.scale if self.scale != 1.0 else y + a
+
+
+class InputTap(LinearDelta):
+    """Hands the sublayer's input to a parallel adapter at the sublayer's output."""
+
+    rewrites_input = True
+
+    def __init__(self, adapter: AdapterDelta):
+        super().__init__()
+        self.__dict__["adapter"] = adapter  # a reference, not a child: its parameters live at the output site
+
+    def input(self, x):
+        self.adapter.tapped = x
+        return x

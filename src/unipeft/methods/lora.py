@@ -1,0 +1,82 @@
+"""LoRA (Hu et al. 2021; seed 000 and 001, "Reparametrization-based PEFT: LoRA").
+
+    h = W0 x + (alpha / r) * B A x,   A in R^{r x k} random, B in R^{d x r} zero
+
+so the delta is zero at initialisation and ΔW = (alpha / r) B A can be merged
+into W0 for inference with no overhead.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import MethodConfig, check_choice, check_number, check_positive_int, method, normalize_targets
+from ..positions import LinearDelta, linear_shape
+
+
+@method
+class LoRA(MethodConfig):
+    """Low-rank update of chosen weight matrices.
+
+    r: rank; alpha: scale numerator (scale = alpha / r); dropout: on the LoRA
+    path's input; targets: which linear maps (default: the query and value
+    projections, as in the paper); init: "kaiming" (uniform, as the notes'
+    pseudocode) or "gaussian" (A ~ N(0, 1/r)); train_head: train (and save) a
+    newly added task head.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple | None = None
+    init: str = "kaiming"
+    train_head: bool | list = True
+
+    kind: ClassVar[str] = "lora"
+    method_type: ClassVar[str] = "reparameterization"
+    mergeable: ClassVar[bool] = True
+    default_targets: ClassVar[tuple] = ("q", "v")
+
+    def validate(self):
+        check_positive_int("LoRA", "r", self.r)
+        check_number("LoRA", "alpha", self.alpha, lo=0, lo_open=True)
+        check_number("LoRA", "dropout", self.dropout, lo=0, hi=1)
+        check_choice("LoRA", "init", self.init, ("kaiming", "gaussian"))
+        self.targets = normalize_targets("LoRA", self.targets)
+
+    def install(self, view, name):
+        for path in view.resolve_targets(self.targets or self.default_targets, "LoRA"):
+            fan_in, fan_out = linear_shape(view.module(path))
+            view.add_linear(path, LoRADelta(fan_in, fan_out, self.r, self.alpha / self.r, self.dropout, self.init))
+
+
+class LoRADelta(LinearDelta):
+    rewrites_output = True
+
+    def __init__(self, fan_in: int, fan_out: int, r: int, scale: float, dropout: float, init: str):
+        super().__init__()
+        self.scale = scale
+        self.lora_A = nn.Parameter(torch.empty(r, fan_in))
+        self.lora_B = nn.Parameter(torch.zeros(fan_out, r))
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None  # no copy of x when there is no dropout
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1 / r)
+
+    def output(self, x, y):
+        h = self.drop(x) if self.drop is not None else x
+        t = F.linear(h, self.lora_A)
+        # y + scale * t B^T in one GEMM: the add and the scale ride on the product
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        return out.view(y.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def merged(self, weight, bias):
+        return weight + self.delta_weight().to(weight.dtype), bias

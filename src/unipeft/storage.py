@@ -1,0 +1,268 @@
+"""Saving and loading deltas: a directory with ``delta.json`` + ``delta.safetensors``.
+
+* Only the delta's tensors are written (a few MB), never the base model.
+* ``delta.json`` records the method config, the library version and a
+  fingerprint of the base model; loading onto another base is refused unless
+  ``check_base=False``.
+* Writes are atomic: files go to a temporary directory beside the target,
+  which is then renamed into place, so a crash never leaves half a delta.
+* Loads never execute code (JSON and safetensors only) and never leave a
+  half-attached delta: on any error the model is exactly as before.
+
+Tensor names in the file say where each tensor goes:
+  ``linear:<module path>.<name>``   a delta at a linear site (LoRA A/B, adapter, head)
+  ``model:<name>``                  a model-level delta module (soft prompt, prefix P)
+  ``selected:<parameter path>``     a base parameter trained in place (BitFit, Freeze, full)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .config import MethodConfig
+from .engine import Delta, _require, attach, detach, head_modules, registry, set_active
+from .errors import UnipeftError, choices
+
+FORMAT = "unipeft-delta"
+FORMAT_VERSION = 1
+JSON_NAME = "delta.json"
+TENSORS_NAME = "delta.safetensors"
+
+
+# ---------------------------------------------------------------------------
+# fingerprint of the base model
+# ---------------------------------------------------------------------------
+
+def _original_base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base parameters as they were before any delta touched them."""
+    from .positions import LinearSite
+
+    params = {n: p for n, p in model.named_parameters() if "unipeft_" not in n}
+    out = dict(params)
+    reg = registry(model)
+    if reg is not None:
+        for d in reg.deltas.values():
+            for p, orig in d.selected.items():
+                out[p] = orig
+        for path, m in model.named_modules():
+            if isinstance(m, LinearSite) and m._unipeft_merged:
+                w, b = next(iter(m._unipeft_merged.values()))  # the state before the first merge
+                out[f"{path}.weight"] = w
+                if b is not None:
+                    out[f"{path}.bias"] = b
+    head = tuple(h + "." for h in head_modules(model))
+    return {n: t for n, t in out.items() if not n.startswith(head)}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of the base model's parameter names, shapes and a sample of values.
+
+    Sampling (up to 1,024 evenly spaced values per tensor) keeps this cheap on
+    large models while any realistic difference in weights changes it. Task
+    heads are left out: a fresh head is random by design.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(_original_base_tensors(model).items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].to(device="cpu", dtype=torch.float32)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------
+# tensors of a delta
+# ---------------------------------------------------------------------------
+
+def delta_tensors(model: nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path, d in delta.linear.items():
+        for k, v in d.state_dict().items():
+            out[f"linear:{path}.{k}"] = v
+    if delta.module is not None:
+        export = getattr(delta.module, "export_state", None)
+        state = export() if export is not None else delta.module.state_dict()
+        for k, v in state.items():
+            out[f"model:{k}"] = v
+    reg = registry(model)
+    params = dict(model.named_parameters())
+    for p in delta.selected:
+        value = params[p] if delta.name in reg.active else delta.trained.get(p, params[p])
+        out[f"selected:{p}"] = value
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _load_tensors(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]) -> None:
+    expected = {}
+    for path, d in delta.linear.items():
+        for k, v in d.state_dict().items():
+            expected[f"linear:{path}.{k}"] = v
+    if delta.module is not None:
+        for k, v in delta.module.state_dict().items():
+            expected[f"model:{k}"] = v
+    params = dict(model.named_parameters())
+    on = delta.name in registry(model).active
+    for p in delta.selected:
+        # an active selective delta lives in the base parameters; a switched-off one in its stored values
+        expected[f"selected:{p}"] = params[p] if on else delta.trained.setdefault(p, delta.selected[p].clone())
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise UnipeftError(f"delta file does not match its method config: {what} "
+                           f"({len(missing)} missing, {len(extra)} unexpected tensors)")
+    for k, target in expected.items():
+        src = tensors[k]
+        if tuple(src.shape) != tuple(target.shape):
+            raise UnipeftError(f"tensor {k!r} has shape {tuple(src.shape)} in the file but "
+                               f"{tuple(target.shape)} in the model")
+    with torch.no_grad():
+        for k, target in expected.items():
+            target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
+
+
+# ---------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------
+
+def save(model: nn.Module, directory, name: str | None = None) -> Path:
+    """Write delta ``name`` to ``directory`` (created or replaced atomically)."""
+    from safetensors.torch import save_file
+
+    reg = registry(model)
+    if reg is None or not reg.deltas:
+        raise UnipeftError("this model has no deltas attached: nothing to save")
+    if name is None:
+        if len(reg.deltas) != 1:
+            raise UnipeftError(f"the model has several deltas; say which to save with name=, one of "
+                               f"{choices(list(reg.deltas))}")
+        name = next(iter(reg.deltas))
+    reg, delta = _require(model, name)
+    config = delta.config
+    saved = config.saved_config() if hasattr(config, "saved_config") else config
+    tensors = delta_tensors(model, delta)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library": "unipeft",
+        "library_version": __version__,
+        "name": name,
+        "method": {"kind": saved.kind, "type": saved.method_type, "options": saved.to_dict()},
+        "base": {
+            "model_type": getattr(getattr(model, "config", None), "model_type", None),
+            "class": type(model).__name__,
+            "fingerprint": fingerprint(model),
+        },
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in tensors.items()},
+        "parameters": int(sum(v.numel() for v in tensors.values())),
+    }
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
+        with open(tmp / JSON_NAME, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise UnipeftError(f"{target} exists and is not a directory")
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def read_meta(directory) -> dict:
+    d = Path(directory)
+    if not d.is_dir():
+        raise UnipeftError(f"no delta directory at {str(d)!r}")
+    jpath, tpath = d / JSON_NAME, d / TENSORS_NAME
+    for p in (jpath, tpath):
+        if not p.is_file():
+            raise UnipeftError(f"{str(d)!r} is not a unipeft delta: {p.name} is missing")
+    try:
+        meta = json.loads(jpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnipeftError(f"{jpath} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UnipeftError(f"{jpath} is not a unipeft delta description (format {meta.get('format')!r})"
+                           if isinstance(meta, dict) else f"{jpath} is not a unipeft delta description")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UnipeftError(f"{jpath} uses format version {meta['format_version']}; this unipeft reads up to "
+                           f"{FORMAT_VERSION}: upgrade unipeft")
+    for key in ("method", "base", "name"):
+        if key not in meta:
+            raise UnipeftError(f"{jpath} is corrupted: field {key!r} is missing")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UnipeftError(f"{path} is truncated or corrupted ({e}); save the delta again") from None
+
+
+def load(model: nn.Module, directory, name: str | None = None, *, check_base: bool = True,
+         activate: bool = True, tokenizer=None) -> nn.Module:
+    """Attach a saved delta to ``model`` and return the model.
+
+    The delta's base fingerprint must match ``model`` unless ``check_base=False``.
+    On any error the model is left exactly as it was.
+    """
+    d = Path(directory)
+    meta = read_meta(d)
+    tensors = _read_tensors(d / TENSORS_NAME)
+    if set(tensors) != set(meta.get("tensors", tensors)):
+        raise UnipeftError(f"{d}: delta.json and delta.safetensors disagree about which tensors the delta holds")
+    m = meta["method"]
+    if not isinstance(m, dict) or "kind" not in m or not isinstance(m.get("options"), dict):
+        raise UnipeftError(f"{d / JSON_NAME} is corrupted: bad 'method' field")
+    config = MethodConfig.from_dict(m["kind"], m["options"])
+    if check_base:
+        want = meta["base"].get("fingerprint")
+        have = fingerprint(model)
+        if want != have:
+            raise UnipeftError(
+                f"{str(d)!r} was trained on a different base model ({meta['base'].get('model_type')} "
+                f"{meta['base'].get('class')}, fingerprint {want}) than this one "
+                f"({getattr(getattr(model, 'config', None), 'model_type', None)} {type(model).__name__}, "
+                f"fingerprint {have}); pass check_base=False to load it anyway"
+            )
+    name = name or meta["name"]
+    reg = registry(model)
+    before = list(reg.active) if reg else []
+    attach(model, config, name, activate=activate, tokenizer=tokenizer)
+    try:
+        _load_tensors(model, registry(model).deltas[name], tensors)
+    except BaseException:
+        detach(model, name)
+        if registry(model) is not None:
+            set_active(model, before)
+        raise
+    return model

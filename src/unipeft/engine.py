@@ -112,9 +112,10 @@ class ModelView:
         self.delta.module = module
 
     def select(self, paths: Iterable[str]) -> None:
-        params = dict(self.model.named_parameters())
+        """Train these base parameters in place; their pretrained values are kept for detach."""
+        originals = original_base_tensors(self.model, heads=True)
         for p in paths:
-            self.delta.selected[p] = params[p].detach().clone()
+            self.delta.selected[p] = originals[p].detach().clone()
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
         """Base parameters (no delta parameters, no task head)."""
@@ -125,6 +126,28 @@ class ModelView:
     def stacks_for_input(self) -> list[tuple[str, nn.Module, nn.Module, bool, nn.Module | None]]:
         """The stacks that read input embeddings: (path, stack, embedding, strip_output, decoder)."""
         return input_stacks(self.model)
+
+
+def original_base_tensors(model: nn.Module, heads: bool = False) -> dict[str, torch.Tensor]:
+    """The base parameters as they were before any delta touched them: values
+    trained in place by an active selective delta and weights with a merged
+    delta are replaced by the originals the engine keeps. Task heads are left
+    out unless ``heads``."""
+    out = {n: p for n, p in model.named_parameters() if "unipeft_" not in n}
+    reg = registry(model)
+    if reg is not None:
+        for n in reg.active:
+            out.update(reg.deltas[n].selected)
+        for path, m in model.named_modules():
+            if isinstance(m, pos.LinearSite) and m._unipeft_merged:
+                w, b = next(iter(m._unipeft_merged.values()))  # the state before the first merge
+                out[f"{path}.weight"] = w
+                if b is not None:
+                    out[f"{path}.bias"] = b
+    if heads:
+        return out
+    head = tuple(h + "." for h in head_modules(model))
+    return {n: t for n, t in out.items() if not n.startswith(head)}
 
 
 # ---------------------------------------------------------------------------
@@ -191,6 +214,8 @@ def _add_head(model: nn.Module, view: ModelView, delta: Delta) -> None:
         except AttributeError:
             raise UnipeftError(f"train_head: no module {h!r}; the model's head is {choices(head_modules(model))}") from None
         for sub, m in mod.named_modules():
+            if "unipeft_deltas" in sub.split("."):
+                continue  # another delta's copy of this head
             if is_linear_like(m):
                 path = f"{h}.{sub}" if sub else h
                 view.add_linear(path, HeadDelta(m))
@@ -351,6 +376,8 @@ def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:
 def detach(model: nn.Module, name: str) -> nn.Module:
     """Remove a delta completely; with no delta left the model is the untouched base again."""
     reg, delta = _require(model, name)
+    if delta.merged:
+        unmerge(model, name)
     if name in reg.active:
         set_active(model, [n for n in reg.active if n != name])
     _unplace(model, reg, delta)

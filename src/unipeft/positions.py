@@ -226,25 +226,25 @@ def _base_attention(module: nn.Module, implementation: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _pad_mask(mask: torch.Tensor | None, p: int, query: torch.Tensor, key_len: int, module) -> torch.Tensor | None:
+def _pad_mask(mask: torch.Tensor | None, p: int, query: torch.Tensor, key_len: int, module,
+              implementation: str) -> torch.Tensor | None:
     """Extend an attention mask by p always-visible columns on the left."""
     q_len = query.shape[2]
     if mask is None:
-        if not getattr(module, "is_causal", False) or q_len == 1:
+        if not getattr(module, "is_causal", False) or q_len == 1 or implementation.startswith("flash"):
+            # no mask means "see every key", or flash attention's bottom-right causal alignment,
+            # which already lets every query see a prefix placed on the left
             return None
-        # the implementation would have used is_causal; with a prefix we need the explicit mask
-        kv = key_len  # without the prefix
-        i = torch.arange(q_len, device=query.device)[:, None] + (kv - q_len)
-        j = torch.arange(kv, device=query.device)[None, :]
+        # the base implementation would call sdpa with is_causal (top-left aligned: key j <= query i);
+        # with the prefix in front that needs an explicit mask
+        i = torch.arange(q_len, device=query.device)[:, None]
+        j = torch.arange(key_len, device=query.device)[None, :]
         mask = (j <= i)[None, None]
     if mask.dim() == 2:  # (batch, kv): flash-attention style padding mask
         return torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
     pad_shape = (*mask.shape[:-1], p)
-    if mask.dtype == torch.bool:
-        pad = mask.new_ones(pad_shape)
-    else:
-        pad = mask.new_zeros(pad_shape)
-    return torch.cat([pad.expand(*mask.shape[:-1], p), mask], dim=-1)
+    pad = mask.new_ones(pad_shape) if mask.dtype == torch.bool else mask.new_zeros(pad_shape)
+    return torch.cat([pad, mask], dim=-1)
 
 
 def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
@@ -271,7 +271,7 @@ def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
     key_len = key.shape[2]
     new_key = torch.cat([*pks, key], dim=2)
     new_value = torch.cat([*pvs, value], dim=2)
-    attention_mask = _pad_mask(attention_mask, p, query, key_len, module)
+    attention_mask = _pad_mask(attention_mask, p, query, key_len, module, impl[len(_ATTN_PREFIX):])
     pb = kwargs.get("position_bias")
     if isinstance(pb, torch.Tensor) and pb.dim() == 4 and pb.shape[-1] == key_len:  # T5: no bias for the prefix
         kwargs["position_bias"] = torch.cat([pb.new_zeros(*pb.shape[:-1], p), pb], dim=-1)
@@ -395,6 +395,11 @@ class InputSite:
             output.last_hidden_state = output.last_hidden_state[:, p:]
             if getattr(output, "hidden_states", None) is not None:
                 output.hidden_states = tuple(h[:, p:] for h in output.hidden_states)
+            pooler = getattr(module, "pooler", None)
+            if getattr(output, "pooler_output", None) is not None and callable(pooler):
+                # BERT-style poolers read position 0: let them read the user's first token, as
+                # heads that take last_hidden_state[:, 0] (RoBERTa, ELECTRA) now do
+                output.pooler_output = pooler(output.last_hidden_state)
             return output
         if isinstance(output, tuple):
             return (output[0][:, p:],) + output[1:]

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from . import __version__
 from .config import MethodConfig
-from .engine import Delta, _require, attach, detach, head_modules, registry, set_active
+from .engine import Delta, _require, attach, detach, original_base_tensors, registry, set_active
 from .errors import UnipeftError, choices
 
 FORMAT = "unipeft-delta"
@@ -41,27 +41,6 @@ TENSORS_NAME = "delta.safetensors"
 # fingerprint of the base model
 # ---------------------------------------------------------------------------
 
-def _original_base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base parameters as they were before any delta touched them."""
-    from .positions import LinearSite
-
-    params = {n: p for n, p in model.named_parameters() if "unipeft_" not in n}
-    out = dict(params)
-    reg = registry(model)
-    if reg is not None:
-        for d in reg.deltas.values():
-            for p, orig in d.selected.items():
-                out[p] = orig
-        for path, m in model.named_modules():
-            if isinstance(m, LinearSite) and m._unipeft_merged:
-                w, b = next(iter(m._unipeft_merged.values()))  # the state before the first merge
-                out[f"{path}.weight"] = w
-                if b is not None:
-                    out[f"{path}.bias"] = b
-    head = tuple(h + "." for h in head_modules(model))
-    return {n: t for n, t in out.items() if not n.startswith(head)}
-
-
 def fingerprint(model: nn.Module) -> str:
     """A hash of the base model's parameter names, shapes and a sample of values.
 
@@ -70,7 +49,7 @@ def fingerprint(model: nn.Module) -> str:
     heads are left out: a fresh head is random by design.
     """
     h = hashlib.sha256()
-    for name, t in sorted(_original_base_tensors(model).items()):
+    for name, t in sorted(original_base_tensors(model).items()):
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].to(device="cpu", dtype=torch.float32)

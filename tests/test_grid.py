@@ -1,0 +1,239 @@
+"""The grid: every method on every family where it makes sense.
+
+For each (family, method) this checks the core promises of the engine:
+only the delta trains and the base stays bit-identical, the delta starts at
+(or near) the identity, save -> fresh base -> load reproduces the outputs with
+a file that holds only the delta, merge/unmerge/detach round-trip, and several
+named deltas coexist.
+"""
+import json
+
+import pytest
+import torch
+
+import tiny
+import unipeft as up
+
+METHODS = {
+    "lora": lambda: up.LoRA(r=4, alpha=8),
+    "lora_all": lambda: up.LoRA(r=2, targets="all-linear", init="gaussian"),
+    "ia3": lambda: up.IA3(),
+    "houlsby": lambda: up.Adapter(style="houlsby", bottleneck=8),
+    "pfeiffer": lambda: up.Adapter(style="pfeiffer", bottleneck=8),
+    "parallel": lambda: up.Adapter(style="parallel", bottleneck=8, locations=("attention", "ffn")),
+    "scaled_parallel": lambda: up.Adapter(style="scaled_parallel", bottleneck=8, scale=2.0),
+    "prompt": lambda: up.PromptTuning(length=4),
+    "prefix": lambda: up.PrefixTuning(length=3, reparam_hidden=16),
+    "prefix_direct": lambda: up.PrefixTuning(length=3, reparam_hidden=0),
+    "bitfit": lambda: up.BitFit(),
+    "freeze": lambda: up.Freeze(train_last=1),
+    "full": lambda: up.FullFineTune(),
+}
+NO_BIAS = {"llama", "t5"}  # BitFit does not apply: these models have no bias terms
+EXACT_AT_INIT = {"lora", "lora_all", "ia3", "bitfit", "freeze", "full"}
+MERGEABLE = {"lora", "lora_all", "ia3", "bitfit", "freeze", "full"}
+
+GRID = [(f, m) for f in tiny.FAMILIES for m in METHODS if not (m == "bitfit" and f in NO_BIAS)]
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return tiny.logits(model, inputs)
+
+
+def train_steps(model, inputs, steps=3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = tiny.logits(model, inputs).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def base_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "unipeft_" not in n}
+
+
+def record(model, name):
+    return up.engine.registry(model).deltas[name]
+
+
+@pytest.mark.parametrize("family,method", GRID)
+def test_only_delta_trains_and_base_is_untouched(family, method):
+    model, x = tiny.make(family), tiny.batch(family)
+    before = base_state(model)
+    up.attach(model, METHODS[method](), name="t")
+    delta = record(model, "t")
+    own = {id(p) for p in delta.parameters()}
+    selected = set(delta.selected)
+    for n, p in model.named_parameters():
+        expected = id(p) in own or n in selected
+        assert p.requires_grad == expected, n
+    delta_before = {k: v.clone() for k, v in up.storage.delta_tensors(model, delta).items()}
+    train_steps(model, x)
+    for n, p in model.named_parameters():
+        if "unipeft_" in n or n in selected:
+            continue
+        assert torch.equal(p, before[n]), f"base weight {n} changed"
+    after = up.storage.delta_tensors(model, delta)
+    assert any(not torch.equal(after[k], delta_before[k]) for k in after), "the delta did not train"
+    up.detach(model, "t")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored by detach"
+        assert p.requires_grad  # as built: the base's own flags come back
+
+
+@pytest.mark.parametrize("family,method", GRID)
+def test_identity_at_init(family, method):
+    model, x = tiny.make(family), tiny.batch(family)
+    base = run(model, x)
+    up.attach(model, METHODS[method](), name="t")
+    out = run(model, x)
+    assert out.shape == base.shape
+    if method in EXACT_AT_INIT:
+        assert torch.equal(out, base)
+    elif method in ("houlsby", "pfeiffer"):
+        assert torch.allclose(out, base, atol=0.05 * base.abs().max().item()), (out - base).abs().max()
+
+
+@pytest.mark.parametrize("style", ["houlsby", "pfeiffer", "parallel", "scaled_parallel"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_adapters_start_near_identity(family, style):
+    """Houlsby's near-identity init: each adapter's output is tiny next to what it reads."""
+    from unipeft.methods.adapter import AdapterDelta
+
+    model = tiny.make(family)
+    up.attach(model, up.Adapter(style=style, bottleneck=8), name="t")
+    adapters = [m for m in model.modules() if isinstance(m, AdapterDelta)]
+    assert adapters
+    h = torch.randn(4, 32)
+    for a in adapters:
+        with torch.no_grad():
+            change = a.up(a.act(a.down(h))) * a.scale
+        assert change.norm() < 0.05 * h.norm()
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_zero_init_adapter_is_exact_identity(family):
+    model, x = tiny.make(family), tiny.batch(family)
+    base = run(model, x)
+    up.attach(model, up.Adapter(style="scaled_parallel", bottleneck=4, init="zero"), name="t")
+    assert torch.equal(run(model, x), base)
+
+
+@pytest.mark.parametrize("family,method", GRID)
+def test_save_fresh_base_load(family, method, tmp_path):
+    model, x = tiny.make(family), tiny.batch(family)
+    up.attach(model, METHODS[method](), name="t")
+    train_steps(model, x, steps=2)
+    expected = run(model, x)
+    target = up.save(model, tmp_path / "d", name="t")
+    meta = json.loads((target / "delta.json").read_text())
+    assert meta["library_version"] == up.__version__
+    assert meta["method"]["kind"] == METHODS[method]().kind
+    assert meta["base"]["fingerprint"] == up.fingerprint(tiny.make(family))
+    # only the delta's tensors: its bytes plus a small header
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(target / "delta.safetensors"))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    size = (target / "delta.safetensors").stat().st_size
+    assert nbytes <= size <= nbytes + 200 * len(tensors) + 1024
+    base_numel = sum(p.numel() for n, p in model.named_parameters() if "unipeft_" not in n)
+    assert meta["parameters"] == sum(t.numel() for t in tensors.values())
+    if method != "full":
+        assert meta["parameters"] < base_numel
+    if method == "prefix":  # the MLP reparameterisation is dropped: only P is stored
+        p = record(model, "t").module
+        assert {k for k in tensors if not k.startswith("linear:")} == {"model:prefix"}
+        assert tensors["model:prefix"].shape == (3, p.layers * p.width_per_layer)
+        assert meta["method"]["options"]["reparam_hidden"] == 0
+    fresh = tiny.make(family)
+    up.load(fresh, target)
+    got = run(fresh, x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if method == "prefix" else 0)
+
+
+@pytest.mark.parametrize("family,method", [g for g in GRID if g[1] in MERGEABLE])
+def test_merge_unmerge_detach(family, method):
+    model, x = tiny.make(family), tiny.batch(family)
+    base = run(model, x)
+    before = base_state(model)
+    up.attach(model, METHODS[method](), name="t")
+    train_steps(model, x, steps=2)
+    unmerged = run(model, x)
+    up.merge(model, "t")
+    torch.testing.assert_close(run(model, x), unmerged, rtol=1e-4, atol=1e-5)
+    up.unmerge(model, "t")
+    torch.testing.assert_close(run(model, x), unmerged, rtol=0, atol=0)
+    up.detach(model, "t")
+    assert torch.equal(run(model, x), base)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("family,method", [g for g in GRID if g[1] in MERGEABLE])
+def test_detach_a_merged_delta_restores_the_base(family, method):
+    model, x = tiny.make(family), tiny.batch(family)
+    base = run(model, x)
+    up.attach(model, METHODS[method](), name="t")
+    train_steps(model, x, steps=1)
+    up.merge(model, "t")
+    up.detach(model, "t")
+    assert torch.equal(run(model, x), base)
+
+
+@pytest.mark.parametrize("family,method", [g for g in GRID if g[1] not in MERGEABLE])
+def test_merge_refused_for_unmergeable(family, method):
+    model = tiny.make(family)
+    up.attach(model, METHODS[method](), name="t")
+    with pytest.raises(up.UnipeftError, match="cannot be merged.*mergeable methods"):
+        up.merge(model, "t")
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("first,second", [("lora", "ia3"), ("houlsby", "prefix"), ("prompt", "lora"),
+                                          ("full", "bitfit"), ("freeze", "prefix_direct")])
+def test_two_named_deltas(family, first, second):
+    if "bitfit" in (first, second) and family in NO_BIAS:
+        second = "lora"
+    model, x = tiny.make(family), tiny.batch(family)
+    base = run(model, x)
+    up.attach(model, METHODS[first](), name="a")
+    train_steps(model, x, steps=2)
+    out_a = run(model, x)
+    up.attach(model, METHODS[second](), name="b")  # becomes the only active delta
+    assert up.active(model) == ["b"]
+    train_steps(model, x, steps=2)
+    out_b = run(model, x)
+    assert not torch.allclose(out_a, out_b)
+    up.activate(model, ["a"])
+    assert torch.equal(run(model, x), out_a)
+    up.activate(model, ["b"])
+    assert torch.equal(run(model, x), out_b)
+    up.activate(model, [])
+    assert torch.equal(run(model, x), base)
+    up.activate(model, ["b"])
+    up.detach(model, "a")
+    assert torch.equal(run(model, x), out_b)
+    up.detach(model, "b")
+    assert torch.equal(run(model, x), base)
+
+
+def test_summary_and_counts():
+    model = tiny.make("bert")
+    total_base = sum(p.numel() for p in model.parameters())
+    up.attach(model, up.LoRA(r=4, targets=["query", "value"], train_head=False), name="sst2")
+    trainable, total = up.trainable_parameters(model)
+    # 2 layers x (query, value) x (A: 4x32 + B: 32x4)
+    assert trainable == 2 * 2 * (4 * 32 + 32 * 4)
+    assert total == total_base + trainable
+    table = up.summary(model)
+    assert "sst2" in table and "lora" in table and "reparameterization" in table
+    assert f"{trainable:,}" in table
+    up.attach(model, up.BitFit(), name="bias", activate=False)
+    table = up.summary(model)
+    assert "selective" in table and "off" in table

@@ -228,6 +228,10 @@ _DISCOVERY_ROLES = {
 }
 
 
+# one projection computing q, k and v as three equal slices of its output
+_DISCOVERY_FUSED_QKV = r"(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"
+
+
 def discover(model: nn.Module, model_type: str) -> ModelMap:
     """Fallback for model types not in the table: find blocks and roles by common names.
 
@@ -249,6 +253,7 @@ def discover(model: nn.Module, model_type: str) -> ModelMap:
     # drop nested lists (e.g. T5's block.N.layer) keeping the outermost
     stacks = [(n, m) for n, m in stacks if not any(n != o and n.startswith(o + ".") for o, _ in stacks)]
     pats = {r: re.compile(rf"(^|.*\.){rx}$") for r, rx in _DISCOVERY_ROLES.items()}
+    fused_rx = re.compile(rf"(^|.*\.){_DISCOVERY_FUSED_QKV}$")
     blocks_map = _apply(model, model_type, Architecture(layers=(), roles={}, attention=()), stacks, True)
     modules = dict(model.named_modules())
     for b in blocks_map.blocks:
@@ -259,6 +264,9 @@ def discover(model: nn.Module, model_type: str) -> ModelMap:
                 for role, rx in pats.items():
                     if rx.match(rel):
                         blocks_map.roles.setdefault(path, set()).add(role)
+                if fused_rx.match(rel):
+                    blocks_map.roles.setdefault(path, set()).update({"q", "k", "v"})
+                    blocks_map.fused[path] = ("q", "k", "v")
         # attention modules: parents of a q and a v projection
         parents = {}
         for path, rs in blocks_map.roles.items():

@@ -237,3 +237,19 @@ def test_summary_and_counts():
     up.attach(model, up.BitFit(), name="bias", activate=False)
     table = up.summary(model)
     assert "selective" in table and "off" in table
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "houlsby", "parallel", "prompt", "prefix", "bitfit", "full"])
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_bfloat16_base(family, method):
+    """Deltas follow the base model's dtype; forward, backward and merge run in bf16."""
+    model, x = tiny.make(family).to(torch.bfloat16), tiny.batch(family)
+    up.attach(model, METHODS[method](), name="t")
+    for p in record(model, "t").parameters():
+        assert p.dtype == torch.bfloat16
+    train_steps(model, x, steps=1)
+    out = run(model, x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    if method in MERGEABLE:
+        up.merge(model, "t")
+        torch.testing.assert_close(run(model, x), out, rtol=0.05, atol=0.05)

@@ -316,8 +316,8 @@ def _place(model: nn.Module, reg: Registry, delta: Delta) -> None:
         if holder is None:
             holder = nn.ModuleDict()
             model.add_module(MODULES_ATTR, holder)
-        ref = next(model.parameters())
-        delta.module.to(device=ref.device)
+        ref = next(p for p in model.parameters() if p.is_floating_point())
+        delta.module.to(device=ref.device, dtype=ref.dtype)  # deltas follow the base's dtype
         holder[name] = delta.module
     if delta.attention:
         pos.enable_attention_sites(model)

@@ -123,3 +123,31 @@ def test_ia3_on_fused_gpt2_projection_scales_only_keys_and_values():
         c_attn.ia3_l.fill_(2.0)
     s = c_attn.scale()
     assert torch.equal(s[:32], torch.ones(32)) and torch.equal(s[32:], torch.full((64,), 2.0))
+
+
+def selected(model, name="t"):
+    return sorted(up.engine.registry(model).deltas[name].selected)
+
+
+def test_bitfit_all_or_chosen_biases():
+    model = tiny.make("bert", "cls")
+    up.attach(model, up.BitFit(), name="t")
+    names = selected(model)
+    assert names and all(n.endswith(".bias") for n in names)
+    assert "bert.embeddings.LayerNorm.bias" in names  # every bias term, LayerNorms included
+    assert not any(n.startswith("classifier") for n in names)  # the head is the delta's own copy
+    up.attach(model, up.BitFit(targets=["query", "value"]), name="qv")
+    assert selected(model, "qv") == sorted(f"bert.encoder.layer.{i}.attention.self.{m}.bias"
+                                           for i in range(2) for m in ("query", "value"))
+
+
+def test_freeze_selects_the_last_blocks_of_each_stack():
+    model = tiny.make("bart")
+    up.attach(model, up.Freeze(train_last=1), name="t")
+    names = selected(model)
+    assert names and all(n.startswith(("model.encoder.layers.1.", "model.decoder.layers.1.")) for n in names)
+    model = tiny.make("bert", "cls")
+    up.attach(model, up.Freeze(train_last=0), name="t")  # linear probing: the head alone
+    assert selected(model) == []
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.unipeft_deltas.t.weight", "classifier.unipeft_deltas.t.bias"}

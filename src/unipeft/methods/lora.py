@@ -71,9 +71,15 @@ class LoRADelta(LinearDelta):
     def output(self, x, y):
         h = self.drop(x) if self.drop is not None else x
         t = F.linear(h, self.lora_A)
-        # y + scale * t B^T in one GEMM: the add and the scale ride on the product
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
-        return out.view(y.shape)
+        # y += scale * t B^T as one GEMM, in place: the add and the scale ride on the product and no
+        # second output-sized tensor is allocated. y is the fresh output of the base map (or of the
+        # delta before this one) and nothing has saved it for backward; autograd's version check
+        # would refuse the in-place update otherwise.
+        if not y.is_contiguous():
+            y = y.contiguous()
+        y2 = y.view(-1, y.shape[-1])
+        y2.addmm_(t.view(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        return y
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B @ self.lora_A)

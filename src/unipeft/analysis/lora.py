@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UnipeftError
+from .plotting import pyplot, save
 
 
 # ---------------------------------------------------------------------------
@@ -153,21 +154,10 @@ def _pick(paths: list[str], n: int) -> list[str]:
     return [paths[round(t * step)] for t in range(n)]
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UnipeftError("plotting needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_similarity(result: dict[str, torch.Tensor], path_png, paths: list[str] | None = None,
                     max_panels: int = 4, labels: tuple[str, str] = ("i", "j")) -> Path:
     """Heatmaps of phi over (i, j), one panel per module path (a few chosen if there are many)."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = paths or _pick(list(result), max_panels)
     fig, axes = plt.subplots(1, len(paths), figsize=(3.2 * len(paths) + 0.8, 3.0), squeeze=False)
     im = None
@@ -179,11 +169,7 @@ def plot_similarity(result: dict[str, torch.Tensor], path_png, paths: list[str] 
         ax.set_xlabel(labels[1])
     axes[0][0].set_ylabel(labels[0])
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03, label="phi(i, j)")
-    out = Path(path_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save(fig, path_png)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +247,7 @@ def spectrum(src) -> dict[str, torch.Tensor]:
 
 def plot_spectrum(result: dict[str, torch.Tensor], path_png, top: int | None = None) -> Path:
     """Singular values of each ΔW (log scale), one line per module path."""
-    plt = _pyplot()
+    plt = pyplot()
     if top is None:  # twice the largest numerical rank: the rest is rounding noise
         top = 2 * max(int((s > s[0] * 1e-10).sum()) if s[0] > 0 else 1 for s in result.values())
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -272,8 +258,4 @@ def plot_spectrum(result: dict[str, torch.Tensor], path_png, top: int | None = N
     ax.set_ylabel("singular value of ΔW")
     if len(result) <= 12:
         ax.legend(fontsize=7, ncol=2)
-    out = Path(path_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save(fig, path_png)

@@ -326,11 +326,9 @@ def probe(model, tokenizer, data, text_column: str = "text", label_column: str =
 
 def plot_probe(result: ProbeResult, png, title: str | None = None):
     """Bar chart of the mixing weights s_l and the cumulative-scoring deltas delta_l."""
-    import matplotlib
+    from .plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     L = np.arange(len(result.weights))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     axes[0].bar(L, result.weights, color="tab:blue")
@@ -352,7 +350,4 @@ def plot_probe(result: ProbeResult, png, title: str | None = None):
         ax.set_xticks(L)
     fig.suptitle(title or f"{result.level}-level probe: accuracy {result.accuracy:.3f}", fontsize=10)
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return str(png)
+    return str(save(fig, png, dpi=110))

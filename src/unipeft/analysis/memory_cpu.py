@@ -48,7 +48,15 @@ static terms and corrects the rest.  Each correction, and why it is needed:
      classifier has none (``task="seq-cls"``).  For a causal LM in fp32 the logits, their
      log-softmax (cross-entropy) and the logits' gradient coexist: ``k_logits ~ 3`` x b s V.
    * prompt tuning lengthens every sequence by the ``prompt_length`` virtual tokens
-     (``seq_len + prompt_length`` in every term).
+     (``seq_len + prompt_length`` in every activation term; not in the logits, because
+     unipeft drops the prompt positions before the LM head).
+   * Llama's coefficients come from two measurements, not from the full fine-tuning runs alone:
+     the tensors autograd saves in SmolLM2-135M (``saved_tensors_hooks``: 344 MB for LoRA r=16
+     all-linear and 376 MB for full fine-tuning at batch 4 x 64, i.e. ~8 h + 4.6 i values per
+     token and layer), and the LoRA run's peak, which puts ~7 x b s V values in the loss and
+     its backward (logits, log-softmax, their gradients). A first fit on full fine-tuning alone
+     (6 h + 3 i, 3 x logits) missed LoRA by -25%: there the optimizer states and gradients
+     dwarf the activations, so they hid a too-small activation term.
 
    The same activation formula holds for full, LoRA and prompt tuning: backward through a
    frozen base still needs the saved inputs of every matrix that an activation gradient
@@ -69,7 +77,7 @@ FULL_TRANSIENT = 2.0  # x the largest parameter (the vocab x h embedding)
 # attention values per (layer, head, seq^2) = k_att, logits values per (token, vocab) = k_logits.
 FAMILIES = {
     "bert": dict(k_tok_h=25.0, k_tok_i=0.0, k_att=3.5, k_logits=3.0),
-    "llama": dict(k_tok_h=6.0, k_tok_i=3.0, k_att=0.0, k_logits=3.0),
+    "llama": dict(k_tok_h=8.0, k_tok_i=4.6, k_att=0.0, k_logits=7.0),
 }
 FAMILY_OF = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert",
              "llama": "llama", "mistral": "llama", "qwen2": "llama", "smollm3": "llama", "gemma": "llama"}
@@ -105,7 +113,8 @@ def estimate_cpu(config, method: str = "full", trainable_params: int | None = No
         "full_transient": FULL_TRANSIENT * b * V * h if method == "full" else 0,
         "runtime": RUNTIME_MB * MB,
         "activations": b * bs * (L * s * (c["k_tok_h"] * h + c["k_tok_i"] * i) + c["k_att"] * L * H * s * s),
-        "logits": b * bs * s * V * c["k_logits"] if task == "causal-lm" else 0,
+        # unipeft drops the prompt positions before the LM head, so the logits cover seq_len only
+        "logits": b * bs * seq_len * V * c["k_logits"] if task == "causal-lm" else 0,
     }
     parts_mb = {key: v / MB for key, v in parts.items()}
     return dict(model=name, family=fam, method=method, batch_size=bs, seq_len=seq_len, effective_seq=s,

@@ -116,3 +116,23 @@ def test_python_m_unipeft():
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["total_gb"] == 56.28
+
+
+def test_cpu_estimate_terms():
+    """The CPU estimate's terms follow its docstring: the weight copy only for full fine-tuning,
+    prompt tokens lengthen the activations but not the logits, and the parts sum to the total."""
+    from unipeft.analysis.memory_cpu import estimate_cpu
+
+    full = estimate_cpu("smollm2-135m", method="full", batch_size=4, seq_len=64)
+    lora = estimate_cpu("smollm2-135m", method="lora", trainable_params=4_884_480, batch_size=4, seq_len=64)
+    prompt = estimate_cpu("smollm2-135m", method="prompt", trainable_params=11_520, batch_size=4, seq_len=64,
+                          prompt_length=20)
+    assert full["parts_mb"]["weights_copy"] == full["parts_mb"]["weights"] > 0
+    assert lora["parts_mb"]["weights_copy"] == 0
+    assert prompt["parts_mb"]["logits"] == lora["parts_mb"]["logits"] > 0
+    assert abs(prompt["parts_mb"]["activations"] / lora["parts_mb"]["activations"] - 84 / 64) < 1e-9
+    for est in (full, lora, prompt):
+        assert abs(sum(est["parts_mb"].values()) - est["total_mb"]) < 1e-6
+    cls = estimate_cpu("minilm-l6", method="lora", trainable_params=74_498, batch_size=32, seq_len=128,
+                       task="seq-cls")
+    assert cls["parts_mb"]["logits"] == 0

@@ -136,3 +136,12 @@ def test_cpu_estimate_terms():
     cls = estimate_cpu("minilm-l6", method="lora", trainable_params=74_498, batch_size=32, seq_len=128,
                        task="seq-cls")
     assert cls["parts_mb"]["logits"] == 0
+
+
+def test_cli_cpu_estimate(capsys):
+    from unipeft.cli import main
+
+    assert main(["estimate", "--model", "minilm-l6", "--method", "lora", "--trainable-params", "74498",
+                 "--batch-size", "32", "--seq-len", "128", "--device", "cpu", "--task", "seq-cls", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["parts_mb"]["logits"] == 0 and out["parts_mb"]["weights"] > 80 and out["total_mb"] > 1000

@@ -23,12 +23,17 @@ def _add_estimate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), size like 7B, folder with config.json or hub id")
     p.add_argument("--method", default="full", choices=METHODS)
     p.add_argument("--trainable-params", type=int, default=None, help="N_trainable (default: from the method)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES), help="default: bf16 on gpu, fp32 on cpu")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZER_STATES))
     p.add_argument("--cuda-overhead-gb", type=float, default=1.0)
     p.add_argument("--hidden", default="notes", choices=HIDDEN_FORMULAS, help="hidden-state formula")
+    p.add_argument("--device", default="gpu", choices=("gpu", "cpu"),
+                   help="gpu: the notes' formulas; cpu: the estimate calibrated on measured CPU runs (fp32)")
+    p.add_argument("--task", default="causal-lm", choices=("causal-lm", "seq-cls"),
+                   help="--device cpu: whether the model has a vocabulary head (logits)")
+    p.add_argument("--prompt-length", type=int, default=0, help="--device cpu: prompt-tuning tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--hardware-table", action="store_true", help="print the notes' hardware table, recomputed")
 
@@ -42,7 +47,25 @@ def _run_estimate(args) -> int:
             return 0
     if args.model is None:
         raise UnipeftError("estimate: give --model (or --hardware-table)")
-    est = memory.estimate(args.model, method=args.method, trainable_params=args.trainable_params, dtype=args.dtype,
+    if args.device == "cpu":
+        from .analysis.memory_cpu import estimate_cpu
+
+        method = args.method
+        trainable = args.trainable_params if args.trainable_params is not None else (
+            None if method == "full" else memory.estimate(args.model, method=method, seq_len=args.seq_len).trainable_params)
+        est = estimate_cpu(args.model, method=method, trainable_params=trainable, batch_size=args.batch_size,
+                           seq_len=args.seq_len, task=args.task, prompt_length=args.prompt_length,
+                           dtype=args.dtype or "fp32", optimizer=args.optimizer)
+        if args.json:
+            print(json.dumps(est))
+        else:
+            print(f"{est['model']}: method={method} device=cpu batch_size={est['batch_size']} seq_len={est['seq_len']}"
+                  f" (MB = 2^20 bytes)")
+            for part, mb in est["parts_mb"].items():
+                print(f"{part:16s} {mb:10.1f} MB")
+            print(f"{'total':16s} {est['total_mb']:10.1f} MB")
+        return 0
+    est = memory.estimate(args.model, method=args.method, trainable_params=args.trainable_params, dtype=args.dtype or "bf16",
                           batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
                           cuda_overhead_gb=args.cuda_overhead_gb, hidden=args.hidden)
     print(json.dumps(est.to_dict()) if args.json else est.table())

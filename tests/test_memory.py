@@ -130,6 +130,9 @@ def test_cpu_estimate_terms():
     assert full["parts_mb"]["weights_copy"] == full["parts_mb"]["weights"] > 0
     assert lora["parts_mb"]["weights_copy"] == 0
     assert prompt["parts_mb"]["logits"] == lora["parts_mb"]["logits"] > 0
+    # a frozen linear layer saves no input for backward: only methods that train the linears pay for it
+    assert prompt["parts_mb"]["linear_inputs"] == 0
+    assert full["parts_mb"]["linear_inputs"] == lora["parts_mb"]["linear_inputs"] > 0
     assert abs(prompt["parts_mb"]["activations"] / lora["parts_mb"]["activations"] - 84 / 64) < 1e-9
     for est in (full, lora, prompt):
         assert abs(sum(est["parts_mb"].values()) - est["total_mb"]) < 1e-6

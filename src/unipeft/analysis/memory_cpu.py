@@ -54,7 +54,10 @@ static terms and corrects the rest.  Each correction, and why it is needed:
      the tensors autograd saves in SmolLM2-135M (``saved_tensors_hooks``: 344 MB for LoRA r=16
      all-linear and 376 MB for full fine-tuning at batch 4 x 64, i.e. ~8 h + 4.6 i values per
      token and layer), and the LoRA run's peak, which puts ~7 x b s V values in the loss and
-     its backward (logits, log-softmax, their gradients). A first fit on full fine-tuning alone
+     its backward (logits, log-softmax, their gradients). Of the 8 h + 4.6 i, the inputs of the
+     linear layers (3 h + 1 i) are saved only when those layers have trainable weights (full
+     fine-tuning, LoRA): a frozen linear layer needs only its weight to pass the gradient back,
+     so prompt tuning saves 5 h + 3.6 i. A first fit on full fine-tuning alone
      (6 h + 3 i, 3 x logits) missed LoRA by -25%: there the optimizer states and gradients
      dwarf the activations, so they hid a too-small activation term.
 
@@ -73,12 +76,18 @@ MB = 2**20
 RUNTIME_MB = 100.0
 FULL_TRANSIENT = 2.0  # x the largest parameter (the vocab x h embedding)
 
-# (k_tok_h, k_tok_i, k_att, k_logits): activation values per (layer, token) = k_tok_h*h + k_tok_i*i,
-# attention values per (layer, head, seq^2) = k_att, logits values per (token, vocab) = k_logits.
+# activation values per (layer, token) = k_tok_h*h + k_tok_i*i, plus k_lin_h*h + k_lin_i*i when the
+# block's linear layers have trainable weights (full fine-tuning, LoRA on all of them): their inputs
+# are saved for the weight gradients; attention values per (layer, head, seq^2) = k_att; logits
+# values per (token, vocab) = k_logits.
 FAMILIES = {
-    "bert": dict(k_tok_h=25.0, k_tok_i=0.0, k_att=3.5, k_logits=3.0),
-    "llama": dict(k_tok_h=8.0, k_tok_i=4.6, k_att=0.0, k_logits=7.0),
+    # BERT's coefficients were fitted over full, LoRA (q, v) and prompt runs together; its saved
+    # linear inputs are a small share next to the math attention's seq^2 tensors, so no split
+    "bert": dict(k_tok_h=25.0, k_tok_i=0.0, k_lin_h=0.0, k_lin_i=0.0, k_att=3.5, k_logits=3.0),
+    # Llama: inputs of q/k/v (one shared tensor), o, gate/up (shared): 3 h; of down: 1 i
+    "llama": dict(k_tok_h=5.0, k_tok_i=3.6, k_lin_h=3.0, k_lin_i=1.0, k_att=0.0, k_logits=7.0),
 }
+TRAINS_LINEARS = ("full", "lora", "peft")
 FAMILY_OF = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert",
              "llama": "llama", "mistral": "llama", "qwen2": "llama", "smollm3": "llama", "gemma": "llama"}
 
@@ -113,6 +122,7 @@ def estimate_cpu(config, method: str = "full", trainable_params: int | None = No
         "full_transient": FULL_TRANSIENT * b * V * h if method == "full" else 0,
         "runtime": RUNTIME_MB * MB,
         "activations": b * bs * (L * s * (c["k_tok_h"] * h + c["k_tok_i"] * i) + c["k_att"] * L * H * s * s),
+        "linear_inputs": b * bs * L * s * (c["k_lin_h"] * h + c["k_lin_i"] * i) if method in TRAINS_LINEARS else 0,
         # unipeft drops the prompt positions before the LM head, so the logits cover seq_len only
         "logits": b * bs * seq_len * V * c["k_logits"] if task == "causal-lm" else 0,
     }

@@ -26,7 +26,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import UnipeftError
 

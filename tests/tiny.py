@@ -78,3 +78,89 @@ def batch(family: str, head: str | None = None, seed: int = 1, length: int = 7):
 def logits(model, inputs) -> torch.Tensor:
     out = model(**inputs)
     return out.logits
+
+
+# ---------------------------------------------------------------------------
+# tiny models saved as folders, with a word-level tokenizer (for the trainer and the CLI)
+# ---------------------------------------------------------------------------
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+WORDS = ("good great fine nice superb lovely bad awful poor dull boring terrible the a movie film was is it very "
+         "not and plot acting story really quite name food area price cheap high centre riverside pub cafe "
+         "serves has in of at with near Alpha Bravo Delta Echo Kilo Lima Oscar Tango Zulu italian indian french "
+         "chinese english [ ] , . = one two three four five").split()
+TOKENS = SPECIALS + WORDS
+assert len(TOKENS) <= VOCAB
+
+
+def tokenizer(family: str):
+    """A word-level fast tokenizer over TOKENS (ids < VOCAB); encoder families add [CLS] ... [SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TOKENS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if family in ("bert", "roberta"):
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    elif family in ("t5", "bart"):
+        tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", pair="$A [SEP] $B [EOS]",
+                                                           special_tokens=[("[SEP]", 3), ("[EOS]", 4)])
+    names = ["input_ids", "token_type_ids", "attention_mask"] if family == "bert" else ["input_ids", "attention_mask"]
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                                      cls_token="[CLS]", sep_token="[SEP]", model_input_names=names)
+    return fast
+
+
+def save(path, family: str, head: str | None = None, num_labels: int = 2, seed: int = 0, dropout: bool = True):
+    """A tiny model + tokenizer saved as a folder that ``from_pretrained`` (and ``--model``) accepts."""
+    head = head or DEFAULT_HEAD[family]
+    cfg = config(family)
+    cfg.pad_token_id, cfg.eos_token_id = 0, 4
+    if family in ("gpt2", "llama", "bart"):
+        cfg.bos_token_id = 4
+    if family in ("t5", "bart"):
+        cfg.decoder_start_token_id = 0
+    if family == "roberta":
+        cfg.pad_token_id = 0
+    if head == "cls":
+        cfg.num_labels = num_labels
+    if not dropout:
+        for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                  "dropout_rate", "dropout", "attention_dropout", "activation_dropout", "classifier_dropout"):
+            if hasattr(cfg, k) and getattr(cfg, k) is not None:
+                setattr(cfg, k, 0.0)
+    torch.manual_seed(seed)
+    model = CLASSES[(family, head)]._from_config(cfg)
+    model.save_pretrained(path)
+    tokenizer(family).save_pretrained(path)
+    return str(path)
+
+
+def sentiment_rows(n: int, seed: int = 0):
+    """Synthetic sentiment: the label is whether the sentence holds a positive or a negative word."""
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = "good great fine nice superb lovely".split(), "bad awful poor dull boring terrible".split()
+    fill = "the a movie film was is it very and plot acting story really quite".split()
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(fill) for _ in range(rng.randint(2, 8))]
+        words.insert(rng.randint(0, len(words)), rng.choice(pos if label else neg))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def table_rows(n: int, seed: int = 0):
+    """Synthetic table-to-text (E2E-like): 'name = Alpha food = italian' -> 'Alpha serves italian food'."""
+    import random
+
+    rng = random.Random(seed)
+    names = "Alpha Bravo Delta Echo Kilo Lima Oscar Tango Zulu".split()
+    foods = "italian indian french chinese english".split()
+    rows = []
+    for _ in range(n):
+        name, food = rng.choice(names), rng.choice(foods)
+        rows.append((f"name = {name} food = {food}", f"{name} serves {food} food ."))
+    return rows

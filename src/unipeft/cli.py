@@ -95,24 +95,74 @@ def _run_analyze(args) -> int:
     return args.analysis_run(args)
 
 
+def _lazy(module: str, add: str, run: str):
+    """(add, run) that import ``module`` only when used: `unipeft estimate` need not import the trainer."""
+    import importlib
+
+    return (lambda p: getattr(importlib.import_module(module), add)(p),
+            lambda a: getattr(importlib.import_module(module), run)(a))
+
+
+_T = "unipeft.training.cli"
 # name -> (help, add_arguments, run)
 COMMANDS = {
+    "train": ("fine-tune a model with a method on a task, save the delta", *_lazy(_T, "add_train", "run_train")),
+    "eval": ("evaluate a trained run on its dev or test split", *_lazy(_T, "add_eval", "run_eval")),
+    "predict": ("predict labels or generate text with a trained run", *_lazy(_T, "add_predict", "run_predict")),
+    "compare": ("train several methods on one task and compare parameters, time, memory, latency, accuracy",
+                *_lazy("unipeft.compare", "add_arguments", "run")),
     "estimate": ("estimate GPU memory for fine-tuning (lecture notes' formulas)", _add_estimate, _run_estimate),
     "analyze": ("analyse a model or a trained delta: lora, attention, probe", _add_analyze, _run_analyze),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser and its subparsers; ``only`` builds just that command's arguments (faster start)."""
     parser = _Parser(prog="unipeft", description="unipeft: parameter-efficient fine-tuning tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs = {}
     for name, (help_, add, _run) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
-    return parser
+        subs[name] = sub.add_parser(name, help=help_, description=help_)
+        if only is None or name == only:
+            add(subs[name])
+    return parser, subs
+
+
+def apply_yaml_config(path: str, sub: argparse.ArgumentParser) -> None:
+    """Use the options in a YAML file as the subcommand's defaults (the command line still wins)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UnipeftError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise UnipeftError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise UnipeftError(f"config file {path} must hold a mapping of option: value")
+    dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise UnipeftError(f"config file {path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
+    for k, v in values.items():  # lists become the comma-separated form the command line takes
+        if isinstance(v, list) and k not in ("method_option", "labels"):
+            values[k] = ",".join(str(x) for x in v)
+    sub.set_defaults(**values)
 
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        only = argv[0] if argv and argv[0] in COMMANDS and not any(a in ("-h", "--help") for a in argv[:1]) else None
+        parser, subs = build_parser(only)
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None):
+            apply_yaml_config(args.config, subs[args.command])
+            args = parser.parse_args(argv)
         if args.command is None:
             raise UnipeftError(f"unipeft: give a command: {', '.join(COMMANDS)} (see unipeft --help)")
         return COMMANDS[args.command][2](args)

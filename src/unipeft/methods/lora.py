@@ -75,7 +75,9 @@ class LoRADelta(LinearDelta):
         # (inference) it goes in place, so no second output-sized tensor is allocated; with autograd
         # an in-place update would add a CopySlices node whose backward costs more than it saves.
         if not (torch.is_grad_enabled() and (y.requires_grad or t.requires_grad)) and y.is_contiguous():
-            y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
+            # in-place ops are outside autocast: under bf16 autocast y and t are bf16 while B is fp32
+            y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]).to(y.dtype), self.lora_B.t().to(y.dtype),
+                                           alpha=self.scale)
             return y
         out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
         return out.view(y.shape)

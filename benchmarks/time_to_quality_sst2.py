@@ -1,0 +1,159 @@
+"""Time to quality on SST-2: LoRA with peft + transformers.Trainer (the standard recipe) vs unipeft, one run.
+
+    python benchmarks/time_to_quality_sst2.py --data-dir ../shared/data/glue/SST-2
+
+Both sides: the pretrained MiniLM, LoRA r=8 / alpha 16 on query and value (the new classifier
+head trained too), AdamW at the same learning rate with linear warm-up (6%) and decay over the
+same number of steps, batch size 32, dynamic padding, max 128 tokens, the full dev set (872)
+evaluated every --eval-every steps. The clock starts when training starts (tokenisation is done
+before, on both sides) and stops at the first evaluation with dev accuracy >= --target; evaluation
+time counts, since it is part of getting there.
+
+The standard recipe runs as transformers' Trainer does by default on a CPU (fp32, random batches).
+unipeft runs with its defaults (bf16 autocast where the CPU has AVX512-BF16/AMX, length-grouped
+batches); --unipeft-fp32 adds a unipeft run in fp32 to show how much of the gap precision explains.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+
+def load_sst2(data_dir):
+    from unipeft.training.data import load_task
+
+    return load_task("sst2", data_dir=data_dir)
+
+
+def run_peft(args, ds, path):
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    tok = AutoTokenizer.from_pretrained(path)
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, examples):
+            enc = tok([e["text"] for e in examples], truncation=True, max_length=args.max_length)
+            self.items = [{"input_ids": i, "attention_mask": m, "labels": e["target"]}
+                          for i, m, e in zip(enc["input_ids"], enc["attention_mask"], examples)]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    train, dev = Rows(ds.splits["train"]), Rows(ds.splits["dev"])
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                                             task_type="SEQ_CLS"))
+    reached = {}
+
+    class Stop(TrainerCallback):
+        def on_evaluate(self, targs, state, control, metrics=None, **kw):
+            acc = metrics.get("eval_accuracy", 0)
+            reached.setdefault("curve", []).append((state.global_step, time.perf_counter() - reached["t0"], acc))
+            if acc >= args.target and "seconds" not in reached:
+                reached.update(seconds=time.perf_counter() - reached["t0"], step=state.global_step, accuracy=acc)
+                control.should_training_stop = True
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size,
+                                  per_device_eval_batch_size=64, learning_rate=args.lr, max_steps=args.max_steps,
+                                  warmup_ratio=0.06, lr_scheduler_type="linear", weight_decay=0.0,
+                                  eval_strategy="steps", eval_steps=args.eval_every, save_strategy="no",
+                                  logging_steps=50, report_to=[], use_cpu=True, seed=args.seed,
+                                  dataloader_num_workers=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=dev,
+                          data_collator=DataCollatorWithPadding(tok),
+                          compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) ==
+                                                                        p.label_ids).mean())},
+                          callbacks=[Stop()])
+        reached["t0"] = time.perf_counter()
+        trainer.train()
+    reached.pop("t0")
+    return reached
+
+
+def run_unipeft(args, ds, precision):
+    import unipeft as up
+    from unipeft.training import TrainConfig, Trainer
+    from unipeft.training.run import load_model
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model("minilm", ds.task)
+    up.attach(model, up.LoRA(r=8, alpha=16, targets=("query", "value")), name="sst2")
+    reached = {}
+
+    def stop(trainer, metrics):
+        acc = metrics["accuracy"]
+        reached.setdefault("curve", []).append((trainer.step, time.perf_counter() - reached["t0"], acc))
+        if acc >= args.target and "seconds" not in reached:
+            reached.update(seconds=time.perf_counter() - reached["t0"], step=trainer.step, accuracy=acc)
+            return True
+        return False
+
+    cfg = TrainConfig(lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size, warmup_ratio=0.06,
+                      eval_every=args.eval_every, max_length=args.max_length, precision=precision, seed=args.seed,
+                      keep_best=False, progress=False)
+    trainer = Trainer(model, tok, ds.task, ds.splits["train"], ds.splits["dev"], cfg, on_evaluate=[stop])
+    reached["t0"] = time.perf_counter()
+    trainer.fit()
+    reached.pop("t0")
+    reached["precision"] = trainer.precision
+    return reached
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", required=True, help="the SST-2 folder (train.tsv, dev.tsv) or the GLUE root")
+    ap.add_argument("--target", type=float, default=0.88)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-steps", type=int, default=2000)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unipeft-fp32", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/time_to_quality_sst2.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from unipeft import zoo
+
+    ds = load_sst2(args.data_dir)
+    path = str(zoo.minilm_path())
+    results = {"peft + Trainer": run_peft(args, ds, path), "unipeft": run_unipeft(args, ds, "auto")}
+    if args.unipeft_fp32:
+        results["unipeft fp32"] = run_unipeft(args, ds, "fp32")
+    base = results["peft + Trainer"].get("seconds")
+    print(f"time until dev accuracy >= {args.target} (LoRA r=8 q,v, MiniLM, SST-2, {args.threads} threads)")
+    for name, r in results.items():
+        if "seconds" in r:
+            speed = f"  {base / r['seconds']:.2f}x vs peft + Trainer" if base else ""
+            print(f"  {name:16s} {r['seconds']:7.1f} s at step {r['step']} (accuracy {r['accuracy']:.4f}){speed}")
+        else:
+            print(f"  {name:16s} did not reach {args.target} in {args.max_steps} steps: {r.get('curve', [])[-3:]}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": vars(args), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

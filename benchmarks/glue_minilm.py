@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from unipeft.compare import compare  # noqa: E402
+from unipeft.comparison import compare  # noqa: E402
 from unipeft.training.cli import setup_runtime  # noqa: E402
 
 TASK_METHODS = {

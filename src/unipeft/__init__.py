@@ -8,6 +8,8 @@ The public API::
     up.save(model, "out/sst2", name="sst2"); up.load(base_model, "out/sst2")
     up.merge(model, "sst2"); up.unmerge(model, "sst2")
     up.activate(model, ["sst2"]); up.detach(model, "sst2")
+    up.train(model="minilm", task="bbc", method="lora", out="out/bbc")    # training recipe (unipeft.training)
+    up.compare(methods=["full", "lora", "bitfit"])                        # train and measure several methods
 """
 __version__ = "0.1.0"
 
@@ -22,4 +24,17 @@ __all__ = [
     "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "save", "load", "summary",
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
+    "train", "compare",
 ]
+
+# The training side imports accelerate, sklearn, sacrebleu...: loaded on first use only.
+_LAZY = {"train": ("unipeft.training.run", "train"), "compare": ("unipeft.comparison", "compare")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'unipeft' has no attribute {name!r}")

@@ -110,7 +110,7 @@ COMMANDS = {
     "eval": ("evaluate a trained run on its dev or test split", *_lazy(_T, "add_eval", "run_eval")),
     "predict": ("predict labels or generate text with a trained run", *_lazy(_T, "add_predict", "run_predict")),
     "compare": ("train several methods on one task and compare parameters, time, memory, latency, accuracy",
-                *_lazy("unipeft.compare", "add_arguments", "run")),
+                *_lazy("unipeft.comparison", "add_arguments", "run")),
     "estimate": ("estimate GPU memory for fine-tuning (lecture notes' formulas)", _add_estimate, _run_estimate),
     "analyze": ("analyse a model or a trained delta: lora, attention, probe", _add_analyze, _run_analyze),
 }

@@ -233,7 +233,7 @@ def _run_worker(spec: dict) -> dict:
         spec = {**spec, "result": str(Path(tmp) / "result.json")}
         path = Path(tmp) / "spec.json"
         path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "unipeft.compare", "--worker", str(path)],
+        proc = subprocess.run([sys.executable, "-m", "unipeft.comparison", "--worker", str(path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if Path(spec["result"]).is_file():
             return json.loads(Path(spec["result"]).read_text())
@@ -293,4 +293,4 @@ def run(args) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m unipeft.compare --worker SPEC.json (internal; use `unipeft compare`)")
+    sys.exit("usage: python -m unipeft.comparison --worker SPEC.json (internal; use `unipeft compare`)")

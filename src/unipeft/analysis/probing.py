@@ -20,8 +20,6 @@ with one label per word; a word is represented by its first sub-word token).
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,29 +43,9 @@ class ProbeData:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".json"):
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UnipeftError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict):
-                        raise UnipeftError(f"{path}: line {n} is not a JSON object")
-                    rows.append(obj)
-            return rows
-        if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    except UnicodeDecodeError:
-        raise UnipeftError(f"{path}: not a UTF-8 text file") from None
-    raise UnipeftError(f"{path}: unsupported data file type {suffix or '(none)'!r}: use "
-                       f"{choices(['.csv', '.tsv', '.jsonl'])}")
+    from ..training.data import read_records  # one CSV/TSV/JSONL reader for the whole library
+
+    return read_records(path)
 
 
 def load_probe_data(path, text_column: str = "text", label_column: str = "label",

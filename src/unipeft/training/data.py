@@ -295,6 +295,18 @@ def _read_table(path: Path):
         raise UnipeftError(f"{path}: unreadable {suffix[1:]} ({e})") from None
 
 
+def read_records(path) -> list[dict]:
+    """Rows of a CSV/TSV file with a header row, or of a JSONL file, as dicts (also used by analysis.probing)."""
+    path = Path(path)
+    is_json, rows = _read_table(path)
+    if is_json:
+        return [r for _, r in rows]
+    if not rows:
+        return []
+    header = [h.strip() for h in rows[0][1]]
+    return [_as_dict(path, n, r, header, "the header") for n, r in rows[1:]]
+
+
 def _read_split(path, columns: dict) -> tuple[str, list[tuple[int, dict]]]:
     """(where, [(line, {"text", "text_pair"?, "target"})]) with the raw target, from one file."""
     path = Path(path)

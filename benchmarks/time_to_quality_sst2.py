@@ -73,7 +73,9 @@ def run_peft(args, ds, path):
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size,
                                   per_device_eval_batch_size=64, learning_rate=args.lr, max_steps=args.max_steps,
-                                  warmup_ratio=0.06, lr_scheduler_type="linear", weight_decay=0.0,
+                                  # transformers 5 takes warm-up as steps (a float < 1 is a ratio)
+                                  warmup_steps=int(0.06 * args.max_steps), lr_scheduler_type="linear",
+                                  weight_decay=0.0,
                                   eval_strategy="steps", eval_steps=args.eval_every, save_strategy="no",
                                   logging_steps=50, report_to=[], use_cpu=True, seed=args.seed,
                                   dataloader_num_workers=0, disable_tqdm=True)

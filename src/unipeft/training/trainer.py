@@ -453,10 +453,8 @@ class Trainer:
                         t_save = time.perf_counter()
                         self.save_checkpoint()
                         t_log += time.perf_counter() - t_save
-                    if stop_reason != "completed":
-                        break
-                if self.batch_pos >= len(batches):
-                    self.epoch, self.batch_pos = self.epoch + 1, 0
+                    if stop_reason != "completed" or end_of_epoch:
+                        break  # a new epoch needs its own batch order (outer loop)
         finally:
             bar.close()
             if self._tb is not None:

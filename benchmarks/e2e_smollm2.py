@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/e2e")
     args = ap.parse_args(argv)
-    setup_runtime(args)
+    setup_runtime(args.threads)
     out = Path(args.out)
     rows = []
     test = load_task("e2e", data_dir=args.data_dir).splits["test"]

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not Path(args.data_dir).is_dir():
         sys.exit(f"--data-dir {args.data_dir} is not a folder")
-    setup_runtime(args)
+    setup_runtime(args.threads)
     out = Path(args.out)
     rows = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:

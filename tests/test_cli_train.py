@@ -1,14 +1,12 @@
 """`unipeft train / eval / predict / compare` on tiny models: outputs, YAML configs, errors, kill-and-resume."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +16,6 @@ import tiny
 from unipeft.cli import main
 
 
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
@@ -33,8 +23,8 @@ def setup(tmp_path_factory):
     return {
         "root": root,
         "model": tiny.save(root / "bert", "bert", "cls"),
-        "train": write_csv(root / "train.csv", ["text", "label"], rows[:160]),
-        "dev": write_csv(root / "dev.csv", ["text", "label"], rows[160:]),
+        "train": tiny.write_csv(root / "train.csv", ["text", "label"], rows[:160]),
+        "dev": tiny.write_csv(root / "dev.csv", ["text", "label"], rows[160:]),
     }
 
 

@@ -1,7 +1,6 @@
 """The trainer and its parts on tiny models: batching, checkpoints, divergence, accumulation, aux LM, recipes."""
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -328,18 +327,11 @@ def test_tensorboard_writes_events(models, tmp_path):
 # recipes: train -> evaluate -> predict from the run directory
 # ---------------------------------------------------------------------------
 
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
-
-
 def test_recipe_train_evaluate_predict(models, tmp_path):
     rows = tiny.sentiment_rows(120)
-    data = {"train": write_csv(tmp_path / "train.csv", ["text", "label"], [(t, ["neg", "pos"][y]) for t, y in rows[:100]]),
-            "dev": write_csv(tmp_path / "dev.csv", ["text", "label"], [(t, ["neg", "pos"][y]) for t, y in rows[100:]])}
+    named = [(t, ["neg", "pos"][y]) for t, y in rows]
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], named[:100]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], named[100:])}
     res = run.train(models["bert-cls"], "sent", "full", out=tmp_path / "run", data=data, max_steps=60, lr=3e-3,
                     batch_size=16, progress=False, precision="fp32")
     assert res["dev"]["accuracy"] >= 0.9

@@ -136,6 +136,17 @@ def save(path, family: str, head: str | None = None, num_labels: int = 2, seed: 
     return str(path)
 
 
+def write_csv(path, header, rows) -> str:
+    """A CSV file with a header row (data for the trainer and the CLI)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
 def sentiment_rows(n: int, seed: int = 0):
     """Synthetic sentiment: the label is whether the sentence holds a positive or a negative word."""
     import random

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from . import fileio
 from .analysis import plotting
 
 DASH = "—"
@@ -188,33 +187,8 @@ def markdown(report) -> str:
 
 # --------------------------------------------------------------------------- files
 
-def _atomic(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _save_fig(fig, path: Path) -> Path:
-    return _atomic(path, lambda tmp: plotting.save(fig, tmp))
+    return fileio.atomic_write(path, lambda tmp: plotting.save(fig, tmp))
 
 
 def _ok(report):
@@ -288,8 +262,8 @@ def write_report(report, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "json": _write_text(out / JSON_NAME, json.dumps(report, indent=2, default=str) + "\n"),
-        "md": _write_text(out / MD_NAME, markdown(report)),
+        "json": fileio.write_text(out / JSON_NAME, json.dumps(report, indent=2, default=str) + "\n"),
+        "md": fileio.write_text(out / MD_NAME, markdown(report)),
     }
     plots = [plot_metric_vs_params(report, out / METRIC_PLOT), plot_cost(report, out / COST_PLOT)]
     paths["plots"] = [p for p in plots if p is not None]

@@ -26,6 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import fileio
 from .errors import UnipeftError, choices
 
 # the main job's budget on the embedded default (BBC News): ~1 minute per method on 2 CPU cores
@@ -94,6 +95,7 @@ def run_method(spec: dict) -> dict:
     from . import engine
     from .training import run
     from .training.batching import Collator, batch_order, encode
+    from .training.defaults import resolve
     from .training.evaluation import pad_id
 
     if spec.get("threads"):
@@ -108,25 +110,24 @@ def run_method(spec: dict) -> dict:
     device = next(model.parameters()).device
     peak, kind = peak_memory_mb(device)  # before the latency runs: this is the training peak
     dev = dataset.splits.get("dev") or dataset.splits["train"]
-    enc = encode(dataset.task, dev[:LATENCY_BATCHES * LATENCY_BATCH_SIZE], tok, res.get("max_length") or
-                 spec.get("settings", {}).get("max_length", 128))
+    enc = encode(dataset.task, dev[:LATENCY_BATCHES * LATENCY_BATCH_SIZE], tok, res["train_config"]["max_length"])
     collate = Collator(pad_id(tok))
     batches = [{k: v.to(device) for k, v in collate([enc.example(i) for i in idx]).items() if k != "labels"}
                for idx in batch_order(enc.lengths(), LATENCY_BATCH_SIZE, 0, 0, shuffle=False)]
     latency = measure_latency(model, name, type(cfg).mergeable, batches)
-    from .training.defaults import resolve
     label = resolve(method, spec.get("options"))[1].label
+    base_params = engine.base_parameter_count(model)
     return {
         "method": method, "label": label, "type": type(cfg).method_type, "mergeable": type(cfg).mergeable,
         "config": cfg.to_dict(), "lr": res["lr"],
         "trainable_params": res["trainable_params"],
-        "trainable_pct": 100 * res["trainable_params"] / max(1, engine.base_parameter_count(model)),
+        "trainable_pct": 100 * res["trainable_params"] / max(1, base_params),
         "delta_bytes": res.get("delta_bytes"),
         "train_seconds": res["train_seconds"], "examples_per_s": res["examples_per_s"],
         "tokens_per_s": res["tokens_per_s"], "steps": res["steps"], "precision": res["precision"],
         "peak_memory_mb": peak, "memory_kind": kind, "latency_ms": latency,
         "metrics": res.get("dev", {}), "metric_before": None, "wall_seconds": time.perf_counter() - t0,
-        "base_params": engine.base_parameter_count(model), "error": None,
+        "base_params": base_params, "error": None,
     }
 
 
@@ -134,23 +135,15 @@ def _worker(spec_path: str) -> int:
     from .training.cli import setup_runtime
 
     spec = json.loads(Path(spec_path).read_text())
-    setup_runtime(argparse_namespace(threads=spec.get("threads")))
+    setup_runtime()  # run_method sets the threads
     try:
         record = run_method(spec)
     except UnipeftError as e:
         record = {"method": spec["method"], "error": " ".join(str(e).split())}
     except Exception as e:  # noqa: BLE001 -- reported in the table, the other methods still run
         record = {"method": spec["method"], "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-    tmp = Path(spec["result"]).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, default=str))
-    os.replace(tmp, spec["result"])
+    fileio.write_json(spec["result"], record, default=str)
     return 0
-
-
-def argparse_namespace(**kw):
-    import argparse
-
-    return argparse.Namespace(**kw)
 
 
 # ---------------------------------------------------------------------------
@@ -273,7 +266,7 @@ def run(args) -> int:
     from .training.cli import DATA_FLAGS, TRAIN_FLAGS, collect, setup_runtime
     from .training.defaults import parse_method_options
 
-    setup_runtime(args)
+    setup_runtime(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = parse_method_options(args.method_option, methods)
     report = compare(args.model, args.task, methods, out=args.out, data=collect(args, DATA_FLAGS),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import fileio
 from ..errors import UnipeftError
 from .tasks import Task
 
@@ -187,10 +188,7 @@ def encode(task: Task, examples: list[dict], tokenizer, max_length: int = 128, *
     if path is not None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(enc.tensors(), str(tmp))
-        os.replace(tmp, path)
+        fileio.atomic_write(path, lambda tmp: save_file(enc.tensors(), str(tmp)))
     return enc
 
 

@@ -96,15 +96,15 @@ def collect(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def setup_runtime(args) -> None:
-    """Quiet transformers' loading reports and bars; apply --threads."""
+def setup_runtime(threads: int | None = None) -> None:
+    """Quiet transformers' loading reports and bars; set torch's CPU threads when given."""
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def methods_help() -> str:
@@ -138,7 +138,7 @@ def run_train(args) -> int:
     from .defaults import parse_method_options
     from . import run
 
-    setup_runtime(args)
+    setup_runtime(args.threads)
     if args.resume and not args.out:
         raise UnipeftError("--resume needs --out (the run directory holding checkpoints/)")
     options = parse_method_options(args.method_option, [args.method])[args.method]
@@ -178,7 +178,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 def run_eval(args) -> int:
     from . import run
 
-    setup_runtime(args)
+    setup_runtime(args.threads)
     metrics = run.evaluate(args.run_dir, args.split, data=collect(args, DATA_FLAGS), batch_size=args.batch_size,
                            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, limit=args.limit)
     print(json.dumps(metrics) if args.json else ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -199,7 +199,7 @@ def add_predict(p: argparse.ArgumentParser) -> None:
 def run_predict(args) -> int:
     from . import run
 
-    setup_runtime(args)
+    setup_runtime(args.threads)
     if args.input:
         if not Path(args.input).is_file():
             raise UnipeftError(f"input file {args.input} does not exist")

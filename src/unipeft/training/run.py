@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import fileio
 from ..errors import UnipeftError, choices
 from . import data as data_mod
 from .defaults import resolve
@@ -93,12 +94,6 @@ def _task_dict(task: Task) -> dict:
     return d
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def train_config(method_defaults: dict, overrides: dict) -> TrainConfig:
     """TrainConfig from the method's defaults with the user's settings on top; unknown keys are errors."""
     unknown = sorted(set(overrides) - set(TrainConfig.fields()))
@@ -130,14 +125,14 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_json(out_dir / "run.json", {
+        fileio.write_json(out_dir / "run.json", {
             "model": model, "task": _task_dict(dataset.task), "task_name": task, "data": data,
             "method": method, "method_config": method_cfg.to_dict(), "delta_name": delta_name,
-            "train": cfg.to_dict(), "source": dataset.source})
+            "train": cfg.to_dict(), "source": dataset.source}, indent=2, default=str)
     trainer = Trainer(net, tokenizer, dataset.task, dataset.splits["train"], dataset.splits.get("dev"), cfg, out_dir)
     summary = trainer.fit(resume=resume)
     results: dict[str, Any] = {"model": model, "task": dataset.task.name, "method": method,
-                               "method_config": method_cfg.to_dict(), "lr": cfg.lr,
+                               "method_config": method_cfg.to_dict(), "lr": cfg.lr, "train_config": cfg.to_dict(),
                                "trainable_params": trainable, "total_params": total, **summary}
     gen = dataset.task.generative
     if dataset.splits.get("dev"):
@@ -150,7 +145,7 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
     if out_dir is not None and trainer.main:
         up.save(net, out_dir / "delta", name=delta_name)
         results["delta_bytes"] = sum(f.stat().st_size for f in (out_dir / "delta").iterdir())
-        _atomic_json(out_dir / "results.json", results)
+        fileio.write_json(out_dir / "results.json", results, indent=2, default=str)
     results["_model"], results["_tokenizer"], results["_dataset"] = net, tokenizer, dataset
     return results
 

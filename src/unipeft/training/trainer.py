@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .. import fileio
 from ..errors import UnipeftError, choices
 from . import checkpoint as ckpt
 from .batching import IGNORE, Collator, Encoded, batch_order, encode
@@ -235,9 +236,10 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        decay = [p for n, p in params if p.dim() >= 2 and "norm" not in n.lower()]
-        no_decay = [p for n, p in params if not (p.dim() >= 2 and "norm" not in n.lower())]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # weight decay on matrices only: biases and norm scales keep theirs (the usual AdamW recipe)
+        decays = {n: p.dim() >= 2 and "norm" not in n.lower() for n, p in params}
+        groups = [{"params": [p for n, p in params if decays[n]], "weight_decay": cfg.weight_decay},
+                  {"params": [p for n, p in params if not decays[n]], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, self.total_steps,
@@ -249,7 +251,9 @@ class Trainer:
         # run state (what a checkpoint restores)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.best_metric, self.best_step, self.stale_evals = None, None, 0
+        self.best_key = task.main_metric      # "loss" when evaluations only give the loss
         self.history: list[dict] = []
+        self._tb = None                       # TensorBoard writer while fit() runs
         self._best_params: dict[str, torch.Tensor] | None = None
         self.train_seconds, self.examples_seen, self.tokens_seen = 0.0, 0, 0
 
@@ -342,11 +346,10 @@ class Trainer:
             if self.config.keep_best:
                 self._best_params = {n: p.detach().to("cpu", copy=True)
                                      for n, p in self.raw_model.named_parameters() if p.requires_grad}
-                if self.main and self.out_dir is not None and self.config.save_every:
+                if self.main and self.out_dir is not None and self.config.save_every:  # for --resume
                     from safetensors.torch import save_file
-                    tmp = self.out_dir / f".best-params.tmp-{os.getpid()}"
-                    save_file({n: t.contiguous() for n, t in self._best_params.items()}, str(tmp))
-                    os.replace(tmp, self.out_dir / "best-params.safetensors")
+                    best = {n: t.contiguous() for n, t in self._best_params.items()}
+                    fileio.atomic_write(self.out_dir / "best-params.safetensors", lambda tmp: save_file(best, str(tmp)))
         else:
             self.stale_evals += 1
         self.best_key = key
@@ -381,7 +384,6 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         set_seed(cfg.seed)
         resumed_from = self.resume() if resume else None
-        self._tb = None
         if cfg.tensorboard and self.main:
             if self.out_dir is None:
                 raise UnipeftError("tensorboard logging needs an output directory (--out)")
@@ -459,6 +461,7 @@ class Trainer:
             bar.close()
             if self._tb is not None:
                 self._tb.close()
+                self._tb = None
             if self.aux is not None:
                 self.aux.close()
         if cfg.keep_best and self._best_params is not None and self.best_step != self.step:
@@ -473,4 +476,4 @@ class Trainer:
                 "examples_per_s": self.examples_seen / max(self.train_seconds, 1e-9),
                 "tokens_per_s": self.tokens_seen / max(self.train_seconds, 1e-9),
                 "best_metric": self.best_metric, "best_step": self.best_step,
-                "metric": getattr(self, "best_key", self.task.main_metric), "precision": self.precision}
+                "metric": self.best_key, "precision": self.precision}

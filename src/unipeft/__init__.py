@@ -8,6 +8,7 @@ The public API::
     up.save(model, "out/sst2", name="sst2"); up.load(base_model, "out/sst2")
     up.merge(model, "sst2"); up.unmerge(model, "sst2")
     up.activate(model, ["sst2"]); up.detach(model, "sst2")
+    up.export_peft(model, "out/peft", name="sst2"); up.import_peft(base_model, "out/peft")  # peft's format
     up.train(model="minilm", task="bbc", method="lora", out="out/bbc")    # training recipe (unipeft.training)
     up.compare(methods=["full", "lora", "bitfit"])                        # train and measure several methods
 """
@@ -18,13 +19,14 @@ from .engine import active, attach, deltas, detach, merge, summary, trainable_pa
 from .engine import set_active as activate  # noqa: E402
 from .errors import UnipeftError  # noqa: E402
 from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTuning, PromptTuning  # noqa: E402
+from .peft_format import export_peft, import_peft  # noqa: E402
 from .storage import fingerprint, load, save  # noqa: E402
 
 __all__ = [
     "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "save", "load", "summary",
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
-    "train", "compare",
+    "export_peft", "import_peft", "train", "compare",
 ]
 
 # The training side imports accelerate, sklearn, sacrebleu...: loaded on first use only.

@@ -42,6 +42,9 @@ class Architecture:
     attention: tuple[str, ...]                   # self-attention modules relative to a block
     cross_attention: tuple[str, ...] = ()
     fused: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # pattern -> roles, equal slices
+    # how token positions enter attention: "absolute" (learned or sinusoidal embeddings added to the
+    # input), "rotary" (RoPE on queries and keys), "relative" (a bias on the attention scores)
+    positions: str = "unknown"
 
 
 _BERT = Architecture(
@@ -56,6 +59,7 @@ _BERT = Architecture(
     },
     attention=("attention.self",),
     cross_attention=("crossattention.self",),
+    positions="absolute",
 )
 
 _LLAMA = Architecture(
@@ -66,6 +70,7 @@ _LLAMA = Architecture(
         "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": ("mlp.down_proj",),
     },
     attention=("self_attn",),
+    positions="rotary",
 )
 
 _BART = Architecture(
@@ -79,6 +84,7 @@ _BART = Architecture(
     },
     attention=("self_attn",),
     cross_attention=("encoder_attn",),
+    positions="absolute",
 )
 
 TABLE: dict[str, Architecture] = {
@@ -105,6 +111,7 @@ TABLE: dict[str, Architecture] = {
         attention=("attn",),
         cross_attention=("crossattention",),
         fused={"attn.c_attn": ("q", "k", "v")},
+        positions="absolute",
     ),
     "t5": Architecture(
         layers=("encoder.block", "decoder.block"),
@@ -118,6 +125,7 @@ TABLE: dict[str, Architecture] = {
         },
         attention=("layer.0.SelfAttention",),
         cross_attention=("layer.1.EncDecAttention",),
+        positions="relative",
     ),
 }
 
@@ -152,6 +160,7 @@ class ModelMap:
     fused: dict[str, tuple[str, ...]]         # module path -> roles of its equal output slices
     attention: list[tuple[str, Block, str]]   # (module path, block, "self" | "cross")
     discovered: bool = False
+    positions: str = "unknown"                # the architecture's position encoding (see Architecture)
 
     def modules_with_role(self, role: str) -> list[str]:
         return [p for p, rs in self.roles.items() if role in rs]
@@ -215,7 +224,7 @@ def _apply(model, model_type, arch: Architecture, stacks, discovered=False) -> M
                 attention.append((path, b, "self"))
             elif _match_rel(rel, arch.cross_attention):
                 attention.append((path, b, "cross"))
-    return ModelMap(model_type, blocks, roles, fused, attention, discovered)
+    return ModelMap(model_type, blocks, roles, fused, attention, discovered, arch.positions)
 
 
 _DISCOVERY_ROLES = {

@@ -113,19 +113,25 @@ def _load_tensors(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tenso
 # save / load
 # ---------------------------------------------------------------------------
 
+def pick_delta(model: nn.Module, name: str | None, verb: str = "save") -> Delta:
+    """The delta called ``name``; with ``None``, the only one attached (an error if there are several)."""
+    reg = registry(model)
+    if reg is None or not reg.deltas:
+        raise UnipeftError(f"this model has no deltas attached: nothing to {verb}")
+    if name is None:
+        if len(reg.deltas) != 1:
+            raise UnipeftError(f"the model has several deltas; say which to {verb} with name=, one of "
+                               f"{choices(list(reg.deltas))}")
+        name = next(iter(reg.deltas))
+    return _require(model, name)[1]
+
+
 def save(model: nn.Module, directory, name: str | None = None) -> Path:
     """Write delta ``name`` to ``directory`` (created or replaced atomically)."""
     from safetensors.torch import save_file
 
-    reg = registry(model)
-    if reg is None or not reg.deltas:
-        raise UnipeftError("this model has no deltas attached: nothing to save")
-    if name is None:
-        if len(reg.deltas) != 1:
-            raise UnipeftError(f"the model has several deltas; say which to save with name=, one of "
-                               f"{choices(list(reg.deltas))}")
-        name = next(iter(reg.deltas))
-    reg, delta = _require(model, name)
+    delta = pick_delta(model, name)
+    name = delta.name
     config = delta.config
     saved = config.saved_config() if hasattr(config, "saved_config") else config
     tensors = delta_tensors(model, delta)
@@ -145,15 +151,26 @@ def save(model: nn.Module, directory, name: str | None = None) -> Path:
                     for k, v in tensors.items()},
         "parameters": int(sum(v.numel() for v in tensors.values())),
     }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
+        with open(tmp / JSON_NAME, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    return write_directory(directory, write)
+
+
+def write_directory(directory, write) -> Path:
+    """Create or replace ``directory`` atomically: ``write(tmp)`` fills a temporary directory
+    beside it, every file is flushed to disk, then the directory is renamed into place."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
-        with open(tmp / JSON_NAME, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,7 +250,16 @@ def load(model: nn.Module, directory, name: str | None = None, *, check_base: bo
                 f"({getattr(getattr(model, 'config', None), 'model_type', None)} {type(model).__name__}, "
                 f"fingerprint {have}); pass check_base=False to load it anyway"
             )
-    name = name or meta["name"]
+    return attach_with_tensors(model, config, name or meta["name"], tensors, activate=activate, tokenizer=tokenizer)
+
+
+def attach_with_tensors(model: nn.Module, config: MethodConfig, name: str, tensors: dict[str, torch.Tensor], *,
+                        activate: bool = True, tokenizer=None) -> nn.Module:
+    """Attach ``config`` as delta ``name`` and fill it from ``tensors`` (named as in ``delta_tensors``).
+
+    All or nothing: if the tensors do not fit, the delta is detached again and the
+    previously active deltas are restored, so the model is exactly as before.
+    """
     reg = registry(model)
     before = list(reg.active) if reg else []
     attach(model, config, name, activate=activate, tokenizer=tokenizer)

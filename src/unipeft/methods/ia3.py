@@ -22,7 +22,8 @@ class IA3(MethodConfig):
     """targets: maps whose output (or, for FFN output maps, input) is rescaled;
     default keys, values and the FFN output projection's input (the
     intermediate activation). feedforward: targets scaled at their input
-    instead of their output (default: those playing the ffn_out role)."""
+    instead of their output (default: those playing the ffn_out role; an
+    empty list: none)."""
 
     targets: tuple | None = None
     feedforward: tuple | None = None
@@ -35,13 +36,16 @@ class IA3(MethodConfig):
 
     def validate(self):
         self.targets = normalize_targets("IA3", self.targets)
-        self.feedforward = normalize_targets("IA3", self.feedforward)
+        if isinstance(self.feedforward, (list, tuple)) and len(self.feedforward) == 0:
+            self.feedforward = ()  # explicitly none (every target scaled at its output)
+        else:
+            self.feedforward = normalize_targets("IA3", self.feedforward)
 
     def install(self, view, name):
         targets = self.targets or self.default_targets
         paths = view.resolve_targets(targets, "IA3")
         if self.feedforward is not None:
-            ff = set(view.resolve_targets(self.feedforward, "IA3 feedforward"))
+            ff = set(view.resolve_targets(self.feedforward, "IA3 feedforward")) if self.feedforward else set()
         else:
             ff = {p for p in paths if "ffn_out" in view.map.roles.get(p, ())}
         # a fused projection (GPT-2 c_attn = [q k v]) hit through roles: scale only those roles' slices

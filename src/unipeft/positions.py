@@ -47,6 +47,11 @@ class LinearDelta(nn.Module):
     rewrites_output = False
     replaces_base = False
 
+    def with_base(self, site, x):
+        """``output(x, base(x))`` computed in one go (a fused path), or None to take the plain path.
+        Only asked of the first output-rewriting delta of a site with no input rewrite or replacement."""
+        return None
+
     def input(self, x):
         return x
 
@@ -84,11 +89,15 @@ class LinearSite:
         h = x
         for d in self._unipeft_pre:
             h = d.input(h)
-        if self._unipeft_replace is not None:
-            y = self._unipeft_replace.replace(h)
-        else:
-            y = super().forward(h)
-        for d in self._unipeft_post:
+        post = self._unipeft_post
+        y = None
+        if post and not self._unipeft_pre and self._unipeft_replace is None:
+            y = post[0].with_base(self, x)
+            if y is not None:
+                post = post[1:]
+        if y is None:
+            y = self._unipeft_replace.replace(h) if self._unipeft_replace is not None else super().forward(h)
+        for d in post:
             y = d.output(x, y)
         return y
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import fused
 from ..config import MethodConfig, check_choice, check_number, check_positive_int, method, normalize_targets
 from ..positions import LinearDelta, linear_shape
 
@@ -68,6 +69,17 @@ class LoRADelta(LinearDelta):
         else:
             nn.init.normal_(self.lora_A, std=1 / r)
 
+    def with_base(self, site, x):
+        """Training step: W0 x + b + s B A x as one autograd node (``LoRALinear``)."""
+        if not (fused.enabled() and torch.is_grad_enabled()) or (self.drop is not None and self.training):
+            return None
+        weight, bias = site.weight, site.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None  # the base map trains too: let autograd handle its gradients
+        if not (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad):
+            return None
+        return LoRALinear.apply(x, site.unipeft_weight_out_in(), bias, self.lora_A, self.lora_B, self.scale)
+
     def output(self, x, y):
         h = self.drop(x) if self.drop is not None else x
         t = F.linear(h, self.lora_A)
@@ -87,3 +99,54 @@ class LoRADelta(LinearDelta):
 
     def merged(self, weight, bias):
         return weight + self.delta_weight().to(weight.dtype), bias
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class LoRALinear(torch.autograd.Function):
+    """y = x W0^T + b + s (x A^T) B^T with W0 and b frozen, in one autograd node.
+
+    Plain autograd runs this as four nodes and two output-sized temporaries per
+    site: the base product, x A^T, the scaled B product and the sum, then in the
+    backward a separate g W0 and (g B) A added together. Here the LoRA term is
+    accumulated into the base output in place, and the input gradient is
+    g W0 + s (g B) A written into one buffer (addmm_). It saves x (in the compute
+    dtype, as autocast would), t = x A^T (rank r, small) and references to the
+    weights; the backward needs nothing else. Under autocast the products run in
+    the autocast dtype, the parameters' gradients come back in theirs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
+        dt = _compute_dtype(x)
+        xc = x.to(dt)
+        y = F.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
+        x2 = xc.reshape(-1, xc.shape[-1])
+        t = x2 @ lora_A.to(dt).t()                                     # (N, r)
+        y.view(-1, y.shape[-1]).addmm_(t, lora_B.to(dt).t(), alpha=scale)
+        ctx.save_for_backward(x2, t, weight, lora_A, lora_B)
+        ctx.scale, ctx.x_dtype, ctx.x_shape = scale, x.dtype, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, t, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scale
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        dt = g.dtype
+        gt = (g @ lora_B.to(dt)).mul_(s)                                # s (g B): (N, r)
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight.to(dt)
+            grad_x.addmm_(gt, lora_A.to(dt))                            # + s (g B) A, in place
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_A = (gt.t() @ x2.to(dt)).to(lora_A.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_B = (g.t() @ t.to(dt)).mul_(s).to(lora_B.dtype)
+        return grad_x, None, None, grad_A, grad_B, None

@@ -1,0 +1,88 @@
+"""Fused training paths compute what the plain reference path computes: outputs and gradients."""
+import contextlib
+
+import pytest
+import torch
+
+import tiny
+import unipeft as up
+from unipeft import fused
+from unipeft.methods.lora import LoRALinear
+
+
+def _scrambled(family, method, head=None):
+    model = up.attach(tiny.make(family, head), method)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def _run(model, family, plain: bool, autocast=False):
+    model.zero_grad(set_to_none=True)
+    ctx = fused.disabled() if plain else contextlib.nullcontext()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        with amp:
+            out = model(**tiny.batch(family)).logits
+        out.float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach().float(), grads
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "t5"])
+def test_fused_lora_matches_plain_path(family):
+    model = _scrambled(family, up.LoRA(r=4, alpha=8, targets="all-linear")).eval()
+    out_f, g_f = _run(model, family, plain=False)
+    out_p, g_p = _run(model, family, plain=True)
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    assert set(g_f) == set(g_p) and len(g_f) > 0
+    for n in g_f:
+        torch.testing.assert_close(g_f[n], g_p[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_fused_lora_matches_plain_path_under_bf16_autocast():
+    model = _scrambled("llama", up.LoRA(r=4, alpha=8, targets="all-linear")).eval()
+    out_f, g_f = _run(model, "llama", plain=False, autocast=True)
+    out_p, g_p = _run(model, "llama", plain=True, autocast=True)
+    # both round to bf16 at the same points, in a different order of accumulation
+    torch.testing.assert_close(out_f, out_p, atol=3e-2, rtol=3e-2)
+    for n in g_f:
+        assert g_f[n].dtype == torch.float32  # gradients of fp32 master weights stay fp32
+        cos = torch.nn.functional.cosine_similarity(g_f[n].flatten(), g_p[n].flatten(), dim=0)
+        assert cos > 0.99, n
+
+
+def test_fused_path_is_taken_only_where_it_applies():
+    model = _scrambled("bert", up.LoRA(r=4, targets=("q",)), head="cls").train()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    q = model.bert.encoder.layer[0].attention.self.query
+    assert type(q(x).grad_fn).__name__ == LoRALinear.__name__ + "Backward"
+    with fused.disabled():
+        assert type(q(x).grad_fn).__name__ != LoRALinear.__name__ + "Backward"
+    with torch.no_grad():  # inference keeps the in-place path: nothing to save for a backward
+        assert q(x).grad_fn is None
+    # dropout needs its mask in the backward: the plain path handles it
+    drop = up.attach(tiny.make("bert", "cls"), up.LoRA(r=4, targets=("q",), dropout=0.1)).train()
+    q2 = drop.bert.encoder.layer[0].attention.self.query
+    assert type(q2(x).grad_fn).__name__ != LoRALinear.__name__ + "Backward"
+
+
+def test_fused_lora_trains_under_gradient_checkpointing():
+    model = _scrambled("llama", up.LoRA(r=4, targets="all-linear")).train()
+    model.config.use_cache = False
+    out_plain, g_plain = _run(model, "llama", plain=True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    out_ckpt, g_ckpt = _run(model, "llama", plain=False)
+    torch.testing.assert_close(out_ckpt, out_plain, atol=1e-5, rtol=1e-5)
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_plain_switch_restores_previous_state():
+    assert fused.enabled()
+    with fused.disabled():
+        assert not fused.enabled()
+    assert fused.enabled()

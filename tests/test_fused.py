@@ -86,3 +86,45 @@ def test_plain_switch_restores_previous_state():
     with fused.disabled():
         assert not fused.enabled()
     assert fused.enabled()
+
+
+def test_maps_reading_one_input_share_one_node():
+    """Llama: q, k, v share one LoRALinear node, gate and up another; o and down are alone."""
+    from unipeft.methods import lora
+
+    model = _scrambled("llama", up.LoRA(r=4, targets="all-linear")).train()
+    calls = []
+    real = lora.LoRALinear.forward
+
+    def counting(ctx, x, scales, *params):
+        calls.append(len(scales))
+        return real(ctx, x, scales, *params)
+
+    lora.LoRALinear.forward = staticmethod(counting)
+    try:
+        model(**tiny.batch("llama")).logits.sum().backward()
+    finally:
+        lora.LoRALinear.forward = staticmethod(real)
+    assert sorted(calls) == sorted([3, 1, 2, 1] * 2)  # per layer: qkv, o, gate+up, down
+
+
+def test_shared_input_group_is_right_when_inputs_differ_or_parameters_change():
+    model = _scrambled("llama", up.LoRA(r=4, targets=("q", "k", "v"))).train()
+    attn = model.model.layers[0].self_attn
+    x1 = torch.randn(2, 3, 32, requires_grad=True)
+    x2 = torch.randn(2, 3, 32, requires_grad=True)
+
+    def reference(proj, x):
+        with fused.disabled():
+            return proj(x)
+
+    attn.q_proj(x1)                    # computes q, k and v for x1
+    torch.testing.assert_close(attn.k_proj(x2), reference(attn.k_proj, x2))  # another input: computed anew
+    attn.q_proj(x1)
+    with torch.no_grad():
+        attn.v_proj.unipeft_deltas["default"].lora_B.add_(1.0)   # as an optimizer step would
+    torch.testing.assert_close(attn.v_proj(x1), reference(attn.v_proj, x1))  # kept output is stale: recomputed
+    y = attn.q_proj(x1)
+    torch.testing.assert_close(attn.v_proj(x1), reference(attn.v_proj, x1))  # kept output, still right
+    y.sum().backward()                 # only q's output is used: the others send no gradient
+    assert x1.grad is not None and torch.isfinite(x1.grad).all()

@@ -165,6 +165,24 @@ class ModelMap:
     def modules_with_role(self, role: str) -> list[str]:
         return [p for p, rs in self.roles.items() if role in rs]
 
+    def shared_input_groups(self, paths) -> list[list[str]]:
+        """Groups (two or more) of ``paths`` that read the same input tensor: the q, k and v
+        projections of one self-attention module, and the FFN input projections of one block
+        (gate and up). A fused projection (GPT-2's c_attn) is one map already."""
+        groups = []
+        for attn_path, _, kind in self.attention:
+            if kind != "self":
+                continue  # cross-attention: q reads the decoder, k and v the encoder
+            members = [p for p in paths if p.startswith(attn_path + ".") and p not in self.fused
+                       and self.roles.get(p, set()) & {"q", "k", "v"}]
+            if len(members) > 1:
+                groups.append(members)
+        for b in self.blocks:
+            members = [p for p in paths if "ffn_in" in self.roles.get(p, ()) and self.block_of(p) is b]
+            if len(members) > 1:
+                groups.append(members)
+        return groups
+
     def block_of(self, path: str) -> Block | None:
         best = None
         for b in self.blocks:

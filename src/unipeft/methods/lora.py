@@ -50,9 +50,16 @@ class LoRA(MethodConfig):
         self.targets = normalize_targets("LoRA", self.targets)
 
     def install(self, view, name):
+        deltas = {}
         for path in view.resolve_targets(self.targets or self.default_targets, "LoRA"):
             fan_in, fan_out = linear_shape(view.module(path))
-            view.add_linear(path, LoRADelta(fan_in, fan_out, self.r, self.alpha / self.r, self.dropout, self.init))
+            deltas[path] = LoRADelta(fan_in, fan_out, self.r, self.alpha / self.r, self.dropout, self.init)
+            view.add_linear(path, deltas[path])
+        # maps that read one input (q, k, v; gate, up) share one product x [A_q; A_k; A_v]^T when training
+        for paths in view.map.shared_input_groups(list(deltas)):
+            group = SharedInput([view.module(p) for p in paths], [deltas[p] for p in paths])
+            for p in paths:
+                deltas[p].__dict__["group"] = group  # a plain attribute: not a submodule, not in the state dict
 
 
 class LoRADelta(LinearDelta):
@@ -69,16 +76,27 @@ class LoRADelta(LinearDelta):
         else:
             nn.init.normal_(self.lora_A, std=1 / r)
 
-    def with_base(self, site, x):
-        """Training step: W0 x + b + s B A x as one autograd node (``LoRALinear``)."""
-        if not (fused.enabled() and torch.is_grad_enabled()) or (self.drop is not None and self.training):
-            return None
+    group = None  # the SharedInput this delta belongs to, if any
+
+    def fusable(self, site) -> bool:
+        """Whether the fused path computes this site: no dropout mask to keep, frozen base weights."""
+        if self.drop is not None and self.training:
+            return False
         weight, bias = site.weight, site.bias
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
-            return None  # the base map trains too: let autograd handle its gradients
+        return not (weight.requires_grad or (bias is not None and bias.requires_grad))
+
+    def with_base(self, site, x):
+        """Training: W0 x + b + s B A x through ``LoRALinear`` (one autograd node; for a shared-input
+        group, one node for all its maps)."""
+        if not (fused.enabled() and torch.is_grad_enabled()) or not self.fusable(site):
+            return None
         if not (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad):
             return None
-        return LoRALinear.apply(x, site.unipeft_weight_out_in(), bias, self.lora_A, self.lora_B, self.scale)
+        if self.group is not None and not torch.compiler.is_compiling():
+            y = self.group.output(self, x)
+            if y is not None:
+                return y
+        return LoRALinear.apply(x, (self.scale,), site.unipeft_weight_out_in(), site.bias, self.lora_A, self.lora_B)
 
     def output(self, x, y):
         h = self.drop(x) if self.drop is not None else x
@@ -108,45 +126,111 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class LoRALinear(torch.autograd.Function):
-    """y = x W0^T + b + s (x A^T) B^T with W0 and b frozen, in one autograd node.
+class SharedInput:
+    """LoRA maps that read the same input tensor (q, k, v of one attention; gate and up of one FFN).
 
-    Plain autograd runs this as four nodes and two output-sized temporaries per
-    site: the base product, x A^T, the scaled B product and the sum, then in the
-    backward a separate g W0 and (g B) A added together. Here the LoRA term is
-    accumulated into the base output in place, and the input gradient is
-    g W0 + s (g B) A written into one buffer (addmm_). It saves x (in the compute
-    dtype, as autocast would), t = x A^T (rank r, small) and references to the
-    weights; the backward needs nothing else. Under autocast the products run in
-    the autocast dtype, the parameters' gradients come back in theirs.
+    The first of them to be called with an input x computes every member's output in one
+    ``LoRALinear`` node (one x [A_1; ...; A_n]^T product, one input gradient buffer) and keeps the
+    others' outputs until their own calls, which find them by x's identity. A call with another
+    input, or after any parameter changed, computes anew, so a model that feeds the maps
+    different tensors is still right, only not faster.
+    """
+
+    def __init__(self, sites, deltas):
+        self.sites, self.deltas = sites, deltas
+        self.pending: dict[int, torch.Tensor] = {}
+        self.key = None
+
+    def _state(self, x):
+        # what the kept outputs depend on: the input (object and in-place version), the parameters'
+        # versions (an optimizer step bumps them), grad mode and autocast
+        versions = tuple(t._version for d in self.deltas for t in (d.lora_A, d.lora_B))
+        return (id(x), x._version, versions, torch.is_autocast_enabled(x.device.type))
+
+    def output(self, member, x):
+        i = self.deltas.index(member)
+        if self.key is not None and self.key[0] is x and self.key[1] == self._state(x) and i in self.pending:
+            y = self.pending.pop(i)
+            if not self.pending:
+                self.key = None  # all handed out: hold no reference to x beyond the step
+            return y
+        self.pending, self.key = {}, None
+        ready = all(site._unipeft_post and site._unipeft_post[0] is d and not site._unipeft_pre
+                    and site._unipeft_replace is None and d.fusable(site)
+                    for site, d in zip(self.sites, self.deltas))
+        if not ready:
+            return None
+        params = [site.unipeft_weight_out_in() for site in self.sites] + [site.bias for site in self.sites]
+        params += [d.lora_A for d in self.deltas] + [d.lora_B for d in self.deltas]
+        outs = LoRALinear.apply(x, tuple(d.scale for d in self.deltas), *params)
+        self.pending = {j: y for j, y in enumerate(outs) if j != i}
+        self.key = (x, self._state(x))
+        return outs[i]
+
+
+class LoRALinear(torch.autograd.Function):
+    """y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T for maps i = 1..n that read the same x, with every
+    W_i and b_i frozen, in one autograd node (n = 1 for a single map).
+
+    Plain autograd runs each map as four nodes with two output-sized temporaries (the base
+    product, x A^T, the scaled B product, the sum) and, in the backward, adds 2n separate
+    input gradients. Here the LoRA terms are accumulated into the base outputs in place, the
+    n down-projections are one product x [A_1; ...; A_n]^T, and the input gradient
+    sum_i g_i W_i + [s_1 g_1 B_1, ...] [A_1; ...] is written into one buffer (addmm_). Saved:
+    x (in the compute dtype, as autocast would keep it), t = x [A]^T (rank sum_i r_i, small),
+    and references to the weights. Under autocast the products run in the autocast dtype and
+    the parameters' gradients come back in theirs.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
+    def forward(ctx, x, scales, *params):
+        n = len(scales)
+        weights, biases, As, Bs = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
         dt = _compute_dtype(x)
-        xc = x.to(dt)
-        y = F.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
-        x2 = xc.reshape(-1, xc.shape[-1])
-        t = x2 @ lora_A.to(dt).t()                                     # (N, r)
-        y.view(-1, y.shape[-1]).addmm_(t, lora_B.to(dt).t(), alpha=scale)
-        ctx.save_for_backward(x2, t, weight, lora_A, lora_B)
-        ctx.scale, ctx.x_dtype, ctx.x_shape = scale, x.dtype, x.shape
-        return y
+        x2 = x.to(dt).reshape(-1, x.shape[-1])
+        A = As[0] if n == 1 else torch.cat(As)                          # (sum r, k)
+        t = x2 @ A.to(dt).t()                                           # (N, sum r)
+        outs, lo = [], 0
+        for w, b, B, s in zip(weights, biases, Bs, scales):
+            r = B.shape[1]
+            y = F.linear(x2, w.to(dt), None if b is None else b.to(dt))
+            y.addmm_(t[:, lo:lo + r], B.to(dt).t(), alpha=s)
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            lo += r
+        ctx.save_for_backward(x2, t, A, *weights, *Bs)
+        ctx.scales, ctx.x_dtype, ctx.x_shape, ctx.ranks = scales, x.dtype, x.shape, [B.shape[1] for B in Bs]
+        ctx.A_dtypes = [a.dtype for a in As]
+        ctx.set_materialize_grads(False)  # a member whose output was never used sends no gradient
+        return outs[0] if n == 1 else tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x2, t, weight, lora_A, lora_B = ctx.saved_tensors
-        s = ctx.scale
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        dt = g.dtype
-        gt = (g @ lora_B.to(dt)).mul_(s)                                # s (g B): (N, r)
-        grad_x = grad_A = grad_B = None
+    def backward(ctx, *grads):
+        x2, t, A, *rest = ctx.saved_tensors
+        n = len(ctx.scales)
+        weights, Bs = rest[:n], rest[n:]
+        live = [i for i, g in enumerate(grads) if g is not None]
+        none = (None,) * (4 * n)
+        if not live:
+            return (None, None) + none
+        dt = grads[live[0]].dtype
+        gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
+        # s_i (g_i B_i) for every member (zeros for an unused one), side by side: (N, sum r)
+        gt = torch.cat([torch.zeros(x2.shape[0], r, dtype=dt, device=x2.device) if g is None
+                        else (g @ B.to(dt)).mul_(s) for g, B, s, r in zip(gs, Bs, ctx.scales, ctx.ranks)], dim=1)
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight.to(dt)
-            grad_x.addmm_(gt, lora_A.to(dt))                            # + s (g B) A, in place
+            grad_x = gs[live[0]] @ weights[live[0]].to(dt)
+            for i in live[1:]:
+                grad_x.addmm_(gs[i], weights[i].to(dt))
+            grad_x.addmm_(gt, A.to(dt))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_A = (gt.t() @ x2.to(dt)).to(lora_A.dtype)
-        if ctx.needs_input_grad[4]:
-            grad_B = (g.t() @ t.to(dt)).mul_(s).to(lora_B.dtype)
-        return grad_x, None, None, grad_A, grad_B, None
+        grad_As, grad_Bs = [None] * n, [None] * n
+        if any(ctx.needs_input_grad[2 + 2 * n:2 + 3 * n]):
+            gA = gt.t() @ x2.to(dt)                                      # (sum r, k)
+            grad_As = [part.to(d) for part, d in zip(gA.split(ctx.ranks), ctx.A_dtypes)]
+        lo = 0
+        for i, (B, r) in enumerate(zip(Bs, ctx.ranks)):
+            if gs[i] is not None and ctx.needs_input_grad[2 + 3 * n + i]:
+                grad_Bs[i] = (gs[i].t() @ t[:, lo:lo + r].to(dt)).mul_(ctx.scales[i]).to(B.dtype)
+            lo += r
+        return (grad_x, None) + (None,) * (2 * n) + tuple(grad_As) + tuple(grad_Bs)

@@ -11,7 +11,12 @@ time counts, since it is part of getting there.
 
 The standard recipe runs as transformers' Trainer does by default on a CPU (fp32, random batches).
 unipeft runs with its defaults (bf16 autocast where the CPU has AVX512-BF16/AMX, length-grouped
-batches); --unipeft-fp32 adds a unipeft run in fp32 to show how much of the gap precision explains.
+batches). --arms picks the runs: "peft", "unipeft" (its defaults) and "unipeft-fp32" (to show how much
+of the gap precision explains). --run-to-end keeps training after the target to --max-steps, so the
+curves compare the accuracy of each arm at every evaluation (e.g. the cost of bf16 in accuracy):
+
+    python benchmarks/time_to_quality_sst2.py --data-dir ../shared/data/glue/SST-2 --arms unipeft,unipeft-fp32 \
+        --run-to-end --max-steps 1000
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def run_peft(args, ds, path):
             reached.setdefault("curve", []).append((state.global_step, time.perf_counter() - reached["t0"], acc))
             if acc >= args.target and "seconds" not in reached:
                 reached.update(seconds=time.perf_counter() - reached["t0"], step=state.global_step, accuracy=acc)
-                control.should_training_stop = True
+                control.should_training_stop = not args.run_to_end
 
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size,
@@ -105,7 +110,7 @@ def run_unipeft(args, ds, precision):
         reached.setdefault("curve", []).append((trainer.step, time.perf_counter() - reached["t0"], acc))
         if acc >= args.target and "seconds" not in reached:
             reached.update(seconds=time.perf_counter() - reached["t0"], step=trainer.step, accuracy=acc)
-            return True
+            return not args.run_to_end
         return False
 
     cfg = TrainConfig(lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size, warmup_ratio=0.06,
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--unipeft-fp32", action="store_true")
+    ap.add_argument("--arms", default="peft,unipeft", help="comma list of peft, unipeft, unipeft-fp32")
+    ap.add_argument("--run-to-end", action="store_true", help="train to --max-steps even after the target")
     ap.add_argument("--out", default="benchmarks/results/time_to_quality_sst2.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -141,10 +147,15 @@ def main(argv=None) -> int:
 
     ds = load_sst2(args.data_dir)
     path = str(zoo.minilm_path())
-    results = {"peft + Trainer": run_peft(args, ds, path), "unipeft": run_unipeft(args, ds, "auto")}
-    if args.unipeft_fp32:
-        results["unipeft fp32"] = run_unipeft(args, ds, "fp32")
-    base = results["peft + Trainer"].get("seconds")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ("peft", "unipeft", "unipeft-fp32")]
+    if bad:
+        ap.error(f"unknown arm {bad[0]!r}; valid: peft, unipeft, unipeft-fp32")
+    runs = {"peft": ("peft + Trainer", lambda: run_peft(args, ds, path)),
+            "unipeft": ("unipeft", lambda: run_unipeft(args, ds, "auto")),
+            "unipeft-fp32": ("unipeft fp32", lambda: run_unipeft(args, ds, "fp32"))}
+    results = {runs[a][0]: runs[a][1]() for a in arms}
+    base = results.get("peft + Trainer", {}).get("seconds")
     print(f"time until dev accuracy >= {args.target} (LoRA r=8 q,v, MiniLM, SST-2, {args.threads} threads)")
     for name, r in results.items():
         if "seconds" in r:

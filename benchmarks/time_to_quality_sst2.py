@@ -139,6 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--run-to-end", action="store_true", help="train to --max-steps even after the target")
     ap.add_argument("--out", default="benchmarks/results/time_to_quality_sst2.json")
     args = ap.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ("peft", "unipeft", "unipeft-fp32")]
+    if bad:
+        ap.error(f"unknown arm {bad[0]!r}; valid: peft, unipeft, unipeft-fp32")
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -147,10 +151,6 @@ def main(argv=None) -> int:
 
     ds = load_sst2(args.data_dir)
     path = str(zoo.minilm_path())
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ("peft", "unipeft", "unipeft-fp32")]
-    if bad:
-        ap.error(f"unknown arm {bad[0]!r}; valid: peft, unipeft, unipeft-fp32")
     runs = {"peft": ("peft + Trainer", lambda: run_peft(args, ds, path)),
             "unipeft": ("unipeft", lambda: run_unipeft(args, ds, "auto")),
             "unipeft-fp32": ("unipeft fp32", lambda: run_unipeft(args, ds, "fp32"))}

@@ -6,11 +6,13 @@ The public API::
     model = up.attach(model, up.LoRA(r=8, alpha=16, targets=["query", "value"]), name="sst2")
     up.trainable_parameters(model); print(up.summary(model))
     up.save(model, "out/sst2", name="sst2"); up.load(base_model, "out/sst2")
+    up.push(model, "user/sst2-lora", name="sst2"); up.load(base_model, "user/sst2-lora")  # Hugging Face Hub
     up.merge(model, "sst2"); up.unmerge(model, "sst2")
     up.activate(model, ["sst2"]); up.detach(model, "sst2")
     up.export_peft(model, "out/peft", name="sst2"); up.import_peft(base_model, "out/peft")  # peft's format
     up.train(model="minilm", task="bbc", method="lora", out="out/bbc")    # training recipe (unipeft.training)
     up.compare(methods=["full", "lora", "bitfit"])                        # train and measure several methods
+    Trainer(..., callbacks=[up.integrations.SaveDeltaCallback()])         # transformers / TRL trainers
 """
 __version__ = "0.1.0"
 
@@ -20,10 +22,11 @@ from .engine import set_active as activate  # noqa: E402
 from .errors import UnipeftError  # noqa: E402
 from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTuning, PromptTuning  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
+from .hub import push  # noqa: E402
 from .storage import fingerprint, load, save  # noqa: E402
 
 __all__ = [
-    "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "save", "load", "summary",
+    "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "save", "load", "push", "summary",
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "export_peft", "import_peft", "train", "compare",
@@ -34,6 +37,10 @@ _LAZY = {"train": ("unipeft.training.run", "train"), "compare": ("unipeft.compar
 
 
 def __getattr__(name):
+    if name == "integrations":  # a subpackage: it imports the transformers Trainer stack
+        import importlib
+
+        return importlib.import_module("unipeft.integrations")
     if name in _LAZY:
         import importlib
 

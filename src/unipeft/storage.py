@@ -8,6 +8,11 @@
   which is then renamed into place, so a crash never leaves half a delta.
 * Loads never execute code (JSON and safetensors only) and never leave a
   half-attached delta: on any error the model is exactly as before.
+* ``load`` also takes a Hugging Face Hub repo id ("user/repo") where no local
+  path of that name exists; ``hub.py`` fetches the two files (``up.push`` uploads).
+* Under FSDP2 the parameters are sharded (``DTensor``): ``save`` gathers the full
+  tensors, so every process must call it (the gathers are collective), and only the
+  process of global rank 0 writes.
 
 Tensor names in the file say where each tensor goes:
   ``linear:<module path>.<name>``   a delta at a linear site (LoRA A/B, adapter, head)
@@ -38,6 +43,50 @@ TENSORS_NAME = "delta.safetensors"
 
 
 # ---------------------------------------------------------------------------
+# sharded (FSDP2) tensors
+# ---------------------------------------------------------------------------
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: FSDP2 keeps each parameter as a ``DTensor`` holding one shard per process.
+
+    Gathering is collective: under FSDP every process must call this for the same tensors,
+    in the same order. A plain tensor is returned as it is.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.full_tensor()
+    return t
+
+
+def reshard(model: nn.Module) -> None:
+    """Register FSDP2's sharded parameters again where a forward pass left unsharded ones.
+
+    FSDP2 reshards after the backward pass; a forward pass alone (evaluation) leaves the full
+    copies of the modules it does not reshard after forward (the root's) registered, and reading
+    parameters then would give tensors that are not the ones the optimizer updates. No
+    communication: every process can call it on its own.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _sharded(model: nn.Module) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    reshard(model)
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------
 # fingerprint of the base model
 # ---------------------------------------------------------------------------
 
@@ -50,7 +99,7 @@ def fingerprint(model: nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, t in sorted(original_base_tensors(model).items()):
-        flat = t.detach().reshape(-1)
+        flat = full_tensor(t.detach()).reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].to(device="cpu", dtype=torch.float32)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
@@ -77,7 +126,7 @@ def delta_tensors(model: nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
     for p in delta.selected:
         value = params[p] if delta.name in reg.active else delta.trained.get(p, params[p])
         out[f"selected:{p}"] = value
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    return {k: full_tensor(v.detach()).to("cpu").contiguous() for k, v in out.items()}
 
 
 def _load_tensors(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]) -> None:
@@ -127,12 +176,17 @@ def pick_delta(model: nn.Module, name: str | None, verb: str = "save") -> Delta:
 
 
 def save(model: nn.Module, directory, name: str | None = None) -> Path:
-    """Write delta ``name`` to ``directory`` (created or replaced atomically)."""
+    """Write delta ``name`` to ``directory`` (created or replaced atomically).
+
+    Under FSDP2 (sharded parameters) every process must call ``save``: the full tensors are
+    gathered collectively, then only global rank 0 writes; the others return the same path.
+    """
     from safetensors.torch import save_file
 
     delta = pick_delta(model, name)
     name = delta.name
     config = delta.config
+    sharded = _sharded(model)
     saved = config.saved_config() if hasattr(config, "saved_config") else config
     tensors = delta_tensors(model, delta)
     meta = {
@@ -151,6 +205,8 @@ def save(model: nn.Module, directory, name: str | None = None) -> Path:
                     for k, v in tensors.items()},
         "parameters": int(sum(v.numel() for v in tensors.values())),
     }
+    if sharded and torch.distributed.get_rank() != 0:
+        return Path(directory)  # the gathers above needed this process; the files are rank 0's to write
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
@@ -224,14 +280,30 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UnipeftError(f"{path} is truncated or corrupted ({e}); save the delta again") from None
 
 
+def _locate(directory, revision: str | None, token: str | None) -> Path:
+    """A local delta directory, or a Hub repo id ("user/repo") fetched into the local Hub cache."""
+    from .hub import download, looks_like_repo_id
+
+    # an existing local path always wins, so a folder that happens to be named like "user/repo" stays local
+    if not Path(directory).exists() and looks_like_repo_id(directory):
+        return download(directory, revision=revision, token=token)
+    if revision is not None:
+        raise UnipeftError(f"revision= applies to Hugging Face Hub repos ('user/repo') only; {str(directory)!r} "
+                           f"is a local path")
+    return Path(directory)
+
+
 def load(model: nn.Module, directory, name: str | None = None, *, check_base: bool = True,
-         activate: bool = True, tokenizer=None) -> nn.Module:
+         activate: bool = True, tokenizer=None, revision: str | None = None, token: str | None = None) -> nn.Module:
     """Attach a saved delta to ``model`` and return the model.
 
-    The delta's base fingerprint must match ``model`` unless ``check_base=False``.
-    On any error the model is left exactly as it was.
+    ``directory`` is a folder written by ``up.save``, or a Hugging Face Hub repo
+    id ``"user/repo"`` (a string that is not an existing local path) holding one,
+    as ``up.push`` writes it; ``revision`` (branch, tag or commit) and ``token``
+    apply to the Hub. The delta's base fingerprint must match ``model`` unless
+    ``check_base=False``. On any error the model is left exactly as it was.
     """
-    d = Path(directory)
+    d = _locate(directory, revision, token)
     meta = read_meta(d)
     tensors = _read_tensors(d / TENSORS_NAME)
     if set(tensors) != set(meta.get("tensors", tensors)):

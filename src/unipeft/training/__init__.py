@@ -6,6 +6,7 @@
 * ``defaults``   -- a learning rate and settings per method, with their sources
 * ``trainer``    -- the accelerate-based training loop (``Trainer``, ``TrainConfig``)
 * ``checkpoint`` -- atomic, pickle-free checkpoints for ``--resume``
+* ``distributed`` -- several processes: the Accelerator for a launch, pickle-free gathers, FSDP2 helpers
 * ``evaluation`` -- predictions, generation and metrics on a split
 * ``metrics``    -- accuracy, F1, MCC, Pearson/Spearman, BLEU, ROUGE-L, NIST, chrF
 * ``run``        -- recipes: train / evaluate / predict a method on a task, end to end

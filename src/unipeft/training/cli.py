@@ -142,8 +142,11 @@ def run_train(args) -> int:
     if args.resume and not args.out:
         raise UnipeftError("--resume needs --out (the run directory holding checkpoints/)")
     options = parse_method_options(args.method_option, [args.method])[args.method]
-    results = _public(run.train(args.model, args.task, args.method, out=args.out, method_options=options,
-                                resume=args.resume, data=collect(args, DATA_FLAGS), **collect(args, TRAIN_FLAGS)))
+    results = run.train(args.model, args.task, args.method, out=args.out, method_options=options,
+                        resume=args.resume, data=collect(args, DATA_FLAGS), **collect(args, TRAIN_FLAGS))
+    if not results["_main"]:
+        return 0  # under several processes the main one reports
+    results = _public(results)
     if args.json:
         print(json.dumps(results, default=str))
         return 0

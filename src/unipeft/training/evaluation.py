@@ -7,6 +7,11 @@
 
 Works for every method, prompt and prefix tuning included: they act inside the model's
 forward, so ``generate`` needs nothing special.
+
+Under several processes (``accelerator`` given) each process takes every N-th example and the
+predictions, generated texts and loss sums are gathered, so every process gets the same metrics.
+Under FSDP every process evaluates every example instead: a sharded forward pass needs all
+processes to run the same batches together.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import math
 
 import torch
 
+from . import distributed as dist
 from .batching import IGNORE, Collator, Encoded, batch_order, encode
 from .metrics import compute, group_references
 from .tasks import Task
@@ -38,6 +44,34 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def shard_of(model, accelerator) -> tuple[int, int, torch.device] | None:
+    """(rank, processes, device) when evaluation is split between processes; None when this process
+    evaluates everything (one process, or FSDP, whose sharded forward needs every process in step)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+    if any(dist.is_sharded(p) for p in model.parameters()):
+        return None
+    return accelerator.process_index, accelerator.num_processes, accelerator.device
+
+
+def _batches(lengths: list[int], batch_size: int, shard) -> list[list[int]]:
+    """Length-sorted batches of this process's examples (all of them without ``shard``)."""
+    mine = list(range(len(lengths))) if shard is None else list(range(shard[0], len(lengths), shard[1]))
+    return [[mine[j] for j in b] for b in batch_order([lengths[i] for i in mine], batch_size, 0, 0, shuffle=False)]
+
+
+def _gather_by_index(out: list, local: list, shard) -> list:
+    """Fill ``out`` with every process's (index, value) pairs; values pass through JSON unchanged."""
+    if shard is None:
+        for i, v in local:
+            out[i] = v
+        return out
+    for part in dist.all_gather_json(local, shard[2]):
+        for i, v in part:
+            out[i] = v
+    return out
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     was = model.training
@@ -49,31 +83,30 @@ def eval_mode(model):
 
 
 @torch.no_grad()
-def predict(model, task: Task, enc: Encoded, tokenizer, batch_size: int = 64, precision: str = "fp32"):
+def predict(model, task: Task, enc: Encoded, tokenizer, batch_size: int = 64, precision: str = "fp32", shard=None):
     """Label ids (classification) or numbers (regression) for every example, in order."""
     collate = Collator(pad_id(tokenizer))
     dev = _device(model)
-    out: list = [None] * len(enc)
+    local: list = []
     with eval_mode(model):
-        for idx in batch_order(enc.lengths(), batch_size, 0, 0, shuffle=False):
+        for idx in _batches(enc.lengths(), batch_size, shard):
             batch = collate([enc.example(i) for i in idx])
             batch.pop("labels", None)
             with autocast(precision, dev):
                 logits = model(**{k: v.to(dev) for k, v in batch.items()}).logits.float()
             vals = logits.argmax(-1).tolist() if task.kind == "classification" else logits.reshape(-1).tolist()
-            for i, v in zip(idx, vals):
-                out[i] = v
-    return out
+            local += [[i, v] for i, v in zip(idx, vals)]
+    return _gather_by_index([None] * len(enc), local, shard)
 
 
 @torch.no_grad()
-def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: str = "fp32") -> float:
+def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: str = "fp32", shard=None) -> float:
     """The loss over a split, weighted by examples (or by target tokens for generation tasks)."""
     collate = Collator(pad_id(tokenizer))
     dev = _device(model)
     total, weight = 0.0, 0
     with eval_mode(model):
-        for idx in batch_order(enc.lengths(), batch_size, 0, 0, shuffle=False):
+        for idx in _batches(enc.lengths(), batch_size, shard):
             batch = {k: v.to(dev) for k, v in collate([enc.example(i) for i in idx]).items()}
             with autocast(precision, dev):
                 loss = model(**batch).loss.float().item()
@@ -82,48 +115,55 @@ def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: s
             w = int((labels != IGNORE).sum()) if labels.dim() == 2 else len(idx)
             total += loss * w
             weight += w
+    if shard is not None:  # summed in rank order, so every process gets the same number
+        parts = dist.all_gather_json([total, weight], shard[2])
+        total, weight = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return total / max(weight, 1)
 
 
 @torch.no_grad()
 def generate(model, task: Task, sources: list[str], tokenizer, *, max_length: int = 128, max_new_tokens: int = 64,
-             num_beams: int = 1, batch_size: int = 16, precision: str = "fp32") -> list[str]:
+             num_beams: int = 1, batch_size: int = 16, precision: str = "fp32", shard=None) -> list[str]:
     """Generated text for each source (greedy when num_beams == 1)."""
     enc = encode(task, [{"text": s} for s in sources], tokenizer, max_length, prompts_only=True, cache_dir=None)
     causal = task.kind == "causal_lm"
     collate = Collator(pad_id(tokenizer), padding_side="left" if causal else "right")
     dev = _device(model)
-    out: list = [None] * len(sources)
+    local: list = []
     with eval_mode(model):
-        for idx in batch_order(enc.lengths(), batch_size, 0, 0, shuffle=False):
+        for idx in _batches(enc.lengths(), batch_size, shard):
             batch = {k: v.to(dev) for k, v in collate([enc.example(i) for i in idx]).items()}
             with autocast(precision, dev):
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                      pad_token_id=pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
             if causal:
                 ids = ids[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(ids, skip_special_tokens=True)):
-                out[i] = text.strip()
-    return out
+            local += [[i, text.strip()] for i, text in zip(idx, tokenizer.batch_decode(ids, skip_special_tokens=True))]
+    return _gather_by_index([None] * len(sources), local, shard)
 
 
 def evaluate(model, task: Task, examples: list[dict], tokenizer, *, max_length: int = 128, batch_size: int = 64,
              precision: str = "fp32", generation: bool = True, max_new_tokens: int = 64, num_beams: int = 1,
-             encoded: Encoded | None = None, limit_sources: int | None = None) -> dict[str, float]:
-    """The task's metrics on ``examples``. Generation tasks: BLEU/ROUGE-L when ``generation``, else the loss."""
+             encoded: Encoded | None = None, limit_sources: int | None = None, accelerator=None) -> dict[str, float]:
+    """The task's metrics on ``examples``. Generation tasks: BLEU/ROUGE-L when ``generation``, else the loss.
+
+    With an ``accelerator`` of several processes, every process must call this (see the module's docstring).
+    """
+    shard = shard_of(model, accelerator)
     if task.generative:
         out = {}
         enc = encoded if encoded is not None else encode(task, examples, tokenizer, max_length)
-        out["loss"] = mean_loss(model, enc, tokenizer, max(1, batch_size // 2), precision)
+        out["loss"] = mean_loss(model, enc, tokenizer, max(1, batch_size // 2), precision, shard)
         if generation:
             sources, refs = group_references(examples)
             if limit_sources:
                 sources, refs = sources[:limit_sources], refs[:limit_sources]
             preds = generate(model, task, sources, tokenizer, max_length=max_length, max_new_tokens=max_new_tokens,
-                             num_beams=num_beams, batch_size=max(1, batch_size // 4), precision=precision)
+                             num_beams=num_beams, batch_size=max(1, batch_size // 4), precision=precision,
+                             shard=shard)
             out.update(compute(task, preds, refs))
         return out
     enc = encoded if encoded is not None else encode(task, examples, tokenizer, max_length)
-    preds = predict(model, task, enc, tokenizer, batch_size, precision)
+    preds = predict(model, task, enc, tokenizer, batch_size, precision, shard)
     metrics = compute(task, preds, [e["target"] for e in examples])
     return {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

@@ -10,7 +10,9 @@ These glue the reusable parts (``data``, ``batching``, ``trainer``, ``evaluation
 
 A run directory holds ``delta/`` (the trained delta, via ``up.save``), ``run.json`` (model,
 task, data options and settings: what ``evaluate``/``predict`` need to rebuild the model),
-``results.json``, ``log.jsonl`` and, when asked, ``checkpoints/``.
+``results.json``, ``log.jsonl`` and, when asked, ``checkpoints/``. Under several processes
+(``accelerate launch -m unipeft train ...``) every process trains and evaluates, and the main
+process alone writes these files.
 """
 from __future__ import annotations
 
@@ -104,14 +106,15 @@ def train_config(method_defaults: dict, overrides: dict) -> TrainConfig:
 
 def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora", *, out: str | os.PathLike | None = None,
           method_options: dict | None = None, resume: bool = False, data: dict | None = None,
-          name: str | None = None, evaluate_test: bool = True, **settings) -> dict:
+          name: str | None = None, evaluate_test: bool = True, accelerator=None, **settings) -> dict:
     """Train ``method`` on ``task`` from the base ``model``; returns the results dict (also saved under ``out``).
 
     ``data`` holds the data options of :func:`unipeft.training.data.load_task` (data_dir, train, dev,
     ...); ``settings`` are TrainConfig fields (lr, max_steps, batch_size, ...), on top of the method's
-    defaults.
+    defaults. ``accelerator``: an ``accelerate.Accelerator`` to train with (default: one made for the launch).
     """
     import unipeft as up
+    from . import distributed as dist
 
     data = dict(data or {})
     dataset = data_mod.load_task(task, seed=settings.get("seed") or 0, **data)
@@ -123,13 +126,15 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
     net = up.attach(base, method_cfg, name=delta_name, tokenizer=tokenizer)
     trainable, total = up.trainable_parameters(net)
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
+    acc = accelerator or dist.make_accelerator()
+    if out_dir is not None and acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         fileio.write_json(out_dir / "run.json", {
             "model": model, "task": _task_dict(dataset.task), "task_name": task, "data": data,
             "method": method, "method_config": method_cfg.to_dict(), "delta_name": delta_name,
             "train": cfg.to_dict(), "source": dataset.source}, indent=2, default=str)
-    trainer = Trainer(net, tokenizer, dataset.task, dataset.splits["train"], dataset.splits.get("dev"), cfg, out_dir)
+    trainer = Trainer(net, tokenizer, dataset.task, dataset.splits["train"], dataset.splits.get("dev"), cfg, out_dir,
+                      accelerator=acc)
     summary = trainer.fit(resume=resume)
     results: dict[str, Any] = {"model": model, "task": dataset.task.name, "method": method,
                                "method_config": method_cfg.to_dict(), "lr": cfg.lr, "train_config": cfg.to_dict(),
@@ -141,12 +146,16 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
         results["test"] = evaluate_split(net, dataset.task, dataset.splits["test"], tokenizer,
                                          max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
                                          precision=trainer.precision, generation=gen,
-                                         max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
-    if out_dir is not None and trainer.main:
+                                         max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                                         accelerator=acc)
+    if out_dir is not None and (trainer.main or trainer.fsdp):  # under FSDP every process gathers, rank 0 writes
         up.save(net, out_dir / "delta", name=delta_name)
+    if out_dir is not None and trainer.main:
         results["delta_bytes"] = sum(f.stat().st_size for f in (out_dir / "delta").iterdir())
         fileio.write_json(out_dir / "results.json", results, indent=2, default=str)
+    acc.wait_for_everyone()  # when train() returns, in any process, the run directory is complete
     results["_model"], results["_tokenizer"], results["_dataset"] = net, tokenizer, dataset
+    results["_trainer"], results["_main"] = trainer, trainer.main
     return results
 
 

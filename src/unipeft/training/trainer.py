@@ -6,7 +6,8 @@ in the order of one optimizer step:
 
 1. take the next ``grad_accum`` batches of the epoch (length-grouped, a pure function of
    seed and epoch, so a resumed run sees the same data); under several processes each
-   takes its share of every batch;
+   takes its share of every batch, and its loss is weighted by its share of the batch's loss
+   terms, so the averaged gradient is the one a single process computes on the whole batch;
 2. forward under bf16 autocast where the hardware has it (weights stay fp32: the master copy),
    plus ``aux_lm_weight`` x the language-modelling loss (GPT-1's auxiliary objective, seed 003:
    L3 = L2 + lambda * L1);
@@ -15,6 +16,11 @@ in the order of one optimizer step:
 5. log (JSONL, progress bar, optional TensorBoard), evaluate every ``eval_every`` steps or
    each epoch, remember the best parameters, stop early after ``early_stopping`` evaluations
    without improvement, and write an atomic checkpoint every ``save_every`` steps.
+
+Under several processes (``accelerate launch`` / ``torchrun``; DDP, or FSDP2 on GPUs) every
+process runs this loop; the logged loss is the global batch's, evaluation is split between the
+processes and its metrics are the same everywhere (so early stopping agrees), and only the main
+process writes files. See ``distributed.py``.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import torch
 from .. import fileio
 from ..errors import UnipeftError, choices
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .batching import IGNORE, Collator, Encoded, batch_order, encode
 from .evaluation import autocast, evaluate, pad_id
 from .metrics import is_better
@@ -134,6 +141,29 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def loss_units(task: Task, enc: Encoded, aux: bool = False) -> torch.Tensor:
+    """How many terms each example adds to the model's mean loss (float64, one per example).
+
+    Classification and regression average over examples (1 each); causal LM over its target
+    tokens after the first position (the model shifts labels left); seq2seq over its target
+    tokens. ``aux``: the terms of the auxiliary LM loss (every next-token position of a
+    classification input, the prompt positions of a causal LM example).
+    """
+    lengths = (enc.offsets[1:] - enc.offsets[:-1]).to(torch.float64)
+    if enc.label_offsets is None:
+        return lengths - 1 if aux else torch.ones(len(enc), dtype=torch.float64)
+    valid = (enc.labels != IGNORE).to(torch.float64)
+    counts = enc.label_offsets[1:] - enc.label_offsets[:-1]
+    units = torch.zeros(len(enc), dtype=torch.float64).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(enc)), counts), valid)
+    if task.kind == "causal_lm":
+        has = counts > 0
+        units[has] -= valid[enc.label_offsets[:-1][has]]
+        if aux:
+            return lengths - 1 - units
+    return units
+
+
 def linear_schedule(warmup: int, total: int, kind: str):
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -201,16 +231,20 @@ class Trainer:
     def __init__(self, model, tokenizer, task: Task, train: list[dict], dev: list[dict] | None = None,
                  config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None, *,
                  cache: bool = True, accelerator=None, on_evaluate=()):
-        from accelerate import Accelerator
-
         self.config = cfg = config or TrainConfig()
         self.task, self.tokenizer = task, tokenizer
         self.train_examples, self.dev_examples = train, dev or []
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # callables (trainer, metrics) -> bool, run after each evaluation; True stops training
         self.on_evaluate = list(on_evaluate)
-        self.accelerator = acc = accelerator or Accelerator()
+        if accelerator is not None:
+            dist.check_accelerator(accelerator)
+        self.accelerator = acc = accelerator or dist.make_accelerator()
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.fsdp = dist.is_fsdp(acc)
+        if self.fsdp and cfg.aux_lm_weight > 0:
+            raise UnipeftError("aux_lm_weight does not work under FSDP (it reads the sharded input embeddings "
+                               "outside the model's forward); train without it or use DDP")
         if cfg.batch_size < self.world:
             raise UnipeftError(f"batch_size {cfg.batch_size} is smaller than the {self.world} processes")
         self.precision = resolve_precision(cfg.precision, acc.device)
@@ -221,6 +255,10 @@ class Trainer:
                                         if self.dev_examples else None)
         self.collate = Collator(pad_id(tokenizer))
         self.lengths = self.train_enc.lengths()
+        # each process's share of a batch's loss terms (see _micro_loss); one process needs no weights
+        self.units = loss_units(task, self.train_enc) if self.world > 1 else None
+        self.aux_units = loss_units(task, self.train_enc, aux=True) if self.world > 1 and cfg.aux_lm_weight > 0 \
+            else None
         self.batches_per_epoch = -(-len(self.train_enc) // cfg.batch_size)
         self.steps_per_epoch = -(-self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
@@ -287,21 +325,44 @@ class Trainer:
                 "examples_seen": self.examples_seen, "tokens_seen": self.tokens_seen,
                 "total_steps": self.total_steps, "settings": self.config.to_dict()}
 
-    def save_checkpoint(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
-        path = None
-        if self.main:
-            path = ckpt.save_checkpoint(self._checkpoint_dir(), self.step, self.raw_model, self.optimizer,
-                                        self._info(), keep=self.config.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+    def save_checkpoint(self) -> Path:
+        """Every process calls this (it gathers RNG states, and FSDP shards); the main process writes."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = ckpt.save_checkpoint(self._checkpoint_dir(), self.step, self.raw_model, self.optimizer,
+                                    self._info(), keep=self.config.keep_checkpoints, main=self.main,
+                                    device=acc.device)
+        acc.wait_for_everyone()  # no process reads or resumes before the main one has written
+        return path
+
+    def _latest_checkpoint(self) -> Path | None:
+        """The main process's newest checkpoint, which every process must be able to read."""
+        path = ckpt.latest_checkpoint(self._checkpoint_dir())
+        if self.world == 1:
+            return path
+        dev = self.accelerator.device
+        chosen = dist.all_gather_json(str(path) if path is not None and self.main else None, dev)[0]
+        if chosen is None:
+            return None
+        path = Path(chosen)
+        seen = dist.all_gather_json((path / ckpt.STATE_JSON).is_file() and (path / ckpt.STATE_TENSORS).is_file(), dev)
+        if not all(seen):
+            missing = [r for r, ok in enumerate(seen) if not ok]
+            raise UnipeftError(f"checkpoint {path} (written by the main process) cannot be read by process(es) "
+                               f"{missing}: with several machines, --out must be on storage that all of them share")
         return path
 
     def resume(self) -> Path | None:
         """Continue from the newest complete checkpoint in ``out_dir/checkpoints`` (None when there is none)."""
-        path = ckpt.latest_checkpoint(self._checkpoint_dir())
+        path = self._latest_checkpoint()
         if path is None:
             return None
-        meta = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        meta = ckpt.load_checkpoint(path, self.raw_model, self.optimizer, rank=self.rank,
+                                    device=self.accelerator.device)
+        if not meta["rng_restored"]:
+            # the checkpoint was written by fewer processes: this one gets a fresh stream, fixed by
+            # (seed, rank, step) so that resuming the same way twice still gives the same run
+            set_seed(self.config.seed + self.rank + 1_000_003 * meta["step"])
         saved = meta.get("settings", {})
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.config, k)!r}" for k in RESUME_MUST_MATCH
                 if k in saved and saved[k] != getattr(self.config, k)]
@@ -320,19 +381,29 @@ class Trainer:
             best = self._checkpoint_dir().parent / "best-params.safetensors"
             if best.is_file():
                 from safetensors.torch import load_file
-                self._best_params = load_file(str(best))
+                params = dict(self.raw_model.named_parameters())
+                self._best_params = {n: dist.local_like(t, params[n]).to("cpu") for n, t in
+                                     load_file(str(best)).items() if n in params}
         return path
 
     # -- evaluation ------------------------------------------------------------------
 
     def evaluate(self, generation: bool | None = None) -> dict[str, float]:
+        """The dev metrics; under several processes every process must call it, and all get the same numbers."""
         cfg = self.config
         if not self.dev_examples:
             return {}
-        return evaluate(self.raw_model, self.task, self.dev_examples, self.tokenizer, max_length=cfg.max_length,
-                        batch_size=cfg.eval_batch_size, precision=self.precision,
-                        generation=cfg.eval_generate if generation is None else generation,
-                        max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, encoded=self.dev_enc)
+        metrics = evaluate(self.raw_model, self.task, self.dev_examples, self.tokenizer, max_length=cfg.max_length,
+                           batch_size=cfg.eval_batch_size, precision=self.precision,
+                           generation=cfg.eval_generate if generation is None else generation,
+                           max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, encoded=self.dev_enc,
+                           accelerator=self.accelerator)
+        dist.reshard(self.raw_model)  # FSDP2: the sharded parameters back in place (snapshots, checkpoints)
+        if self.world > 1:
+            # the main process's numbers everywhere: best-parameter and early-stopping decisions must agree,
+            # or the processes would leave the loop at different steps and wait on each other for ever
+            metrics = dist.all_gather_json(metrics, self.accelerator.device)[0]
+        return metrics
 
     def _after_eval(self, metrics: dict) -> bool:
         """Record an evaluation; True when early stopping says stop."""
@@ -344,34 +415,62 @@ class Trainer:
         if is_better(self.task, key, value, self.best_metric):
             self.best_metric, self.best_step, self.stale_evals = value, self.step, 0
             if self.config.keep_best:
-                self._best_params = {n: p.detach().to("cpu", copy=True)
-                                     for n, p in self.raw_model.named_parameters() if p.requires_grad}
-                if self.main and self.out_dir is not None and self.config.save_every:  # for --resume
+                trainable = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
+                # this process's shard only (all of it without FSDP): restored in place at the end
+                self._best_params = {n: dist.local(p).detach().to("cpu", copy=True) for n, p in trainable}
+                if self.out_dir is not None and self.config.save_every:  # for --resume
                     from safetensors.torch import save_file
-                    best = {n: t.contiguous() for n, t in self._best_params.items()}
-                    fileio.atomic_write(self.out_dir / "best-params.safetensors", lambda tmp: save_file(best, str(tmp)))
+                    best = {n: dist.full(p.detach()).to("cpu").contiguous() for n, p in trainable}  # all processes
+                    if self.main:
+                        fileio.atomic_write(self.out_dir / "best-params.safetensors",
+                                            lambda tmp: save_file(best, str(tmp)))
         else:
             self.stale_evals += 1
         self.best_key = key
         stop = any([bool(cb(self, metrics)) for cb in self.on_evaluate])
+        if self.world > 1:  # a callback that stops one process stops them all
+            stop = any(dist.all_gather_json(stop, self.accelerator.device))
         return stop or (self.config.early_stopping is not None and self.stale_evals >= self.config.early_stopping)
 
     # -- training --------------------------------------------------------------------
 
-    def _forward(self, idx: list[int]) -> tuple[torch.Tensor, int, int]:
+    def _forward(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the model's mean loss, the auxiliary LM loss or None) on the examples ``idx``."""
         batch = {k: v.to(self.accelerator.device) for k, v in
                  self.collate([self.train_enc.example(i) for i in idx]).items()}
         with autocast(self.precision, self.accelerator.device):
             out = self.model(**batch)
-            loss = out.loss
-            if self.aux is not None:
-                loss = loss + self.config.aux_lm_weight * self.aux.loss(batch, out)
-        return loss, len(idx), int(batch["attention_mask"].sum())
+            aux = self.aux.loss(batch, out) if self.aux is not None else None
+        return out.loss, aux
+
+    def _micro_loss(self, idx: list[int]) -> tuple[torch.Tensor, float]:
+        """(the loss this process backpropagates, the whole batch's loss) for the batch ``idx``."""
+        if self.world == 1:
+            loss, aux = self._forward(idx)
+            if aux is not None:
+                loss = loss + self.config.aux_lm_weight * aux
+            return loss, loss.item()
+        mine = idx[self.rank::self.world]
+        # The model averages over its own shard and DDP/FSDP average the gradients over the processes;
+        # weighting each shard's mean by (its loss terms / the batch's) x processes makes that average
+        # the gradient of the whole batch's mean, as one process computes it, even when shards differ
+        # in size or in target tokens. A process without examples (a last batch smaller than the number
+        # of processes) still runs one, with weight 0: the gradient all-reduce needs every process.
+        loss, aux = self._forward(mine or idx[:1])
+        share = float(self.units[mine].sum()) / float(self.units[idx].sum()) if mine else 0.0
+        loss = loss * (share * self.world)
+        if aux is not None:
+            aux_share = float(self.aux_units[mine].sum()) / max(float(self.aux_units[idx].sum()), 1.0) if mine else 0.0
+            loss = loss + self.config.aux_lm_weight * aux * (aux_share * self.world)
+        # the global loss, summed over the processes: the same value (finite or not) in every process
+        total = dist.all_reduce_sum([loss.item() / self.world], self.accelerator.device)[0]
+        return loss, total
 
     def _diverged(self, value: float) -> None:
         last = None
-        if self.out_dir is not None and self.main:
+        if self.out_dir is not None:
             # the parameters are still those of the last finished step: keep them as the last good checkpoint
+            # (every process sees the same global loss, so all of them are here to take part)
             last = self.save_checkpoint()
         self._log({"step": self.step, "diverged": str(value)})
         where = f"; the last good state is checkpoint {last}" if last else ""
@@ -382,7 +481,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train to the end of the budget (or early stopping); returns a summary of the run."""
         cfg, acc = self.config, self.accelerator
-        set_seed(cfg.seed)
+        # each process its own dropout stream (as accelerate's set_seed(device_specific=True)): with one
+        # seed every shard of a batch would draw the same masks
+        set_seed(cfg.seed + self.rank)
         resumed_from = self.resume() if resume else None
         if cfg.tensorboard and self.main:
             if self.out_dir is None:
@@ -409,18 +510,16 @@ class Trainer:
                     group = batches[self.batch_pos:self.batch_pos + cfg.grad_accum]
                     step_loss = 0.0
                     for j, idx in enumerate(group):
-                        mine = idx[self.rank::self.world]
                         sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(self.model)
                         with sync:
-                            loss, n_ex, n_tok = self._forward(mine)
-                            value = loss.item()
+                            loss, value = self._micro_loss(idx)
                             if not math.isfinite(value):
                                 self._diverged(value)
                             acc.backward(loss / len(group))
                         step_loss += value / len(group)
-                        self.examples_seen += n_ex * self.world
-                        self.tokens_seen += n_tok * self.world
-                        ex_log += n_ex * self.world
+                        self.examples_seen += len(idx)
+                        self.tokens_seen += self.train_enc.num_tokens(idx)
+                        ex_log += len(idx)
                     if cfg.max_grad_norm:
                         acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
@@ -465,10 +564,11 @@ class Trainer:
             if self.aux is not None:
                 self.aux.close()
         if cfg.keep_best and self._best_params is not None and self.best_step != self.step:
+            dist.reshard(self.raw_model)
             with torch.no_grad():
                 for n, p in self.raw_model.named_parameters():
                     if n in self._best_params:
-                        p.copy_(self._best_params[n])
+                        dist.local(p).copy_(self._best_params[n])
         self.model.eval()
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
                 "stopped": stop_reason, "resumed_from": str(resumed_from) if resumed_from else None,

@@ -16,8 +16,9 @@ A step is forward + backward + AdamW step + zero_grad (the limit has no optimize
 Timing: warm-up, then rounds in rotating order, ``--steps`` timed steps per variant per
 round; the table gives the median step time, the ratio of medians to the limit and the
 paired ratio (median over rounds of the per-round ratio, which cancels slow drifts).
-``--memory`` also runs every variant in a fresh process and reports the peak RSS growth
-of two training steps over the loaded model (Linux: VmHWM reset through /proc/self/clear_refs).
+``--memory`` also runs every variant in a fresh process and reports the peak RSS of three
+training steps over the RSS of the loaded model with the delta attached (Linux: VmHWM reset
+through /proc/self/clear_refs; on a GPU, the CUDA peak over the allocated memory).
 
     python benchmarks/lora_compute_limit.py                       # SmolLM2-135M, r=16, batch 8 x 128
     python benchmarks/lora_compute_limit.py --model minilm --targets q,v --r 8 --batch-size 32 --seq-len 64
@@ -69,6 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS per variant (fresh processes)")
+    ap.add_argument("--memory-only", action="store_true", help="measure peak RSS only (no timing)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round x 1 step, 1 warm-up step")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
@@ -180,20 +182,20 @@ def memory_worker(args) -> None:
     model, opt, ctx = build(args.memory_worker, base, args)
     del base
     step, _ = step_fn(model, opt, ctx, batch, args.precision, args.device)
-    step()  # the first step allocates the optimizer state: part of what a run needs
+    # the peak of three training steps (the first allocates AdamW's state) over the loaded model
     if args.device == "cpu":
         rss0 = _status_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-        step()
-        step()
+        for _ in range(3):
+            step()
         peak = _status_kb("VmHWM")
         print(json.dumps({"variant": args.memory_worker, "peak_growth_mb": (peak - rss0) / 1024,
-                          "rss_before_mb": rss0 / 1024}))
+                          "rss_before_mb": rss0 / 1024, "peak_rss_mb": peak / 1024}))
     else:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step()
-        step()
+        for _ in range(3):
+            step()
         print(json.dumps({"variant": args.memory_worker,
                           "peak_growth_mb": (torch.cuda.max_memory_allocated() - before) / 2 ** 20}))
 
@@ -225,6 +227,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_worker:
         memory_worker(args)
+        return 0
+    if args.memory_only:
+        memory = measure_memory(args)
+        print("| variant | peak memory of 3 steps over the loaded model |\n|---|---:|")
+        for v, m in memory.items():
+            print(f"| {v} | {m['peak_growth_mb']:.0f} MB |")
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -190,14 +190,16 @@ class LoRALinear(torch.autograd.Function):
         x2 = x.to(dt).reshape(-1, x.shape[-1])
         A = As[0] if n == 1 else torch.cat(As)                          # (sum r, k)
         t = x2 @ A.to(dt).t()                                           # (N, sum r)
-        outs, lo = [], 0
+        outs, lo, cast = [], 0, []
         for w, b, B, s in zip(weights, biases, Bs, scales):
             r = B.shape[1]
-            y = F.linear(x2, w.to(dt), None if b is None else b.to(dt))
+            wc = w.to(dt)  # under autocast a bf16 copy, kept for the backward as autocast would keep it
+            cast.append(wc)
+            y = F.linear(x2, wc, None if b is None else b.to(dt))
             y.addmm_(t[:, lo:lo + r], B.to(dt).t(), alpha=s)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             lo += r
-        ctx.save_for_backward(x2, t, A, *weights, *Bs)
+        ctx.save_for_backward(x2, t, A, *cast, *Bs)
         ctx.scales, ctx.x_dtype, ctx.x_shape, ctx.ranks = scales, x.dtype, x.shape, [B.shape[1] for B in Bs]
         ctx.A_dtypes = [a.dtype for a in As]
         ctx.set_materialize_grads(False)  # a member whose output was never used sends no gradient
@@ -219,9 +221,9 @@ class LoRALinear(torch.autograd.Function):
                         else (g @ B.to(dt)).mul_(s) for g, B, s, r in zip(gs, Bs, ctx.scales, ctx.ranks)], dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gs[live[0]] @ weights[live[0]].to(dt)
+            grad_x = gs[live[0]] @ weights[live[0]]
             for i in live[1:]:
-                grad_x.addmm_(gs[i], weights[i].to(dt))
+                grad_x.addmm_(gs[i], weights[i])
             grad_x.addmm_(gt, A.to(dt))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         grad_As, grad_Bs = [None] * n, [None] * n

@@ -172,6 +172,9 @@ def test_bad_directories_get_clear_errors(tmp_path):
     (d / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(UnipeftError, match="not valid JSON"):
         up.import_peft(base, d)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(UnipeftError, match="truncated or corrupted"):
+        up.import_peft(base, d)
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     with pytest.raises(UnipeftError, match="importable types: 'LORA', 'IA3'"):
         up.import_peft(base, d)

@@ -43,7 +43,7 @@ from .architectures import is_linear_like, map_model
 from .engine import Delta, head_modules, registry
 from .errors import UnipeftError, choices
 from .methods import IA3, LoRA, PrefixTuning, PromptTuning
-from .storage import attach_with_tensors, delta_tensors, pick_delta, write_directory
+from .storage import _read_tensors, attach_with_tensors, delta_tensors, pick_delta, write_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -278,9 +278,6 @@ def import_peft(model: nn.Module, directory, name: str = "default", *, activate:
 
 
 def read_peft_dir(d: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not d.is_dir():
         raise UnipeftError(f"no peft adapter directory at {str(d)!r}")
     cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
@@ -300,10 +297,7 @@ def read_peft_dir(d: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if config.get("peft_type") not in IMPORTABLE:
         raise UnipeftError(f"{d}: peft_type {config.get('peft_type')!r} has no unipeft counterpart here; "
                            f"importable types: {choices(IMPORTABLE)}")
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UnipeftError(f"{wpath} is truncated or corrupted ({e})") from None
+    tensors = _read_tensors(wpath)  # one reader for safetensors files, with its clear errors
     return config, tensors
 
 

@@ -2,6 +2,8 @@
 
     python benchmarks/glue_minilm.py --data-dir ../shared/data/glue                 # the whole grid
     python benchmarks/glue_minilm.py --data-dir ../shared/data/glue --tasks sst2 --methods full,lora
+    python benchmarks/glue_minilm.py --data-dir ../shared/data/glue --tasks sst2 --methods lora \
+        --method-option lora.targets=ffn_in,ffn_out --method-setting lora.lr=5e-4
 
 Defaults (per task): SST-2 runs full, LoRA, BitFit, adapter, (IA)3, prefix and prompt tuning;
 RTE, MRPC, CoLA and STS-B run full, LoRA and BitFit. Every method gets the same budget
@@ -25,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from unipeft.comparison import compare  # noqa: E402
 from unipeft.training.cli import setup_runtime  # noqa: E402
+from unipeft.training.defaults import parse_method_options  # noqa: E402
 
 TASK_METHODS = {
     "sst2": "full,lora,bitfit,adapter,ia3,prefix,prompt",
@@ -45,6 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--eval-every", type=int, help="steps between evaluations (default: each epoch)")
     ap.add_argument("--train-size", type=int, help="subsample the training set (quick runs)")
+    ap.add_argument("--method-option", action="append", metavar="[METHOD.]OPTION=VALUE",
+                    help="a method option, e.g. lora.r=16 or lora.targets=ffn_in,ffn_out (repeatable)")
+    ap.add_argument("--method-setting", action="append", metavar="METHOD.SETTING=VALUE",
+                    help="a training setting for one method, e.g. lora.lr=5e-4 (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--in-process", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/glue")
@@ -56,11 +63,14 @@ def main(argv=None) -> int:
     rows = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         methods = (args.methods or TASK_METHODS[task]).split(",")
+        options = parse_method_options(args.method_option, methods)
+        per_method = parse_method_options(args.method_setting, methods, what="method setting")
         data = {"data_dir": args.data_dir}
         if args.train_size:
             data["train_size"] = args.train_size
         t0 = time.perf_counter()
         report = compare("minilm", task, methods, out=out / task, data=data, threads=args.threads,
+                         method_options=options, method_settings=per_method,
                          in_process=args.in_process, epochs=args.epochs, batch_size=args.batch_size,
                          max_length=args.max_length, eval_every=args.eval_every)
         print(f"{task}: {time.perf_counter() - t0:.0f} s")

@@ -108,6 +108,29 @@ def test_compare_writes_the_report(setup, tmp_path, capsys):
         assert (out / f).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_method_settings_override_the_shared_ones_for_one_method(setup, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli("compare", *common(setup, out), "--methods", "lora,bitfit", "--max-steps", "3", "--batch-size", "8",
+               "--lr", "1e-3", "--method-setting", "lora.lr=4e-3", "--method-setting", "lora.max_steps=2",
+               "--in-process", "--json") == 0
+    lora, bitfit = json.loads(capsys.readouterr().out)["methods"]
+    assert (lora["lr"], lora["steps"], lora["train_config"]["lr"]) == (4e-3, 2, 4e-3)
+    assert (bitfit["lr"], bitfit["steps"]) == (1e-3, 3)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("lora.lrr=1", "unknown training setting(s) ['lrr'] for lora"),
+    ("ia3.lr=1", "names method 'ia3', which is not run"),
+    ("lr", "must look like 'method.option=value'"),
+])
+def test_compare_method_setting_errors_come_before_training(setup, tmp_path, setting, message, capsys):
+    assert cli("compare", *common(setup, tmp_path / "cmp"), "--methods", "lora", "--max-steps", "1",
+               "--method-setting", setting) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "cmp" / "runs").exists()
+
+
 def test_compare_measures_each_method_in_its_own_process(setup, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert cli("compare", *common(setup, out), "--methods", "ia3", "--max-steps", "2", "--batch-size", "8",

@@ -119,7 +119,7 @@ def run_method(spec: dict) -> dict:
     base_params = engine.base_parameter_count(model)
     return {
         "method": method, "label": label, "type": type(cfg).method_type, "mergeable": type(cfg).mergeable,
-        "config": cfg.to_dict(), "lr": res["lr"],
+        "config": cfg.to_dict(), "lr": res["lr"], "train_config": res["train_config"],
         "trainable_params": res["trainable_params"],
         "trainable_pct": 100 * res["trainable_params"] / max(1, base_params),
         "delta_bytes": res.get("delta_bytes"),
@@ -151,9 +151,13 @@ def _worker(spec_path: str) -> int:
 # ---------------------------------------------------------------------------
 
 def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str | os.PathLike = "out/compare",
-            data: dict | None = None, method_options: dict | None = None, threads: int | None = None,
-            in_process: bool = False, quiet: bool = False, **settings) -> dict:
-    """Train and measure ``methods`` on ``task``; writes the report under ``out`` and returns it."""
+            data: dict | None = None, method_options: dict | None = None, method_settings: dict | None = None,
+            threads: int | None = None, in_process: bool = False, quiet: bool = False, **settings) -> dict:
+    """Train and measure ``methods`` on ``task``; writes the report under ``out`` and returns it.
+
+    ``settings`` (TrainConfig fields) apply to every method, on top of each method's defaults;
+    ``method_settings`` ({"lora": {"lr": 5e-4}}) override them for one method.
+    """
     import torch
 
     from . import __version__
@@ -161,12 +165,21 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     from .training.data import load_task
     from .training.defaults import COMPARE_DEFAULT, DEFAULTS
 
+    from .training.trainer import TrainConfig
+
     methods = list(methods or COMPARE_DEFAULT)
     unknown = [m for m in methods if m not in DEFAULTS]
     if unknown:
         raise UnipeftError(f"unknown method(s) {unknown}; valid methods: {choices(DEFAULTS)}")
     if len(set(methods)) != len(methods):
         raise UnipeftError(f"a method is named twice in {methods}")
+    method_settings = {m: dict(v) for m, v in (method_settings or {}).items() if v}
+    for m, overrides in method_settings.items():  # fail before any method trains
+        if m not in methods:
+            raise UnipeftError(f"method settings name {m!r}, which is not run; methods run: {choices(methods)}")
+        bad = sorted(set(overrides) - set(TrainConfig.fields()))
+        if bad:
+            raise UnipeftError(f"unknown training setting(s) {bad} for {m}; valid: {choices(TrainConfig.fields())}")
     data = dict(data or {})
     if task == "bbc" and not any(k in data for k in ("train", "dev", "data_dir")):
         for k in ("train_size", "dev_size"):
@@ -186,7 +199,8 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     records = []
     for i, m in enumerate(methods, 1):
         spec = {"model": model, "task": task, "method": m, "options": (method_options or {}).get(m, {}),
-                "data": data, "settings": settings, "out": str(out / "runs" / m), "threads": threads}
+                "data": data, "settings": {**settings, **method_settings.get(m, {})},
+                "out": str(out / "runs" / m), "threads": threads}
         t = time.perf_counter()
         if in_process:
             try:
@@ -253,6 +267,8 @@ def add_arguments(p) -> None:
                    help=f"comma-separated (default: {','.join(COMPARE_DEFAULT)})")
     p.add_argument("--method-option", action="append", metavar="[METHOD.]OPTION=VALUE",
                    help="a method option, e.g. lora.r=16 (repeatable)")
+    p.add_argument("--method-setting", action="append", metavar="METHOD.SETTING=VALUE",
+                   help="a training setting for one method, over the shared ones, e.g. lora.lr=5e-4 (repeatable)")
     p.add_argument("--out", default="out/compare", help="report folder (default out/compare)")
     p.add_argument("--in-process", action="store_true",
                    help="run every method in this process (faster start; peak memory is then shared)")
@@ -269,8 +285,9 @@ def run(args) -> int:
     setup_runtime(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = parse_method_options(args.method_option, methods)
+    per_method = parse_method_options(args.method_setting, methods, what="method setting")
     report = compare(args.model, args.task, methods, out=args.out, data=collect(args, DATA_FLAGS),
-                     method_options=options, threads=args.threads, in_process=args.in_process, quiet=args.json,
+                     method_options=options, method_settings=per_method, threads=args.threads, in_process=args.in_process, quiet=args.json,
                      **collect(args, TRAIN_FLAGS))
     if args.json:
         print(json.dumps(report, default=str))

@@ -95,18 +95,22 @@ def parse_value(text: str) -> Any:
     return text.strip()
 
 
-def parse_method_options(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """``["lora.r=16", "r=4"]`` -> {"lora": {"r": 16}, <every method>: {"r": 4}}; errors name the bad item."""
+def parse_method_options(items: list[str] | None, methods: list[str],
+                         what: str = "method option") -> dict[str, dict[str, Any]]:
+    """``["lora.r=16", "r=4"]`` -> {"lora": {"r": 16}, <every method>: {"r": 4}}; errors name the bad item.
+
+    Also parses per-method training settings (``what="method setting"``: ``["lora.lr=5e-4"]``).
+    """
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UnipeftError(f"method option {item!r} must look like 'method.option=value' or 'option=value'")
+            raise UnipeftError(f"{what} {item!r} must look like 'method.option=value' or 'option=value'")
         method, dot, opt = key.strip().rpartition(".")
         targets = [method] if dot else list(methods)
         for m in targets:
             if m not in out:
-                raise UnipeftError(f"method option {item!r} names method {m!r}, which is not run; "
+                raise UnipeftError(f"{what} {item!r} names method {m!r}, which is not run; "
                                    f"methods run: {choices(methods)}")
             out[m][opt] = parse_value(value)
     return out

@@ -2,8 +2,9 @@
 
     python benchmarks/time_to_quality_sst2.py --data-dir ../shared/data/glue/SST-2
 
-Both sides: the pretrained MiniLM, LoRA r=8 / alpha 16 on query and value (the new classifier
-head trained too), AdamW at the same learning rate with linear warm-up (6%) and decay over the
+Both sides: the pretrained MiniLM, LoRA r=8 / alpha 16 (--rank r: alpha 2r) on query and value,
+or with --targets ffn on the feed-forward block's two linear maps, or with --targets all on every
+linear map of the blocks (the new classifier head trained too), AdamW at the same learning rate with linear warm-up (6%) and decay over the
 same number of steps, batch size 32, dynamic padding, max 128 tokens, the full dev set (872)
 evaluated every --eval-every steps. The clock starts when training starts (tokenisation is done
 before, on both sides) and stops at the first evaluation with dev accuracy >= --target; evaluation
@@ -32,6 +33,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+
+# the same maps on both sides: peft takes module-name suffixes or a regex over the full module name
+# (a plain "output.dense" would also catch attention.output.dense), unipeft the architecture table's roles
+PEFT_TARGETS = {"qv": ["query", "value"], "ffn": r".*\.layer\.\d+\.(intermediate|output)\.dense",
+                "all": r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|(attention\.)?output\.dense"
+                       r"|intermediate\.dense)"}
+UNIPEFT_TARGETS = {"qv": ("q", "v"), "ffn": ("ffn_in", "ffn_out"), "all": ("q", "k", "v", "o", "ffn_in", "ffn_out")}
 
 
 def load_sst2(data_dir):
@@ -63,8 +72,8 @@ def run_peft(args, ds, path):
     train, dev = Rows(ds.splits["train"]), Rows(ds.splits["dev"])
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
-                                             task_type="SEQ_CLS"))
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                             target_modules=PEFT_TARGETS[args.targets], task_type="SEQ_CLS"))
     reached = {}
 
     class Stop(TrainerCallback):
@@ -102,7 +111,7 @@ def run_unipeft(args, ds, precision):
 
     torch.manual_seed(args.seed)
     model, tok = load_model("minilm", ds.task)
-    up.attach(model, up.LoRA(r=8, alpha=16, targets=("query", "value")), name="sst2")
+    up.attach(model, up.LoRA(r=args.rank, alpha=2 * args.rank, targets=UNIPEFT_TARGETS[args.targets]), name="sst2")
     reached = {}
 
     def stop(trainer, metrics):
@@ -129,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", required=True, help="the SST-2 folder (train.tsv, dev.tsv) or the GLUE root")
     ap.add_argument("--target", type=float, default=0.88)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--targets", choices=sorted(PEFT_TARGETS), default="qv",
+                    help="LoRA on query and value (qv), the feed-forward block (ffn) or every linear map (all)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha is twice the rank)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-steps", type=int, default=2000)

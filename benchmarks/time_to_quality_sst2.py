@@ -49,7 +49,7 @@ def load_sst2(data_dir):
     return load_task("sst2", data_dir=data_dir)
 
 
-def run_peft(args, ds, path):
+def run_peft(args, ds, path, limit=None):
     import numpy as np
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -84,6 +84,11 @@ def run_peft(args, ds, path):
                 reached.update(seconds=time.perf_counter() - reached["t0"], step=state.global_step, accuracy=acc)
                 control.should_training_stop = not args.run_to_end
 
+        def on_step_end(self, targs, state, control, **kw):
+            if limit is not None and "seconds" not in reached and time.perf_counter() - reached["t0"] > limit:
+                reached.update(gave_up_seconds=time.perf_counter() - reached["t0"], gave_up_step=state.global_step)
+                control.should_training_stop = True
+
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size,
                                   per_device_eval_batch_size=64, learning_rate=args.lr, max_steps=args.max_steps,
@@ -104,7 +109,7 @@ def run_peft(args, ds, path):
     return reached
 
 
-def run_unipeft(args, ds, precision):
+def run_unipeft(args, ds, precision, limit=None):
     import unipeft as up
     from unipeft.training import TrainConfig, Trainer
     from unipeft.training.run import load_model
@@ -120,6 +125,9 @@ def run_unipeft(args, ds, precision):
         if acc >= args.target and "seconds" not in reached:
             reached.update(seconds=time.perf_counter() - reached["t0"], step=trainer.step, accuracy=acc)
             return not args.run_to_end
+        if limit is not None and "seconds" not in reached and time.perf_counter() - reached["t0"] > limit:
+            reached.update(gave_up_seconds=time.perf_counter() - reached["t0"], gave_up_step=trainer.step)
+            return True
         return False
 
     cfg = TrainConfig(lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size, warmup_ratio=0.06,
@@ -149,6 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--arms", default="peft,unipeft", help="comma list of peft, unipeft, unipeft-fp32")
     ap.add_argument("--run-to-end", action="store_true", help="train to --max-steps even after the target")
+    ap.add_argument("--give-up-after", type=float, metavar="X",
+                    help="stop an arm once it has run X times as long as the fastest earlier arm took to reach "
+                         "the target (the speed-up is then > X); list the fast arm first in --arms")
     ap.add_argument("--out", default="benchmarks/results/time_to_quality_sst2.json")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -163,16 +174,24 @@ def main(argv=None) -> int:
 
     ds = load_sst2(args.data_dir)
     path = str(zoo.minilm_path())
-    runs = {"peft": ("peft + Trainer", lambda: run_peft(args, ds, path)),
-            "unipeft": ("unipeft", lambda: run_unipeft(args, ds, "auto")),
-            "unipeft-fp32": ("unipeft fp32", lambda: run_unipeft(args, ds, "fp32"))}
-    results = {runs[a][0]: runs[a][1]() for a in arms}
+    runs = {"peft": ("peft + Trainer", lambda limit: run_peft(args, ds, path, limit)),
+            "unipeft": ("unipeft", lambda limit: run_unipeft(args, ds, "auto", limit)),
+            "unipeft-fp32": ("unipeft fp32", lambda limit: run_unipeft(args, ds, "fp32", limit))}
+    results = {}
+    for a in arms:
+        reached = [r["seconds"] for r in results.values() if "seconds" in r]
+        limit = args.give_up_after * min(reached) if args.give_up_after and reached else None
+        results[runs[a][0]] = {**runs[a][1](limit), "time_limit": limit}
     base = results.get("peft + Trainer", {}).get("seconds")
-    print(f"time until dev accuracy >= {args.target} (LoRA r=8 q,v, MiniLM, SST-2, {args.threads} threads)")
+    print(f"time until dev accuracy >= {args.target} (LoRA r={args.rank} on {args.targets}, MiniLM, SST-2, "
+          f"{args.threads} threads)")
     for name, r in results.items():
         if "seconds" in r:
             speed = f"  {base / r['seconds']:.2f}x vs peft + Trainer" if base else ""
             print(f"  {name:16s} {r['seconds']:7.1f} s at step {r['step']} (accuracy {r['accuracy']:.4f}){speed}")
+        elif "gave_up_seconds" in r:
+            print(f"  {name:16s} stopped at {r['gave_up_seconds']:.1f} s (step {r['gave_up_step']}, {args.give_up_after}x "
+                  f"the fastest arm) below {args.target}: {r.get('curve', [])[-3:]}")
         else:
             print(f"  {name:16s} did not reach {args.target} in {args.max_steps} steps: {r.get('curve', [])[-3:]}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@
 # HF_HUB_OFFLINE=1 exported.
 #
 # Environment: PYTHON (interpreter for the venv; default python3.11, then python3),
-#              UNIPEFT_VENV (default: <repo>/.venv).
+#              UNIPEFT_VENV (default: <repo>/.venv),
+#              UNIPEFT_PIN (extra pip requirements installed with unipeft, e.g.
+#                           "transformers==5.20.0" for scripts/test_oldest.sh; default none).
 
 set -euo pipefail
 
@@ -20,6 +22,7 @@ UNIPEFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$UNIPEFT_ROOT"
 VENV="${UNIPEFT_VENV:-$UNIPEFT_ROOT/.venv}"
 TORCH_VERSION="2.13.0"
+PIN="${UNIPEFT_PIN:-}"
 
 export HF_HUB_OFFLINE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -40,7 +43,7 @@ source "$VENV/bin/activate"
 
 # The editable install: if the stamp matches (same pyproject.toml, same checkout)
 # and unipeft resolves to this checkout's src/, there is nothing to do.
-_want="$( { cat pyproject.toml; echo "torch==$TORCH_VERSION"; echo "root: $UNIPEFT_ROOT"; } \
+_want="$( { cat pyproject.toml; echo "torch==$TORCH_VERSION"; echo "pin: $PIN"; echo "root: $UNIPEFT_ROOT"; } \
           | python -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
 _stamp="$VENV/.unipeft-setup"
 
@@ -63,8 +66,9 @@ else
         _setup_log "installing torch==$TORCH_VERSION (CPU wheel) first"
         python -m pip install -q "torch==$TORCH_VERSION"
     fi
-    _setup_log "installing unipeft (editable) with its test extras"
-    python -m pip install -q -e ".[test]"
+    _setup_log "installing unipeft (editable) with its test extras${PIN:+ and $PIN}"
+    # shellcheck disable=SC2086
+    python -m pip install -q -e ".[test]" $PIN
     echo "$_want" > "$_stamp"
 fi
 

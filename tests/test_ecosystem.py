@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 import tiny
 import unipeft as up
+from unipeft.compat import is_activation_checkpointing
 from unipeft.integrations import SaveDeltaCallback
 
 METHODS = {
@@ -100,7 +101,7 @@ def test_trainer_with_checkpointing_trains_and_checkpoints_the_delta(tmp_path, m
     model, trainer = hf_train(tmp_path, method, reentrant)
     delta_before, base_before = trainable(model), frozen(model)
     trainer.train()
-    assert model.is_activation_checkpointing  # the Trainer really checkpointed
+    assert is_activation_checkpointing(model)  # the Trainer really checkpointed
     # reentrant checkpointing behind a frozen embedding gets no gradient unless the embedding's output
     # requires grad (transformers hooks it): the delta would stay at its initial values
     for n, p in trainable(model).items():
@@ -193,7 +194,7 @@ def test_trl_sft_trainer_with_checkpointing(tmp_path):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                              callbacks=[SaveDeltaCallback()])
     trainer.train()
-    assert model.is_activation_checkpointing
+    assert is_activation_checkpointing(model)
     for n, p in trainable(model).items():
         assert not torch.equal(p, delta_before[n]), f"{n} did not train"
     for n, p in frozen(model).items():

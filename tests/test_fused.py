@@ -7,6 +7,7 @@ import torch
 import tiny
 import unipeft as up
 from unipeft import fused
+from unipeft.compat import enable_activation_checkpointing
 from unipeft.methods.lora import LoRALinear
 
 
@@ -74,7 +75,7 @@ def test_fused_lora_trains_under_gradient_checkpointing():
     model = _scrambled("llama", up.LoRA(r=4, targets="all-linear")).train()
     model.config.use_cache = False
     out_plain, g_plain = _run(model, "llama", plain=True)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     out_ckpt, g_ckpt = _run(model, "llama", plain=False)
     torch.testing.assert_close(out_ckpt, out_plain, atol=1e-5, rtol=1e-5)
     for n in g_plain:

@@ -101,21 +101,64 @@ def test_round_trip_keeps_heads_and_rslora_scale(tmp_path):
     torch.testing.assert_close(outputs(back, "bert", "lora"), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family,method", [("llama", "prefix"), ("gpt2", "prompt")])
-def test_generation_agrees_after_export(tmp_path, family, method):
-    """Greedy decoding through each library's cache path gives the same tokens."""
+GENERATES = [("llama", "prefix"), ("gpt2", "prompt")]
+STEPS = 6
+
+
+def greedy_by_forward(model, ids, steps=STEPS):
+    """Greedy decoding with no KV cache: every step recomputes the whole sequence through
+    ``model``'s forward. A library's ``generate`` must agree with its own forward."""
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids[:, -steps:]
+
+
+def exported_pair(tmp_path, family, method):
+    """(unipeft model, the same delta loaded in peft) with random delta values."""
     model = up.attach(tiny.make(family), ours(method))
     scramble([p for p in model.parameters() if p.requires_grad], seed=3)
     model.eval()
-    ids = tiny.batch(family)["input_ids"][:1, :5]
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        mine = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[:, ids.shape[1]:]
     up.export_peft(model, tmp_path / "a")
-    loaded = peft.PeftModel.from_pretrained(tiny.make(family), str(tmp_path / "a")).eval()
+    return model, peft.PeftModel.from_pretrained(tiny.make(family), str(tmp_path / "a")).eval()
+
+
+def cached_generate(model, ids):
     with torch.no_grad():
-        out = loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-    assert out[:, -6:].tolist() == mine.tolist()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
+                             min_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+    return out[:, -STEPS:]
+
+
+def versions() -> str:
+    import transformers
+    return f"peft {peft.__version__} on transformers {transformers.__version__}"
+
+
+@pytest.mark.parametrize("family,method", GENERATES)
+def test_our_cached_generation_agrees_with_peft_forward(tmp_path, family, method):
+    """Our ``generate`` (KV cache) gives the tokens of greedy decoding through peft's forward:
+    the exported delta is the same model, and our cache path is right, whatever peft's is."""
+    model, loaded = exported_pair(tmp_path, family, method)
+    ids = tiny.batch(family)["input_ids"][:1, :5]
+    reference = greedy_by_forward(loaded, ids)
+    assert cached_generate(model, ids).tolist() == reference.tolist()
+    assert greedy_by_forward(model, ids).tolist() == reference.tolist()
+
+
+@pytest.mark.parametrize("family,method", GENERATES)
+def test_peft_generate_agrees_with_ours_where_peft_agrees_with_itself(tmp_path, family, method):
+    """peft's own ``generate`` against ours. Where peft's generate disagrees with peft's own
+    forward, that is a peft bug (peft 0.21.2's prefix tuning on transformers 5.24): the
+    comparison is skipped, naming the versions, and the test above still shows ours is right."""
+    model, loaded = exported_pair(tmp_path, family, method)
+    ids = tiny.batch(family)["input_ids"][:1, :5]
+    theirs_cached = cached_generate(loaded, ids)
+    if theirs_cached.tolist() != greedy_by_forward(loaded, ids).tolist():
+        pytest.skip(f"{versions()}: peft's generate disagrees with peft's own forward for {method} "
+                    f"tuning on {family} (a peft bug, not ours)")
+    assert cached_generate(model, ids).tolist() == theirs_cached.tolist()
 
 
 @pytest.mark.parametrize("family,method", REFUSED)

@@ -222,10 +222,9 @@ def attention_site(module: nn.Module, create=False) -> AttentionSite | None:
     return site
 
 
-def _base_attention(module: nn.Module, implementation: str) -> Callable:
+def _base_attention(module: nn.Module, base: str) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    base = implementation[len(_ATTN_PREFIX):]
     if base == "eager":
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if fn is None:
@@ -255,17 +254,19 @@ def _pad_mask(mask: torch.Tensor | None, p: int, query: torch.Tensor, key_len: i
     return torch.cat([pad, mask], dim=-1)
 
 
-def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
-    """Registered in transformers' AttentionInterface as ``unipeft_<impl>``.
+def attention_with_prefix(module, query, key, value, attention_mask, *, base_implementation: str, **kwargs):
+    """Registered in transformers' AttentionInterface as ``unipeft_<impl>`` (bound to ``<impl>``).
 
     head = Attn(x W_q, concat(P_k, C W_k), concat(P_v, C W_v))   (seed 002)
 
     The keys and values arriving here are the real tokens' (after RoPE and
     after the cache); the prefix is added at every call and never enters the
     cache, which is what keeps generation correct across cache redesigns.
+    Only the interface's positional arguments (query, key, value, mask) and
+    shapes are read; keyword arguments pass through untouched except per-key
+    additive terms, recognised by their shape.
     """
-    impl = module.config._attn_implementation
-    fn = _base_attention(module, impl)
+    fn = _base_attention(module, base_implementation)
     site = module.__dict__.get("_unipeft_kv")
     if site is None:
         return fn(module, query, key, value, attention_mask, **kwargs)
@@ -279,11 +280,28 @@ def attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
     key_len = key.shape[2]
     new_key = torch.cat([*pks, key], dim=2)
     new_value = torch.cat([*pvs, value], dim=2)
-    attention_mask = _pad_mask(attention_mask, p, query, key_len, module, impl[len(_ATTN_PREFIX):])
-    pb = kwargs.get("position_bias")
-    if isinstance(pb, torch.Tensor) and pb.dim() == 4 and pb.shape[-1] == key_len:  # T5: no bias for the prefix
-        kwargs["position_bias"] = torch.cat([pb.new_zeros(*pb.shape[:-1], p), pb], dim=-1)
+    attention_mask = _pad_mask(attention_mask, p, query, key_len, module, base_implementation)
+    for name, extra in kwargs.items():
+        # A 4-D tensor over (batch, heads, queries, keys) is an additive term the base computed for
+        # the real keys (T5's relative position bias): the prefix gets none. Found by shape, not by
+        # the keyword, which transformers may rename.
+        if isinstance(extra, torch.Tensor) and extra.dim() == 4 and extra.shape[-1] == key_len \
+                and extra.shape[-2] == query.shape[2] and extra.is_floating_point():
+            kwargs[name] = torch.cat([extra.new_zeros(*extra.shape[:-1], p), extra], dim=-1)
     return fn(module, query, new_key, new_value, attention_mask, **kwargs)
+
+
+def _bound_attention(base_implementation: str) -> Callable:
+    def unipeft_attention(module, query, key, value, attention_mask, **kwargs):
+        return attention_with_prefix(module, query, key, value, attention_mask,
+                                     base_implementation=base_implementation, **kwargs)
+    return unipeft_attention
+
+
+def current_attention(model: nn.Module) -> str:
+    """The attention implementation a model runs. ``config._attn_implementation`` is the one place
+    transformers 5 records it (read by its own modelling code; there is no public getter)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
 
 
 def enable_attention_sites(model: nn.Module) -> None:
@@ -291,17 +309,16 @@ def enable_attention_sites(model: nn.Module) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    impl = model.config._attn_implementation or "eager"
+    impl = current_attention(model)
     if impl.startswith(_ATTN_PREFIX):
         return
     name = _ATTN_PREFIX + impl
-    AttentionInterface.register(name, attention_with_prefix)
-    if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
-    else:  # eager masks
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    # the base implementation is bound here, so no call needs to read the model's config
+    AttentionInterface.register(name, _bound_attention(impl))
+    mask_fns = ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionMaskInterface.register(name, mask_fns[impl] if impl in mask_fns.valid_keys() else mask_fns["eager"])
     model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
+    if current_attention(model) != name:
         raise UnipeftError(
             f"{type(model).__name__} does not use transformers' attention interface, so prefixes cannot be "
             f"inserted into its attention"
@@ -309,7 +326,7 @@ def enable_attention_sites(model: nn.Module) -> None:
 
 
 def disable_attention_sites(model: nn.Module) -> None:
-    impl = model.config._attn_implementation or ""
+    impl = current_attention(model)
     if impl.startswith(_ATTN_PREFIX):
         model.set_attn_implementation(impl[len(_ATTN_PREFIX):])
 
@@ -317,6 +334,25 @@ def disable_attention_sites(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------
 # Input embeddings
 # ---------------------------------------------------------------------------
+
+def _tokens_in_cache(kwargs: dict, mask: torch.Tensor | None, q_len: int, p: int) -> int:
+    """How many earlier positions (prompt included) a stack's KV cache holds: 0 on a fresh pass.
+
+    The cache is found by its type, not by its keyword: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` and the keyword may move again; the class it passes
+    (a ``transformers`` ``Cache``) did not change. Should no ``Cache`` be visible, the shape
+    still tells: a 2-D attention mask longer than the new tokens covers tokens already cached
+    (the user's mask never includes the p prompt positions).
+    """
+    from transformers.cache_utils import Cache
+
+    for value in kwargs.values():
+        if isinstance(value, Cache):
+            return int(value.get_seq_length())
+    if mask is not None and mask.dim() == 2 and mask.shape[1] > q_len:
+        return mask.shape[1] - q_len + p
+    return 0
+
 
 class InputSite:
     """Prepends vectors to the input embeddings of one stack (a decoder-only
@@ -366,13 +402,10 @@ class InputSite:
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
         ref = embeds if embeds is not None else ids
         batch, q_len = ref.shape[0], ref.shape[1]
-        past_len = 0
-        if past is not None and hasattr(past, "get_seq_length"):
-            past_len = int(past.get_seq_length())
         p = sum(s.length for s in self.active)
+        past_len = _tokens_in_cache(kwargs, mask, q_len, p)
         if past_len == 0:  # a fresh pass: prepend the prompt
             if embeds is None:
                 embeds = self.embed(ids)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .. import fileio
+from ..compat import enable_activation_checkpointing
 from ..errors import UnipeftError, choices
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -269,10 +270,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise UnipeftError(f"{type(model).__name__} does not support gradient checkpointing")
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             model.config.use_cache = False
         # weight decay on matrices only: biases and norm scales keep theirs (the usual AdamW recipe)
         decays = {n: p.dim() >= 2 and "norm" not in n.lower() for n, p in params}

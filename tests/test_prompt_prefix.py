@@ -269,3 +269,22 @@ def test_prompt_tuning_on_a_bare_backbone_called_positionally():
         b = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state
     assert a.shape == (2, 7, 32)
     assert torch.equal(a, b)
+
+
+def test_prompt_site_finds_the_cache_by_type_whatever_its_keyword():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; the next release may rename it again.
+    The prompt site must see a generation step by the argument's type (or the mask's shape), not its name."""
+    from transformers import DynamicCache
+
+    from unipeft.positions import _tokens_in_cache
+
+    model = tiny.make("llama")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    for keyword in ("past_key_values", "cache", "some_future_name"):
+        assert _tokens_in_cache({keyword: cache, "attention_mask": mask}, mask, q_len=1, p=0) == 3
+    # no Cache visible: a mask longer than the new tokens still says 3 + p positions are cached
+    assert _tokens_in_cache({"attention_mask": mask}, mask, q_len=1, p=2) == 5
+    assert _tokens_in_cache({"attention_mask": mask[:, :1]}, mask[:, :1], q_len=1, p=2) == 0  # a fresh pass

@@ -276,7 +276,7 @@ def test_prompt_site_finds_the_cache_by_type_whatever_its_keyword():
     The prompt site must see a generation step by the argument's type (or the mask's shape), not its name."""
     from transformers import DynamicCache
 
-    from unipeft.positions import _tokens_in_cache
+    from unipeft.positions.inputs import _tokens_in_cache
 
     model = tiny.make("llama")
     cache = DynamicCache(config=model.config)

@@ -9,6 +9,7 @@ The public API::
     up.push(model, "user/sst2-lora", name="sst2"); up.load(base_model, "user/sst2-lora")  # Hugging Face Hub
     up.merge(model, "sst2"); up.unmerge(model, "sst2")
     up.activate(model, ["sst2"]); up.detach(model, "sst2")
+    with up.route(model, ["sst2", "news", None]): model(**batch)        # row i on delta i (None: base)
     up.export_peft(model, "out/peft", name="sst2"); up.import_peft(base_model, "out/peft")  # peft's format
     up.train(model="minilm", task="bbc", method="lora", out="out/bbc")    # training recipe (unipeft.training)
     up.compare(methods=["full", "lora", "bitfit"])                        # train and measure several methods
@@ -22,11 +23,12 @@ from .engine import set_active as activate  # noqa: E402
 from .errors import UnipeftError  # noqa: E402
 from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTuning, PromptTuning  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
+from .routing import route  # noqa: E402
 from .hub import push  # noqa: E402
 from .storage import fingerprint, load, save  # noqa: E402
 
 __all__ = [
-    "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "save", "load", "push", "summary",
+    "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "route", "save", "load", "push", "summary",
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "export_peft", "import_peft", "train", "compare",

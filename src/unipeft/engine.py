@@ -56,6 +56,7 @@ class Registry:
         self.deltas: dict[str, Delta] = {}
         self.active: list[str] = []
         self.input_sites: dict[str, pos.InputSite] = {}
+        self.route = None  # the unipeft.routing.Route of an open up.route block
         self.map: ModelMap = map_model(model)
         # requires_grad of every base parameter before the first attach, restored when the last delta goes
         self.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}

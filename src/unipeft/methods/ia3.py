@@ -91,6 +91,22 @@ class IA3Delta(LinearDelta):
     def output(self, x, y):
         return y * self.scale()
 
+    @classmethod
+    def _routed_scale(cls, items, like):
+        """Per-row scale vectors (ones for rows on no delta here): one gather for all deltas."""
+        from ..positions.linear import per_row, row_slots
+
+        table = torch.stack([torch.ones_like(items[0][0].scale())] + [d.scale() for d, _ in items])
+        return per_row(table.to(like.dtype), row_slots(items, like.shape[0], like.device), like)
+
+    @classmethod
+    def routed_input(cls, items, x):
+        return x * cls._routed_scale(items, x)
+
+    @classmethod
+    def routed_output(cls, items, x, y):
+        return y * cls._routed_scale(items, y)
+
     def merged(self, weight, bias):
         s = self.scale().to(weight.dtype)
         if self.mode == "input":  # W (x ⊙ l) = (W diag(l)) x

@@ -112,11 +112,59 @@ class LoRADelta(LinearDelta):
         out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
         return out.view(y.shape)
 
+    @classmethod
+    def routed_output(cls, items, x, y):
+        """Several LoRA deltas, each on its own rows, in one gathered computation (per-example routing):
+
+            y_i += s_d(i) * B_d(i) A_d(i) x_i     for every row i, d(i) its delta (zero for others)
+
+        The factors of all deltas are stacked (ranks padded with zeros to the largest), gathered per
+        row and applied as two batched products, so the cost does not grow with the number of deltas.
+        Without autograd the stacked, gathered factors are kept for the routing block."""
+        if len(items) == 1 or any(d.drop is not None and d.training for d, _ in items):
+            return super().routed_output(items, x, y)
+        from ..positions.linear import row_slots
+
+        n, dt = x.shape[0], y.dtype
+        grad = torch.is_grad_enabled() and any(d.lora_A.requires_grad or d.lora_B.requires_grad for d, _ in items)
+
+        def gathered():
+            rank = max(d.lora_A.shape[0] for d, _ in items)
+            zero_a = items[0][0].lora_A.new_zeros(rank, items[0][0].lora_A.shape[1])
+            zero_b = items[0][0].lora_B.new_zeros(items[0][0].lora_B.shape[0], rank)
+            a = torch.stack([zero_a] + [F.pad(d.lora_A, (0, 0, 0, rank - d.lora_A.shape[0])) for d, _ in items])
+            b = torch.stack([zero_b] + [F.pad(d.lora_B * d.scale, (0, rank - d.lora_B.shape[1])) for d, _ in items])
+            slot = row_slots(items, n, x.device)
+            return a.index_select(0, slot).to(dt), b.index_select(0, slot).to(dt)  # (n, R, in), (n, out, R)
+
+        if grad:
+            a, b = gathered()
+        else:
+            key = (n, dt, tuple((id(d), d.lora_A._version, d.lora_B._version, id(r)) for d, r in items))
+            a, b = _routing_memo(items, key, gathered)
+        xs = x.to(dt).reshape(n, -1, x.shape[-1])
+        t = torch.bmm(xs, a.transpose(1, 2))                                   # (n, T, R)
+        if not grad and y.is_contiguous():
+            y.view(n, -1, y.shape[-1]).baddbmm_(t, b.transpose(1, 2))
+            return y
+        return (y.reshape(n, -1, y.shape[-1]) + torch.bmm(t, b.transpose(1, 2))).view(y.shape)
+
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B @ self.lora_A)
 
     def merged(self, weight, bias):
         return weight + self.delta_weight().to(weight.dtype), bias
+
+
+def _routing_memo(items, key, build):
+    """The gathered factors for one routing block, kept on the first delta of the group (a plain
+    attribute: not state) and rebuilt when the rows, the dtype or any parameter changes."""
+    holder = items[0][0].__dict__
+    memo = holder.get("_routing_memo")
+    if memo is None or memo[0] != key:
+        memo = (key, build())
+        holder["_routing_memo"] = memo
+    return memo[1]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

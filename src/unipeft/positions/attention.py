@@ -1,0 +1,213 @@
+"""Attention keys and values as a position: prefix tuning, through transformers' attention
+interface (never the KV cache). See the package docstring."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import UnipeftError
+
+
+# ---------------------------------------------------------------------------
+# Attention keys and values
+# ---------------------------------------------------------------------------
+
+_ATTN_PREFIX = "unipeft_"
+
+
+class KVSource:
+    """Something that yields prefix keys/values for one attention module."""
+
+    def prefix_kv(self, batch: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values), each (batch, kv_heads, p, head_dim)."""
+        raise NotImplementedError
+
+
+class AttentionSite:
+    """Prefix keys/values for one attention module, held outside the module tree.
+
+    Stored in the module's ``__dict__`` (not as a child) because the tensors
+    belong to a model-level delta that produces all layers at once.
+    """
+
+    def __init__(self):
+        self.sources: dict[str, KVSource] = {}
+        self.active: tuple[KVSource, ...] = ()
+        self.capture: list | None = None  # when a list, the attention call appends (key, value) to it
+        self.route = None
+        self.routed: tuple = ()
+
+    def refresh(self, active: list[str]) -> None:
+        self.active = tuple(self.sources[n] for n in active if n in self.sources)
+
+    def unipeft_route(self, route) -> None:
+        """Route rows to prefixes (``unipeft.routing.Route``), or None to go back to the active ones."""
+        self.route = route
+        self.routed = () if route is None else tuple((n, self.sources[n]) for n in route.order if n in self.sources)
+
+
+def attention_site(module: nn.Module, create=False) -> AttentionSite | None:
+    site = module.__dict__.get("_unipeft_kv")
+    if site is None and create:
+        site = AttentionSite()
+        module.__dict__["_unipeft_kv"] = site
+    return site
+
+
+def _base_attention(module: nn.Module, base: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise UnipeftError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _pad_mask(mask: torch.Tensor | None, p: int, query: torch.Tensor, key_len: int, module,
+              implementation: str, visible: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Extend an attention mask by p columns on the left: always visible, or, when routing gives
+    rows prefixes of different lengths, visible where ``visible`` (batch, p) is True."""
+    q_len, n = query.shape[2], query.shape[0]
+    if mask is None:
+        if visible is None and (not getattr(module, "is_causal", False) or q_len == 1
+                                or implementation.startswith("flash")):
+            # no mask means "see every key", or flash attention's bottom-right causal alignment,
+            # which already lets every query see a prefix placed on the left
+            return None
+        if implementation.startswith("flash"):
+            mask = torch.ones(n, key_len, dtype=torch.long, device=query.device)
+        else:
+            # the base implementation would call sdpa with is_causal (top-left aligned: key j <= query
+            # i) or with no mask; with the prefix in front that needs an explicit mask
+            i = torch.arange(q_len, device=query.device)[:, None]
+            j = torch.arange(key_len, device=query.device)[None, :]
+            causal = getattr(module, "is_causal", False) and q_len > 1
+            mask = ((j <= i) if causal else (j >= 0)).expand(q_len, key_len)[None, None]
+    if mask.dim() == 2:  # (batch, kv): flash-attention style padding mask
+        pad = mask.new_ones(mask.shape[0], p) if visible is None else visible.to(mask.dtype)
+        return torch.cat([pad, mask], dim=1)
+    if visible is None:
+        pad_shape = (*mask.shape[:-1], p)
+        pad = mask.new_ones(pad_shape) if mask.dtype == torch.bool else mask.new_zeros(pad_shape)
+        return torch.cat([pad, mask], dim=-1)
+    mask = mask.expand(n, *mask.shape[1:])
+    see = visible[:, None, None, :].expand(n, mask.shape[1], mask.shape[2], p)
+    if mask.dtype == torch.bool:
+        pad = see
+    else:
+        pad = torch.full(see.shape, torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+        pad = pad.masked_fill(see, 0)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def _routed_prefix(site, n: int, key: torch.Tensor):
+    """(keys, values, visible) of the prefixes routed to each row, padded to the longest with
+    hidden columns; None when no row of this batch has a prefix here."""
+    route = site.route
+    items = [(src, route.rows(name, n, key.device, where=site)) for name, src in site.routed]
+    items = [(src, rows) for src, rows in items if rows.numel()]
+    if not items:
+        return None
+    kvs = [(src.prefix_kv(len(rows), key.dtype, key.device), rows) for src, rows in items]
+    p = max(k.shape[2] for (k, _), _ in kvs)
+    heads, dim = kvs[0][0][0].shape[1], kvs[0][0][0].shape[3]
+    pk = key.new_zeros(n, heads, p, dim)
+    pv = key.new_zeros(n, heads, p, dim)
+    visible = torch.zeros(n, p, dtype=torch.bool, device=key.device)
+    for (k, v), rows in kvs:
+        pad = (0, 0, 0, p - k.shape[2])
+        pk = pk.index_copy(0, rows, torch.nn.functional.pad(k, pad))
+        pv = pv.index_copy(0, rows, torch.nn.functional.pad(v, pad))
+        visible[rows, :k.shape[2]] = True
+    return pk, pv, visible
+
+
+def attention_with_prefix(module, query, key, value, attention_mask, *, base_implementation: str, **kwargs):
+    """Registered in transformers' AttentionInterface as ``unipeft_<impl>`` (bound to ``<impl>``).
+
+    head = Attn(x W_q, concat(P_k, C W_k), concat(P_v, C W_v))   (seed 002)
+
+    The keys and values arriving here are the real tokens' (after RoPE and
+    after the cache); the prefix is added at every call and never enters the
+    cache, which is what keeps generation correct across cache redesigns.
+    Only the interface's positional arguments (query, key, value, mask) and
+    shapes are read; keyword arguments pass through untouched except per-key
+    additive terms, recognised by their shape.
+    """
+    fn = _base_attention(module, base_implementation)
+    site = module.__dict__.get("_unipeft_kv")
+    if site is None:
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    if site.capture is not None:
+        site.capture.append((key.detach(), value.detach()))
+    visible = None
+    if site.route is not None:  # per-example routing: each row its own prefix (or none)
+        routed = _routed_prefix(site, query.shape[0], key)
+        if routed is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        pks, pvs, visible = (routed[0],), (routed[1],), routed[2]
+    elif not site.active:
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    else:
+        b = query.shape[0]
+        pks, pvs = zip(*(s.prefix_kv(b, key.dtype, key.device) for s in site.active))
+    p = sum(k.shape[2] for k in pks)
+    key_len = key.shape[2]
+    new_key = torch.cat([*pks, key], dim=2)
+    new_value = torch.cat([*pvs, value], dim=2)
+    attention_mask = _pad_mask(attention_mask, p, query, key_len, module, base_implementation, visible)
+    for name, extra in kwargs.items():
+        # A 4-D tensor over (batch, heads, queries, keys) is an additive term the base computed for
+        # the real keys (T5's relative position bias): the prefix gets none. Found by shape, not by
+        # the keyword, which transformers may rename.
+        if isinstance(extra, torch.Tensor) and extra.dim() == 4 and extra.shape[-1] == key_len \
+                and extra.shape[-2] == query.shape[2] and extra.is_floating_point():
+            kwargs[name] = torch.cat([extra.new_zeros(*extra.shape[:-1], p), extra], dim=-1)
+    return fn(module, query, new_key, new_value, attention_mask, **kwargs)
+
+
+def _bound_attention(base_implementation: str) -> Callable:
+    def unipeft_attention(module, query, key, value, attention_mask, **kwargs):
+        return attention_with_prefix(module, query, key, value, attention_mask,
+                                     base_implementation=base_implementation, **kwargs)
+    return unipeft_attention
+
+
+def current_attention(model: nn.Module) -> str:
+    """The attention implementation a model runs. ``config._attn_implementation`` is the one place
+    transformers 5 records it (read by its own modelling code; there is no public getter)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+
+
+def enable_attention_sites(model: nn.Module) -> None:
+    """Route the model's attention through ``attention_with_prefix`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    impl = current_attention(model)
+    if impl.startswith(_ATTN_PREFIX):
+        return
+    name = _ATTN_PREFIX + impl
+    # the base implementation is bound here, so no call needs to read the model's config
+    AttentionInterface.register(name, _bound_attention(impl))
+    mask_fns = ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionMaskInterface.register(name, mask_fns[impl] if impl in mask_fns.valid_keys() else mask_fns["eager"])
+    model.set_attn_implementation(name)
+    if current_attention(model) != name:
+        raise UnipeftError(
+            f"{type(model).__name__} does not use transformers' attention interface, so prefixes cannot be "
+            f"inserted into its attention"
+        )
+
+
+def disable_attention_sites(model: nn.Module) -> None:
+    impl = current_attention(model)
+    if impl.startswith(_ATTN_PREFIX):
+        model.set_attn_implementation(impl[len(_ATTN_PREFIX):])
+
+

@@ -1,0 +1,234 @@
+"""Per-example routing (up.route): a routed batch gives each row what that row gives alone.
+
+For every routable method on every family, two deltas of the method (different values, and for
+prompt and prefix tuning different lengths) and the base share one batch; each row's logits must
+equal those of the row run alone with its delta activated (same padding). Generation (greedy and
+beam search, with the KV cache) must give each row its own tokens. Mixed methods share a batch.
+After the block the model is exactly as before, also when the forward raises.
+"""
+import pytest
+import torch
+
+import tiny
+import unipeft as up
+from unipeft.errors import UnipeftError
+
+# two configurations per method: "a" and "b" differ (values; lengths for prompt and prefix)
+ROUTABLE = {
+    "lora": (lambda: up.LoRA(r=4, alpha=8), lambda: up.LoRA(r=2, alpha=4, targets="all-linear")),
+    "ia3": (lambda: up.IA3(), lambda: up.IA3()),
+    "houlsby": (lambda: up.Adapter(style="houlsby", bottleneck=8), lambda: up.Adapter(style="houlsby", bottleneck=4)),
+    "pfeiffer": (lambda: up.Adapter(style="pfeiffer", bottleneck=8), lambda: up.Adapter(style="pfeiffer", bottleneck=4)),
+    "parallel": (lambda: up.Adapter(style="parallel", bottleneck=8, locations=("attention", "ffn")),
+                 lambda: up.Adapter(style="parallel", bottleneck=4)),
+    "scaled_parallel": (lambda: up.Adapter(style="scaled_parallel", bottleneck=8, scale=2.0),
+                        lambda: up.Adapter(style="scaled_parallel", bottleneck=8, scale=4.0)),
+    "prompt": (lambda: up.PromptTuning(length=4, init="random"), lambda: up.PromptTuning(length=2, init="random")),
+    "prefix": (lambda: up.PrefixTuning(length=3, reparam_hidden=16), lambda: up.PrefixTuning(length=5, reparam_hidden=0)),
+    "bitfit": (lambda: up.BitFit(), lambda: up.BitFit(targets=("ffn_in", "ffn_out"))),
+}
+NO_BIAS = {"llama", "t5"}
+GRID = [(f, m) for f in tiny.FAMILIES for m in ROUTABLE if not (m == "bitfit" and f in NO_BIAS)]
+ATOL = 1e-5
+
+
+def scramble(model, name, seed):
+    """Move delta ``name`` well away from its initial values (its own parameters and, for
+    selective methods, the base parameters it trains in place)."""
+    reg = up.engine.registry(model)
+    delta = reg.deltas[name]
+    g = torch.Generator().manual_seed(seed)
+    up.activate(model, [name])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for p in delta.parameters() + [params[n] for n in delta.selected]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def with_deltas(family, configs: dict, head=None):
+    model = tiny.make(family, head)
+    for i, (name, cfg) in enumerate(configs.items()):
+        up.attach(model, cfg, name=name)
+        scramble(model, name, seed=10 + i)
+    up.activate(model, [])
+    return model.eval()
+
+
+def rows_of(batch, i):
+    return {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def alone(model, batch, names):
+    """Each row run alone with its delta active (None: no delta)."""
+    outs = []
+    saved = up.active(model)
+    for i, name in enumerate(names):
+        up.activate(model, [] if name is None else [name])
+        with torch.no_grad():
+            outs.append(tiny.logits(model, rows_of(batch, i)))
+    up.activate(model, saved)
+    return torch.cat(outs)
+
+
+def four_rows(family, head=None):
+    """Two tiny batches stacked: 4 rows, one of them right-padded."""
+    a, b = tiny.batch(family, head, seed=1), tiny.batch(family, head, seed=2)
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+@pytest.mark.parametrize("family,method", GRID)
+def test_routed_batch_equals_each_row_alone(family, method):
+    make_a, make_b = ROUTABLE[method]
+    model = with_deltas(family, {"a": make_a(), "b": make_b()})
+    batch = four_rows(family)
+    names = ["a", "b", None, "a"]
+    expected = alone(model, batch, names)
+    with up.route(model, names):
+        with torch.no_grad():
+            got = tiny.logits(model, batch)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    # the deltas really differ from each other and from the base on these rows
+    assert (expected[0] - alone(model, batch, [None, "b", None, "a"])[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_mixed_methods_in_one_batch(family):
+    configs = {"lora": up.LoRA(r=4, alpha=8), "prompt": up.PromptTuning(length=3, init="random"),
+               "ia3": up.IA3(), "prefix": up.PrefixTuning(length=2, reparam_hidden=0),
+               "adapter": up.Adapter(style="parallel", bottleneck=4)}
+    if family not in NO_BIAS:
+        configs["bitfit"] = up.BitFit()
+    model = with_deltas(family, configs)
+    names = ["lora", "prompt", "ia3", None, "prefix", "adapter"] + (["bitfit"] if "bitfit" in configs else [])
+    batch = {k: torch.cat([v] * 4)[:len(names)] for k, v in four_rows(family).items()}
+    expected = alone(model, batch, names)
+    with up.route(model, names), torch.no_grad():
+        got = tiny.logits(model, batch)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_classifier_heads_route_with_their_deltas():
+    """Each delta owns its task head: routed rows get their own classifier."""
+    model = with_deltas("bert", {"a": up.LoRA(r=4), "b": up.PromptTuning(length=2, init="random")}, head="cls")
+    batch = four_rows("bert", "cls")
+    names = ["b", "a", "a", None]
+    expected = alone(model, batch, names)
+    with up.route(model, names), torch.no_grad():
+        got = model(**batch).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# generation with the KV cache
+# ---------------------------------------------------------------------------
+
+GEN_METHODS = ["lora", "ia3", "prompt", "prefix", "houlsby"]
+
+
+def gen_alone(model, inputs, names, **kw):
+    outs = []
+    for i, name in enumerate(names):
+        up.activate(model, [] if name is None else [name])
+        with torch.no_grad():
+            outs.append(model.generate(**rows_of(inputs, i), **kw))
+    up.activate(model, [])
+    return outs
+
+
+@pytest.mark.parametrize("method", GEN_METHODS)
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "bart"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_routed_generate_gives_each_row_its_own_tokens(family, method, beams):
+    make_a, make_b = ROUTABLE[method]
+    model = with_deltas(family, {"a": make_a(), "b": make_b()})
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, tiny.VOCAB, (3, 5), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    names = ["a", None, "b"]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=beams, pad_token_id=0)
+    expected = gen_alone(model, inputs, names, **kw)
+    with up.route(model, names), torch.no_grad():
+        got = model.generate(**inputs, **kw)
+    for i in range(len(names)):
+        assert got[i].tolist() == expected[i][0].tolist(), f"row {i} ({names[i]})"
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_routed_generate_with_left_padding(method):
+    """Decoder-only batches are left-padded for generation; each row alone keeps its padding."""
+    make_a, make_b = ROUTABLE[method]
+    model = with_deltas("gpt2", {"a": make_a(), "b": make_b()})
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25], [0, 31, 32, 33, 34]])
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    names = ["b", "a", None]
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = gen_alone(model, inputs, names, **kw)
+    with up.route(model, names), torch.no_grad():
+        got = model.generate(**inputs, **kw)
+    for i in range(len(names)):
+        assert got[i].tolist() == expected[i][0].tolist(), f"row {i} ({names[i]})"
+
+
+# ---------------------------------------------------------------------------
+# the model after the block, training, and errors
+# ---------------------------------------------------------------------------
+
+def test_model_is_unchanged_after_the_block_even_when_the_forward_raises():
+    model = with_deltas("gpt2", {"a": up.LoRA(r=4), "b": up.PromptTuning(length=2, init="random"),
+                                 "c": up.BitFit()})
+    up.activate(model, ["a", "c"])
+    batch = tiny.batch("gpt2")
+    with torch.no_grad():
+        before = tiny.logits(model, batch)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(UnipeftError, match="2 names but the model ran a batch of 3"):
+        with up.route(model, ["b", "c"]), torch.no_grad():
+            tiny.logits(model, {k: torch.cat([v, v[:1]]) for k, v in batch.items()})
+    with pytest.raises(ZeroDivisionError):
+        with up.route(model, ["b", None]):
+            1 / 0
+    assert up.active(model) == ["a", "c"]
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.logits(model, batch), before, atol=0, rtol=0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, state[n]), n
+        assert p.requires_grad == grads[n], n
+
+
+def test_a_routed_batch_trains_each_delta_on_its_own_rows():
+    model = with_deltas("llama", {"a": up.LoRA(r=4), "b": up.PromptTuning(length=2, init="random"),
+                                  "c": up.IA3()})
+    batch = four_rows("llama")
+    model.train()
+    with up.route(model, ["a", "b", "a", None]):
+        tiny.logits(model, batch)[:, :, :].pow(2).mean().backward()
+    reg = up.engine.registry(model)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n in ("a", "b") for p in reg.deltas[n].parameters())
+    assert all(p.grad is None for p in reg.deltas["c"].parameters())  # routed to no row
+
+
+def test_errors_name_the_problem_and_the_choices():
+    model = with_deltas("gpt2", {"a": up.LoRA(r=4), "f": up.Freeze(train_last=1)})
+    with pytest.raises(UnipeftError, match=r"no delta named 'x'; attached deltas: 'a' or 'f'"):
+        with up.route(model, ["a", "x"]):
+            pass
+    with pytest.raises(UnipeftError, match=r"'f' \(freeze\) trains the base model's own weights.*Methods that route"):
+        with up.route(model, ["f", "a"]):
+            pass
+    with pytest.raises(UnipeftError, match="non-empty list"):
+        with up.route(model, "a"):
+            pass
+    up.activate(model, ["a"])
+    up.merge(model, "a")
+    with pytest.raises(UnipeftError, match=r"merged.*up.unmerge\(model, 'a'\)"):
+        with up.route(model, ["a", None]):
+            pass
+    up.unmerge(model, "a")
+    with up.route(model, ["a"]):
+        with pytest.raises(UnipeftError, match="do not nest"):
+            with up.route(model, ["a"]):
+                pass
+    with pytest.raises(UnipeftError, match="no deltas attached"):
+        with up.route(tiny.make("gpt2"), ["a"]):
+            pass

@@ -4,7 +4,7 @@ The project is tested on the oldest supported release and on the newest (``pypro
 states the range; ``.ci/run`` runs both). Where transformers renamed a public method inside that
 range, the new name is taken when the model has it and the old one otherwise, so neither end
 warns or breaks. Keyword arguments that transformers passes *to* our hooks are never read by
-name here or elsewhere when their type or shape identifies them (see ``positions.py``).
+name here or elsewhere when their type or shape identifies them (see ``positions/``).
 """
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ class Route:
         self.batch = len(self.names)
         self.order = list(dict.fromkeys(n for n in self.names if n is not None))  # distinct deltas
         self._rows: dict[tuple, torch.Tensor] = {}
+        self._slots: dict[tuple, torch.Tensor] = {}
 
     def rows(self, name: str, n: int, device, where=None) -> torch.Tensor:
         """The indices of the rows routed to ``name`` in a batch of n = k * batch rows (each
@@ -70,16 +71,26 @@ class Route:
             self._rows[key] = rows
         return rows
 
+    def slots(self, index: dict[str, int], n: int, device) -> torch.Tensor:
+        """(n,) per row: ``index[name]`` for the row's delta, 0 where its delta is not in ``index``
+        (or the row is on the base): the row of a stacked table each row reads."""
+        key = (tuple(index.items()), n, str(device))
+        slot = self._slots.get(key)
+        if slot is None:
+            self.rows(self.order[0] if self.order else "", n, device)  # the same check of n
+            per_example = torch.tensor([index.get(m, 0) if m is not None else 0 for m in self.names], dtype=torch.long)
+            slot = per_example.repeat_interleave(n // self.batch).to(device)
+            self._slots[key] = slot
+        return slot
 
-def _sites(model: nn.Module, reg, names: set[str]) -> list:
-    """Every site (linear, attention, input) holding one of ``names``."""
-    sites = []
-    paths = {p for n in names for p in reg.deltas[n].linear}
-    sites += [model.get_submodule(p) for p in sorted(paths)]
-    for p in sorted({p for n in names for p in reg.deltas[n].attention}):
+
+def _sites(model: nn.Module, reg) -> list:
+    """Every site of the model (linear, attention, input). All of them route, also those holding
+    no routed delta: under a route, a site ignores its active deltas."""
+    sites = [model.get_submodule(p) for p in sorted({p for d in reg.deltas.values() for p in d.linear})]
+    for p in sorted({p for d in reg.deltas.values() for p in d.attention}):
         sites.append(pos.attention_site(model.get_submodule(p)))
-    sites += [s for s in reg.input_sites.values() if names & set(s.sources)]
-    return sites
+    return sites + list(reg.input_sites.values())
 
 
 # ---------------------------------------------------------------------------
@@ -104,7 +115,9 @@ class _BiasRoute:
     """A forward hook adding row i's bias difference (trained - original) after one module."""
 
     def __init__(self, route: Route, module: nn.Module, diffs: list[tuple[str, torch.Tensor]]):
-        self.route, self.module, self.diffs = route, module, diffs
+        self.route, self.module = route, module
+        self.table = torch.stack([torch.zeros_like(diffs[0][1])] + [d for _, d in diffs])  # row 0: no change
+        self.index = {name: i + 1 for i, (name, _) in enumerate(diffs)}
         self.handle = module.register_forward_hook(self)
 
     def __call__(self, module, args, output):
@@ -112,12 +125,11 @@ class _BiasRoute:
             raise UnipeftError("BitFit deltas route for inference only: their biases are trained in place, so a "
                                "routed training step cannot reach them; train BitFit alone (up.activate) or call "
                                "model.eval() / torch.no_grad() for routed inference")
-        items = [(d, self.route.rows(name, output.shape[0], output.device, where=module)) for name, d in self.diffs]
-        items = [(d, rows) for d, rows in items if rows.numel()]
-        if not items:
-            return output
-        table = torch.stack([torch.zeros_like(items[0][0])] + [d for d, _ in items]).to(output.dtype)
-        return output + pos.linear.per_row(table, pos.linear.row_slots(items, output.shape[0], output.device), output)
+        slot = self.route.slots(self.index, output.shape[0], output.device)
+        diff = pos.linear.per_row(self.table.to(output.device, output.dtype), slot, output)
+        if torch.is_grad_enabled() and output.requires_grad:
+            return output + diff
+        return output.add_(diff)  # a module's fresh output, not yet seen by anyone: no copy needed
 
 
 def _check_routable(model: nn.Module, reg, order: list[str]) -> None:
@@ -185,15 +197,19 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     the_route = Route(names)
     _check_routable(model, reg, the_route.order)  # refuse before touching anything
     saved = list(reg.active)
-    set_active(model, [])  # selective deltas put their originals back; routed rows get their own below
+    # deltas trained in place (BitFit) put their originals back; routed rows get their own below
+    in_place = any(reg.deltas[n].selected for n in saved)
+    routed_params = [p for n in the_route.order for p in reg.deltas[n].parameters()]
+    grads = [p.requires_grad for p in routed_params]
     sites, hooks = [], []
     try:
+        if in_place:
+            set_active(model, [n for n in saved if not reg.deltas[n].selected])
         reg.route = the_route
-        for name in the_route.order:
-            for p in reg.deltas[name].parameters():
-                p.requires_grad_(True)
+        for p in routed_params:  # a routed batch may train the routed deltas
+            p.requires_grad_(True)
         hooks = _bias_routes(model, reg, the_route)
-        sites = _sites(model, reg, set(the_route.order))
+        sites = _sites(model, reg)
         for site in sites:
             site.unipeft_route(the_route)
         yield model
@@ -202,8 +218,8 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
             site.unipeft_route(None)
         for h in hooks:
             h.handle.remove()
-        for d in reg.deltas.values():
-            for m in d.linear.values():
-                m.__dict__.pop("_routing_memo", None)  # gathered factors kept for the block only
+        for p, g in zip(routed_params, grads):
+            p.requires_grad_(g)
         reg.route = None
-        set_active(model, saved)
+        if in_place:
+            set_active(model, saved)

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import MethodConfig, check_choice, check_number, check_positive_int, method
 from ..errors import UnipeftError, choices
@@ -118,6 +119,55 @@ class AdapterDelta(LinearDelta):
         return y + a * self.scale if self.scale != 1.0 else y + a
 
 
+    @classmethod
+    def routed_output(cls, site, items, x, y):
+        """Several adapters, each on its own rows (per-example routing), in one gathered computation:
+
+            y_i += s_d(i) * up_d(i)(act(down_d(i)(src_i)))    src = y (sequential) or the tapped input
+
+        Every adapter's weights at the site are stacked (bottlenecks zero-padded to the largest: a
+        padded unit's up-projection column is zero, so it adds nothing whatever the activation),
+        gathered per row and applied as batched products. Rows on no adapter here add zero."""
+        first = items[0][1]
+        srcs = [d.tapped if d.parallel else y for _, d, _ in items]
+        for _, d, _ in items:
+            d.tapped = None  # do not keep the activation alive past its use
+        if any(s is None for s in srcs):
+            raise RuntimeError("parallel adapter: the sublayer input was not seen before its output")
+        same = all(type(d.act) is type(first.act) and d.parallel == first.parallel for _, d, _ in items)
+        if len(items) == 1 or not same:  # each on its own rows
+            for (_, d, rows), src in zip(items, srcs):
+                a = d.up(d.act(d.down(src.index_select(0, rows))))
+                y = y.index_copy(0, rows, y.index_select(0, rows) + (a * d.scale if d.scale != 1.0 else a))
+            return y
+        grad = torch.is_grad_enabled() and any(p.requires_grad for _, d, _ in items for p in d.parameters())
+        named = [(n, d) for n, d, _ in items] if grad else [
+            (n, d) for n, d in site.unipeft_deltas.items()
+            if isinstance(d, AdapterDelta) and type(d.act) is type(first.act) and d.parallel == first.parallel]
+        tables = site.routed_table(f"adapter-{type(first.act).__name__}-{first.parallel}", [d for _, d in named],
+                                   _stack_adapters, grad)
+        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
+        dw, db, uw, ub = (t.index_select(0, slot).to(y.dtype) for t in tables)
+        n = y.shape[0]
+        src = srcs[0].to(y.dtype).reshape(n, -1, srcs[0].shape[-1])
+        hidden = first.act(torch.baddbmm(db[:, None, :], src, dw.transpose(1, 2)))
+        out = torch.baddbmm(ub[:, None, :], hidden, uw.transpose(1, 2))
+        return y + out.view(y.shape)
+
+
+def _stack_adapters(deltas):
+    """Down (D+1, m, d), down bias (D+1, m), scaled up (D+1, d, m), scaled up bias (D+1, d); row 0 zeros."""
+    m = max(d.down.out_features for d in deltas)
+    dw, db, uw, ub = [], [], [], []
+    for d in deltas:
+        pad = m - d.down.out_features
+        dw.append(F.pad(d.down.weight, (0, 0, 0, pad)))
+        db.append(F.pad(d.down.bias, (0, pad)))
+        uw.append(F.pad(d.up.weight, (0, pad)) * d.scale)
+        ub.append(d.up.bias * d.scale)
+    return tuple(torch.stack([torch.zeros_like(t[0])] + t) for t in (dw, db, uw, ub))
+
+
 class InputTap(LinearDelta):
     """Hands the sublayer's input to a parallel adapter at the sublayer's output."""
 
@@ -129,4 +179,11 @@ class InputTap(LinearDelta):
 
     def input(self, x):
         self.adapter.tapped = x
+        return x
+
+    @classmethod
+    def routed_input(cls, site, items, x):
+        """Routed: every tapped adapter gets the whole batch (it reads its own rows)."""
+        for _, tap, _ in items:
+            tap.adapter.tapped = x
         return x

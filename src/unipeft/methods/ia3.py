@@ -92,20 +92,25 @@ class IA3Delta(LinearDelta):
         return y * self.scale()
 
     @classmethod
-    def _routed_scale(cls, items, like):
+    def _routed_scale(cls, site, items, like):
         """Per-row scale vectors (ones for rows on no delta here): one gather for all deltas."""
-        from ..positions.linear import per_row, row_slots
+        from ..positions.linear import per_row
 
-        table = torch.stack([torch.ones_like(items[0][0].scale())] + [d.scale() for d, _ in items])
-        return per_row(table.to(like.dtype), row_slots(items, like.shape[0], like.device), like)
+        grad = torch.is_grad_enabled() and any(d.ia3_l.requires_grad for _, d, _ in items)
+        named = [(n, d) for n, d, _ in items] if grad else \
+            [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, IA3Delta) and d.mode == items[0][1].mode]
+        table = site.routed_table(f"ia3-{items[0][1].mode}", [d for _, d in named],
+                                  lambda ds: torch.stack([torch.ones_like(ds[0].scale())] + [d.scale() for d in ds]), grad)
+        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, like.shape[0], like.device)
+        return per_row(table.to(like.dtype), slot, like)
 
     @classmethod
-    def routed_input(cls, items, x):
-        return x * cls._routed_scale(items, x)
+    def routed_input(cls, site, items, x):
+        return x * cls._routed_scale(site, items, x)
 
     @classmethod
-    def routed_output(cls, items, x, y):
-        return y * cls._routed_scale(items, y)
+    def routed_output(cls, site, items, x, y):
+        return y * cls._routed_scale(site, items, y)
 
     def merged(self, weight, bias):
         s = self.scale().to(weight.dtype)

@@ -113,37 +113,26 @@ class LoRADelta(LinearDelta):
         return out.view(y.shape)
 
     @classmethod
-    def routed_output(cls, items, x, y):
+    def routed_output(cls, site, items, x, y):
         """Several LoRA deltas, each on its own rows, in one gathered computation (per-example routing):
 
-            y_i += s_d(i) * B_d(i) A_d(i) x_i     for every row i, d(i) its delta (zero for others)
+            y_i += s_d(i) * B_d(i) A_d(i) x_i     for every row i, d(i) its delta (zero for other rows)
 
-        The factors of all deltas are stacked (ranks padded with zeros to the largest), gathered per
-        row and applied as two batched products, so the cost does not grow with the number of deltas.
-        Without autograd the stacked, gathered factors are kept for the routing block."""
-        if len(items) == 1 or any(d.drop is not None and d.training for d, _ in items):
-            return super().routed_output(items, x, y)
-        from ..positions.linear import row_slots
-
+        Every LoRA delta's factors at the site are stacked (ranks padded with zeros to the largest,
+        row 0 all zeros), gathered per row and applied as two batched products, so the cost does not
+        grow with the number of deltas. Without autograd the stacked factors are kept on the site
+        (one extra copy of its LoRA factors) until a delta or a parameter changes."""
+        if len(items) == 1 or any(d.drop is not None and d.training for _, d, _ in items):
+            return super().routed_output(site, items, x, y)
+        grad = torch.is_grad_enabled() and any(d.lora_A.requires_grad or d.lora_B.requires_grad for _, d, _ in items)
+        # with autograd only the routed deltas (their gradients); without, every LoRA delta here (kept)
+        named = [(n, d) for n, d, _ in items] if grad else \
+            [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, LoRADelta)]
+        a, b = site.routed_table("lora", [d for _, d in named], _stack_factors, grad)
+        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
         n, dt = x.shape[0], y.dtype
-        grad = torch.is_grad_enabled() and any(d.lora_A.requires_grad or d.lora_B.requires_grad for d, _ in items)
-
-        def gathered():
-            rank = max(d.lora_A.shape[0] for d, _ in items)
-            zero_a = items[0][0].lora_A.new_zeros(rank, items[0][0].lora_A.shape[1])
-            zero_b = items[0][0].lora_B.new_zeros(items[0][0].lora_B.shape[0], rank)
-            a = torch.stack([zero_a] + [F.pad(d.lora_A, (0, 0, 0, rank - d.lora_A.shape[0])) for d, _ in items])
-            b = torch.stack([zero_b] + [F.pad(d.lora_B * d.scale, (0, rank - d.lora_B.shape[1])) for d, _ in items])
-            slot = row_slots(items, n, x.device)
-            return a.index_select(0, slot).to(dt), b.index_select(0, slot).to(dt)  # (n, R, in), (n, out, R)
-
-        if grad:
-            a, b = gathered()
-        else:
-            key = (n, dt, tuple((id(d), d.lora_A._version, d.lora_B._version, id(r)) for d, r in items))
-            a, b = _routing_memo(items, key, gathered)
-        xs = x.to(dt).reshape(n, -1, x.shape[-1])
-        t = torch.bmm(xs, a.transpose(1, 2))                                   # (n, T, R)
+        a, b = a.index_select(0, slot).to(dt), b.index_select(0, slot).to(dt)   # (n, R, in), (n, out, R)
+        t = torch.bmm(x.to(dt).reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, T, R)
         if not grad and y.is_contiguous():
             y.view(n, -1, y.shape[-1]).baddbmm_(t, b.transpose(1, 2))
             return y
@@ -156,15 +145,17 @@ class LoRADelta(LinearDelta):
         return weight + self.delta_weight().to(weight.dtype), bias
 
 
-def _routing_memo(items, key, build):
-    """The gathered factors for one routing block, kept on the first delta of the group (a plain
-    attribute: not state) and rebuilt when the rows, the dtype or any parameter changes."""
-    holder = items[0][0].__dict__
-    memo = holder.get("_routing_memo")
-    if memo is None or memo[0] != key:
-        memo = (key, build())
-        holder["_routing_memo"] = memo
-    return memo[1]
+def _stack_factors(deltas) -> tuple[torch.Tensor, torch.Tensor]:
+    """[0; A_1; ...] (D+1, R, in) and [0; s_1 B_1; ...] (D+1, out, R), ranks zero-padded to R."""
+    rank = max(d.lora_A.shape[0] for d in deltas)
+    first = deltas[0]
+    a = [first.lora_A.new_zeros(rank, first.lora_A.shape[1])]
+    b = [first.lora_B.new_zeros(first.lora_B.shape[0], rank)]
+    for d in deltas:
+        r = d.lora_A.shape[0]
+        a.append(d.lora_A if r == rank else F.pad(d.lora_A, (0, 0, 0, rank - r)))
+        b.append((d.lora_B if r == rank else F.pad(d.lora_B, (0, rank - r))) * d.scale)
+    return torch.stack(a), torch.stack(b)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

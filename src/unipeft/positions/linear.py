@@ -45,30 +45,23 @@ class LinearDelta(nn.Module):
         raise UnipeftError(f"{type(self).__name__} cannot be merged into the base weights")
 
     # --- routing (up.route): several deltas of one class at a site, each on its own rows ----------
-    # ``items`` is [(delta, rows)], rows a LongTensor of batch indices, disjoint across items. The
-    # defaults run each delta on its rows (index_select -> the delta -> index_copy): the work is that
-    # of each delta on its own rows. A class overrides them with one gathered computation for all its
-    # deltas at once (LoRA: per-row low-rank factors in one bmm; (IA)3: per-row scale vectors).
+    # ``items`` is [(name, delta, rows)], rows a LongTensor of batch indices, disjoint across items.
+    # The defaults run each delta on its rows (index_select -> the delta -> index_copy): the work is
+    # that of each delta on its own rows. A class overrides them with one gathered computation for
+    # all its deltas at once (LoRA: per-row low-rank factors in one bmm; (IA)3: per-row scale
+    # vectors), using ``site.routed_table`` and ``site.routed_slots``.
 
     @classmethod
-    def routed_input(cls, items, x):
-        for d, rows in items:
+    def routed_input(cls, site, items, x):
+        for _, d, rows in items:
             x = x.index_copy(0, rows, d.input(x.index_select(0, rows)).to(x.dtype))
         return x
 
     @classmethod
-    def routed_output(cls, items, x, y):
-        for d, rows in items:
+    def routed_output(cls, site, items, x, y):
+        for _, d, rows in items:
             y = y.index_copy(0, rows, d.output(x.index_select(0, rows), y.index_select(0, rows)).to(y.dtype))
         return y
-
-
-def row_slots(items, n: int, device) -> torch.Tensor:
-    """(n,) index per row into [nothing, items[0], items[1], ...]: 0 for rows no item owns."""
-    slot = torch.zeros(n, dtype=torch.long, device=device)
-    for i, (_, rows) in enumerate(items):
-        slot.index_fill_(0, rows, i + 1)
-    return slot
 
 
 def per_row(table: torch.Tensor, slot: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -131,20 +124,38 @@ class LinearSite:
             rows = route.rows(name, x.shape[0], x.device, where=self)
             if rows.numel():
                 kind = "input" if d.rewrites_input else "replace" if d.replaces_base else "output"
-                groups.setdefault((kind, type(d)), []).append((d, rows))
+                groups.setdefault((kind, type(d)), []).append((name, d, rows))
         h = x
         for (kind, cls), items in groups.items():
             if kind == "input":
-                h = cls.routed_input(items, h)
+                h = cls.routed_input(self, items, h)
         y = super().forward(h)
         for (kind, cls), items in groups.items():
             if kind == "replace":
-                for d, rows in items:
+                for _, d, rows in items:
                     y = y.index_copy(0, rows, d.replace(h.index_select(0, rows)).to(y.dtype))
         for (kind, cls), items in groups.items():
             if kind == "output":
-                y = cls.routed_output(items, x, y)
+                y = cls.routed_output(self, items, x, y)
         return y
+
+    def routed_slots(self, index: dict[str, int], n: int, device) -> torch.Tensor:
+        """(n,) per row: ``index[name of the row's delta]``, 0 for rows whose delta is not in ``index``."""
+        return self._unipeft_route.slots(index, n, device)
+
+    def routed_table(self, tag: str, deltas: list, build, grad: bool):
+        """Tables a class stacks from its deltas at this site (e.g. every LoRA factor), built by
+        ``build(deltas)``. Without autograd they are kept on the site, across routing blocks, until
+        a delta is added or removed or a parameter changes (its version counter moves); with
+        autograd they are built for the call, so gradients reach each delta."""
+        if grad:
+            return build(deltas)
+        key = (tag, tuple((id(d), *(p._version for p in d.parameters())) for d in deltas))
+        kept = self.__dict__.get("_unipeft_route_tables", {})
+        if kept.get(tag, (None,))[0] != key:
+            kept = {**kept, tag: (key, build(deltas))}
+            self.__dict__["_unipeft_route_tables"] = kept
+        return kept[tag][1]
 
     # --- weights as (out, in), whatever the storage layout -----------------
     def unipeft_weight_out_in(self) -> torch.Tensor:
@@ -218,7 +229,7 @@ def uninstall_linear_site(module: nn.Module) -> None:
     base = [c for c in type(module).__mro__[1:] if c is not LinearSite and issubclass(c, nn.Module)][0]
     del module.unipeft_deltas
     for attr in ("_unipeft_transposed", "_unipeft_merged", "_unipeft_pre", "_unipeft_post", "_unipeft_replace",
-                 "_unipeft_route", "_unipeft_routed"):
+                 "_unipeft_route", "_unipeft_routed", "_unipeft_route_tables"):
         module.__dict__.pop(attr, None)
     module.__class__ = base
 

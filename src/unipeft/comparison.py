@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import fileio
+from . import fileio, progress
 from .errors import UnipeftError, choices
 
 # the main job's budget on the embedded default (BBC News): ~1 minute per method on 2 CPU cores
@@ -202,6 +202,7 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
                 "data": data, "settings": {**settings, **method_settings.get(m, {})},
                 "out": str(out / "runs" / m), "threads": threads}
         t = time.perf_counter()
+        progress.note(f"[{i}/{len(methods)}] training and measuring {m} ...")
         if in_process:
             try:
                 rec = run_method(spec)
@@ -240,11 +241,20 @@ def _run_worker(spec: dict) -> dict:
         spec = {**spec, "result": str(Path(tmp) / "result.json")}
         path = Path(tmp) / "spec.json"
         path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "unipeft.comparison", "--worker", str(path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "unipeft.comparison", "--worker", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        last = ""
+        for line in proc.stderr:  # the worker's progress lines pass through; the last line names a failure
+            if line.startswith("[unipeft]"):
+                if not progress.quiet():
+                    sys.stderr.write("    " + line)
+                    sys.stderr.flush()
+            elif line.strip():
+                last = line.strip()
+        proc.wait()
         if Path(spec["result"]).is_file():
             return json.loads(Path(spec["result"]).read_text())
-        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
+        tail = last or f"exit code {proc.returncode}"
         return {"method": spec["method"], "error": f"worker process died: {tail}"}
 
 
@@ -273,20 +283,21 @@ def add_arguments(p) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run every method in this process (faster start; peak memory is then shared)")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (the table and report still come)")
     add_data_arguments(p)
     add_train_arguments(p)
 
 
 def run(args) -> int:
     from .compare_report import markdown_table
-    from .training.cli import DATA_FLAGS, TRAIN_FLAGS, collect, setup_runtime
+    from .training.cli import TRAIN_FLAGS, collect, data_options, setup_runtime
     from .training.defaults import parse_method_options
 
-    setup_runtime(args.threads)
+    setup_runtime(args.threads, args.quiet)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = parse_method_options(args.method_option, methods)
     per_method = parse_method_options(args.method_setting, methods, what="method setting")
-    report = compare(args.model, args.task, methods, out=args.out, data=collect(args, DATA_FLAGS),
+    report = compare(args.model, args.task, methods, out=args.out, data=data_options(args),
                      method_options=options, method_settings=per_method, threads=args.threads, in_process=args.in_process, quiet=args.json,
                      **collect(args, TRAIN_FLAGS))
     if args.json:

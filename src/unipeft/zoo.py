@@ -55,8 +55,11 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
-    lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    from . import progress
+
+    with progress.phase(f"converting SmolLM2-135M from GGUF once (about 20 s; cached in {cache})"):
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+        lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # save_pretrained refuses a GGUF-quantised model until these are cleared
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config

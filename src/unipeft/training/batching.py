@@ -165,11 +165,14 @@ def default_cache_dir() -> Path:
 
 
 def encode(task: Task, examples: list[dict], tokenizer, max_length: int = 128, *, prompts_only: bool = False,
-           cache_dir: str | os.PathLike | None | bool = True) -> Encoded:
+           cache_dir: str | os.PathLike | None | bool = True, quiet: bool = False) -> Encoded:
     """Tokenise ``examples`` for ``task``; cached on disk unless ``cache_dir`` is None/False.
 
-    ``prompts_only`` encodes the inputs a model generates from (no labels).
+    ``prompts_only`` encodes the inputs a model generates from (no labels). Shows a progress
+    phase (or a line for a cache hit) unless ``quiet``.
     """
+    from .. import progress
+
     if max_length < 2:
         raise UnipeftError(f"max_length must be at least 2, got {max_length}")
     if cache_dir is True:
@@ -181,10 +184,15 @@ def encode(task: Task, examples: list[dict], tokenizer, max_length: int = 128, *
             from safetensors.torch import load_file
 
             try:
-                return Encoded(**load_file(str(path)))
+                enc = Encoded(**load_file(str(path)))
+                if not quiet:
+                    progress.note(f"tokenised {len(examples):,} examples (cache hit)")
+                return enc
             except Exception:  # a damaged cache file is rebuilt, never trusted
                 pass
-    enc = _encode_uncached(task, examples, tokenizer, max_length, prompts_only)
+    with progress.phase("tokenising", len(examples), "examples", enabled=not quiet and len(examples) >= 1000) as bar:
+        enc = _encode_uncached(task, examples, tokenizer, max_length, prompts_only)
+        bar.update(len(examples))
     if path is not None:
         from safetensors.torch import save_file
 

@@ -20,7 +20,8 @@ from .trainer import PRECISIONS, SCHEDULES, TrainConfig
 TRAIN_FLAGS = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "schedule", "weight_decay",
                "max_grad_norm", "precision", "gradient_checkpointing", "seed", "eval_every", "eval_batch_size",
                "eval_generate", "save_every", "keep_checkpoints", "early_stopping", "aux_lm_weight",
-               "group_by_length", "max_length", "max_new_tokens", "num_beams", "log_every", "progress", "tensorboard")
+               "group_by_length", "max_length", "max_new_tokens", "num_beams", "log_every", "progress", "tensorboard",
+               "eval_max_examples")
 DATA_FLAGS = ("data_dir", "train", "dev", "test", "kind", "text_column", "text_pair_column", "target_column",
               "labels", "train_size", "dev_size")
 
@@ -39,7 +40,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="folder of a builtin task's files (GLUE root or task folder, E2E folder)")
     g.add_argument("--train", help="training file (.csv, .tsv, .jsonl)")
     g.add_argument("--dev", help="dev file (default: held out from --train)")
-    g.add_argument("--test", help="test file")
+    g.add_argument("--test", nargs="?", const=True, metavar="FILE",
+                   help="test file (`unipeft train`: --test alone, or a test file, also scores the test split at "
+                        "the end; --no-test skips it)")
     g.add_argument("--kind", choices=("classification", "regression", "causal_lm", "seq2seq"),
                    help="task kind for your own files (default classification)")
     g.add_argument("--text-column", help="input column (name, or 0-based index for headerless files)")
@@ -78,6 +81,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--eval-generate", type=_bool, nargs="?", const=True,
                    help="generation tasks: BLEU/ROUGE at evaluations during training (slow; default: dev loss)")
+    g.add_argument("--eval-max-examples", type=int, metavar="N",
+                   help="cap every evaluation at N examples (generation tasks: N distinct sources)")
     g.add_argument("--save-every", type=int, help="write a checkpoint every N steps (needed for --resume)")
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
     g.add_argument("--early-stopping", type=int, help="stop after N evaluations without improvement")
@@ -87,7 +92,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, help=f"generation length (default {d.max_new_tokens})")
     g.add_argument("--num-beams", type=int, help="beam search width for generation (default 1: greedy)")
     g.add_argument("--log-every", type=int, help="log every N steps (default 10)")
-    g.add_argument("--progress", type=_bool, nargs="?", const=True, help="progress bar (default: on a terminal)")
+    g.add_argument("--progress", type=_bool, nargs="?", const=True,
+                   help="progress: a bar on a terminal, a plain line per phase elsewhere (default); false: none")
     g.add_argument("--tensorboard", type=_bool, nargs="?", const=True, help="also log to <out>/tensorboard")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
@@ -96,13 +102,34 @@ def collect(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def setup_runtime(threads: int | None = None) -> None:
-    """Quiet transformers' loading reports and bars; set torch's CPU threads when given."""
+def data_options(args) -> dict:
+    """The data options; ``--test`` given alone asks to score the test split and names no file."""
+    data = collect(args, DATA_FLAGS)
+    if data.get("test") is True:
+        del data["test"]
+    return data
+
+
+def score_test(args) -> bool | None:
+    """--no-test: False; --test (alone or with a file): True; neither: None (the task kind decides)."""
+    if getattr(args, "score_test", None) is False:
+        if getattr(args, "test", None) is not None:
+            raise UnipeftError("--test and --no-test contradict each other: give one")
+        return False
+    return True if getattr(args, "test", None) is not None else None
+
+
+def setup_runtime(threads: int | None = None, quiet: bool = False) -> None:
+    """Quiet transformers' loading reports and bars (unipeft shows its own phases, ``progress.py``);
+    set torch's CPU threads when given; ``quiet``: no progress at all."""
     import torch
     from transformers.utils import logging as hf_logging
 
+    from .. import progress
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    progress.set_quiet(quiet)
     if threads:
         torch.set_num_threads(threads)
 
@@ -125,7 +152,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="a method option, e.g. r=16 or targets=q,k,v (repeatable)")
     p.add_argument("--out", help="run directory: delta/, run.json, results.json, log.jsonl, checkpoints/")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress: stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+    p.add_argument("--no-test", dest="score_test", action="store_false", default=None,
+                   help="do not score the test split at the end. Default: scored for classification and "
+                        "regression; for generation tasks only with --test (it generates for every source: minutes)")
     add_data_arguments(p)
     add_train_arguments(p)
 
@@ -138,12 +169,13 @@ def run_train(args) -> int:
     from .defaults import parse_method_options
     from . import run
 
-    setup_runtime(args.threads)
+    setup_runtime(args.threads, args.quiet)
     if args.resume and not args.out:
         raise UnipeftError("--resume needs --out (the run directory holding checkpoints/)")
     options = parse_method_options(args.method_option, [args.method])[args.method]
     results = run.train(args.model, args.task, args.method, out=args.out, method_options=options,
-                        resume=args.resume, data=collect(args, DATA_FLAGS), **collect(args, TRAIN_FLAGS))
+                        resume=args.resume, data=data_options(args), evaluate_test=score_test(args),
+                        **collect(args, TRAIN_FLAGS))
     if not results["_main"]:
         return 0  # under several processes the main one reports
     results = _public(results)
@@ -169,11 +201,13 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file holding any of these options")
     p.add_argument("run_dir", help="the --out directory of a `unipeft train` run")
     p.add_argument("--split", default="dev", choices=("dev", "test", "train"))
-    p.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    p.add_argument("--limit", "--eval-max-examples", type=int, dest="limit", metavar="N",
+                   help="evaluate the first N examples only (generation tasks: N distinct sources)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-beams", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     p.add_argument("--threads", type=int)
     add_data_arguments(p)
 
@@ -181,8 +215,8 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 def run_eval(args) -> int:
     from . import run
 
-    setup_runtime(args.threads)
-    metrics = run.evaluate(args.run_dir, args.split, data=collect(args, DATA_FLAGS), batch_size=args.batch_size,
+    setup_runtime(args.threads, args.quiet)
+    metrics = run.evaluate(args.run_dir, args.split, data=data_options(args), batch_size=args.batch_size,
                            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, limit=args.limit)
     print(json.dumps(metrics) if args.json else ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
@@ -196,13 +230,14 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-beams", type=int)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     p.add_argument("--threads", type=int)
 
 
 def run_predict(args) -> int:
     from . import run
 
-    setup_runtime(args.threads)
+    setup_runtime(args.threads, args.quiet)
     if args.input:
         if not Path(args.input).is_file():
             raise UnipeftError(f"input file {args.input} does not exist")

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from .. import progress
 from . import distributed as dist
 from .batching import IGNORE, Collator, Encoded, batch_order, encode
 from .metrics import compute, group_references
@@ -82,14 +83,21 @@ def eval_mode(model):
         model.train(was)
 
 
+def _speaks(shard) -> bool:
+    """Only the main process shows progress."""
+    return shard is None or shard[0] == 0
+
+
 @torch.no_grad()
-def predict(model, task: Task, enc: Encoded, tokenizer, batch_size: int = 64, precision: str = "fp32", shard=None):
+def predict(model, task: Task, enc: Encoded, tokenizer, batch_size: int = 64, precision: str = "fp32", shard=None,
+            label: str = "predicting"):
     """Label ids (classification) or numbers (regression) for every example, in order."""
     collate = Collator(pad_id(tokenizer))
     dev = _device(model)
     local: list = []
-    with eval_mode(model):
+    with eval_mode(model), progress.phase(f"{label}: forward passes", len(enc), "examples", _speaks(shard)) as bar:
         for idx in _batches(enc.lengths(), batch_size, shard):
+            bar.update(len(idx) * (1 if shard is None else shard[1]))
             batch = collate([enc.example(i) for i in idx])
             batch.pop("labels", None)
             with autocast(precision, dev):
@@ -100,13 +108,15 @@ def predict(model, task: Task, enc: Encoded, tokenizer, batch_size: int = 64, pr
 
 
 @torch.no_grad()
-def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: str = "fp32", shard=None) -> float:
+def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: str = "fp32", shard=None,
+              label: str = "evaluating") -> float:
     """The loss over a split, weighted by examples (or by target tokens for generation tasks)."""
     collate = Collator(pad_id(tokenizer))
     dev = _device(model)
     total, weight = 0.0, 0
-    with eval_mode(model):
+    with eval_mode(model), progress.phase(f"{label}: loss", len(enc), "examples", _speaks(shard)) as bar:
         for idx in _batches(enc.lengths(), batch_size, shard):
+            bar.update(len(idx) * (1 if shard is None else shard[1]))
             batch = {k: v.to(dev) for k, v in collate([enc.example(i) for i in idx]).items()}
             with autocast(precision, dev):
                 loss = model(**batch).loss.float().item()
@@ -123,15 +133,19 @@ def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: s
 
 @torch.no_grad()
 def generate(model, task: Task, sources: list[str], tokenizer, *, max_length: int = 128, max_new_tokens: int = 64,
-             num_beams: int = 1, batch_size: int = 16, precision: str = "fp32", shard=None) -> list[str]:
-    """Generated text for each source (greedy when num_beams == 1)."""
-    enc = encode(task, [{"text": s} for s in sources], tokenizer, max_length, prompts_only=True, cache_dir=None)
+             num_beams: int = 1, batch_size: int = 16, precision: str = "fp32", shard=None,
+             label: str = "generating") -> list[str]:
+    """Generated text for each source (greedy when num_beams == 1), in length-sorted batches with the
+    KV cache (``generate``'s default), so a batch pads little and every step reuses the cache."""
+    enc = encode(task, [{"text": s} for s in sources], tokenizer, max_length, prompts_only=True, cache_dir=None,
+                 quiet=True)
     causal = task.kind == "causal_lm"
     collate = Collator(pad_id(tokenizer), padding_side="left" if causal else "right")
     dev = _device(model)
     local: list = []
-    with eval_mode(model):
+    with eval_mode(model), progress.phase(f"{label}: generation", len(sources), "sources", _speaks(shard)) as bar:
         for idx in _batches(enc.lengths(), batch_size, shard):
+            bar.update(len(idx) * (1 if shard is None else shard[1]))
             batch = {k: v.to(dev) for k, v in collate([enc.example(i) for i in idx]).items()}
             with autocast(precision, dev):
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
@@ -142,28 +156,52 @@ def generate(model, task: Task, sources: list[str], tokenizer, *, max_length: in
     return _gather_by_index([None] * len(sources), local, shard)
 
 
+def cap_examples(task: Task, examples: list[dict], max_examples: int | None) -> list[dict]:
+    """The first ``max_examples`` examples (generation tasks: the first that many distinct sources,
+    each with all of its references); all of them when None."""
+    if not max_examples or max_examples >= len(examples):
+        return examples
+    if not task.generative:
+        return examples[:max_examples]
+    kept: set = set()
+    for e in examples:
+        if len(kept) == max_examples and e["text"] not in kept:
+            continue
+        kept.add(e["text"])
+    return [e for e in examples if e["text"] in kept]
+
+
 def evaluate(model, task: Task, examples: list[dict], tokenizer, *, max_length: int = 128, batch_size: int = 64,
              precision: str = "fp32", generation: bool = True, max_new_tokens: int = 64, num_beams: int = 1,
-             encoded: Encoded | None = None, limit_sources: int | None = None, accelerator=None) -> dict[str, float]:
+             encoded: Encoded | None = None, max_examples: int | None = None, accelerator=None,
+             label: str = "evaluating") -> dict[str, float]:
     """The task's metrics on ``examples``. Generation tasks: BLEU/ROUGE-L when ``generation``, else the loss.
+    ``max_examples`` caps the examples (distinct sources for generation); ``label`` names the phase
+    in progress lines ("scoring test").
 
     With an ``accelerator`` of several processes, every process must call this (see the module's docstring).
     """
     shard = shard_of(model, accelerator)
+    if max_examples and max_examples < len(examples):
+        examples, encoded = cap_examples(task, examples, max_examples), None
+    speaks = _speaks(shard)
     if task.generative:
         out = {}
-        enc = encoded if encoded is not None else encode(task, examples, tokenizer, max_length)
-        out["loss"] = mean_loss(model, enc, tokenizer, max(1, batch_size // 2), precision, shard)
+        sources, refs = group_references(examples)
+        what = (f"{len(sources):,} sources, {sum(map(len, refs)):,} references, generation up to "
+                f"{max_new_tokens} tokens" + (f", {num_beams} beams" if num_beams > 1 else "")) if generation \
+            else f"{len(examples):,} examples, loss only"
+        progress.note(f"{label}: {what}", speaks)
+        enc = encoded if encoded is not None else encode(task, examples, tokenizer, max_length, quiet=True)
+        out["loss"] = mean_loss(model, enc, tokenizer, max(1, batch_size // 2), precision, shard, label)
         if generation:
-            sources, refs = group_references(examples)
-            if limit_sources:
-                sources, refs = sources[:limit_sources], refs[:limit_sources]
             preds = generate(model, task, sources, tokenizer, max_length=max_length, max_new_tokens=max_new_tokens,
                              num_beams=num_beams, batch_size=max(1, batch_size // 4), precision=precision,
-                             shard=shard)
-            out.update(compute(task, preds, refs))
+                             shard=shard, label=label)
+            with progress.phase(f"{label}: scoring {', '.join(task.metrics)}", enabled=speaks):
+                out.update(compute(task, preds, refs))
         return out
-    enc = encoded if encoded is not None else encode(task, examples, tokenizer, max_length)
-    preds = predict(model, task, enc, tokenizer, batch_size, precision, shard)
+    enc = encoded if encoded is not None else encode(task, examples, tokenizer, max_length, quiet=True)
+    preds = predict(model, task, enc, tokenizer, batch_size, precision, shard, label)
     metrics = compute(task, preds, [e["target"] for e in examples])
     return {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

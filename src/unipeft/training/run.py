@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import fileio
+from .. import fileio, progress
 from ..errors import UnipeftError, choices
 from . import data as data_mod
 from .defaults import resolve
@@ -81,7 +81,8 @@ def load_model(model: str, task: Task, dtype: torch.dtype | None = None):
     else:
         cls = tf.AutoModelForSeq2SeqLM
     try:
-        m = cls.from_pretrained(path, **kw)
+        with progress.phase(f"loading {model}"):
+            m = cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnipeftError(f"cannot load {model} for a {task.kind} task: {first}") from None
@@ -106,8 +107,12 @@ def train_config(method_defaults: dict, overrides: dict) -> TrainConfig:
 
 def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora", *, out: str | os.PathLike | None = None,
           method_options: dict | None = None, resume: bool = False, data: dict | None = None,
-          name: str | None = None, evaluate_test: bool = True, accelerator=None, **settings) -> dict:
+          name: str | None = None, evaluate_test: bool | None = None, accelerator=None, **settings) -> dict:
     """Train ``method`` on ``task`` from the base ``model``; returns the results dict (also saved under ``out``).
+
+    ``evaluate_test``: score the test split at the end; None (the default) scores it for
+    classification and regression (one forward pass per example) and skips it for generation
+    tasks, whose test scoring generates text for every source (minutes): pass True for those.
 
     ``data`` holds the data options of :func:`unipeft.training.data.load_task` (data_dir, train, dev,
     ...); ``settings`` are TrainConfig fields (lr, max_steps, batch_size, ...), on top of the method's
@@ -141,13 +146,18 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
                                "trainable_params": trainable, "total_params": total, **summary}
     gen = dataset.task.generative
     if dataset.splits.get("dev"):
-        results["dev"] = trainer.evaluate(generation=gen)
-    if evaluate_test and dataset.splits.get("test"):
-        results["test"] = evaluate_split(net, dataset.task, dataset.splits["test"], tokenizer,
+        results["dev"] = trainer.evaluate(generation=gen, label="scoring dev")
+    test = dataset.splits.get("test")
+    if test and evaluate_test is None and gen:
+        sources = len({e["text"] for e in test})
+        progress.note(f"test split not scored: {sources:,} sources to generate for (generation tasks skip it by "
+                      f"default; --test scores it, --eval-max-examples N caps it)", trainer.main)
+    if test and (evaluate_test or (evaluate_test is None and not gen)):
+        results["test"] = evaluate_split(net, dataset.task, test, tokenizer,
                                          max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
                                          precision=trainer.precision, generation=gen,
                                          max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-                                         accelerator=acc)
+                                         accelerator=acc, max_examples=cfg.eval_max_examples, label="scoring test")
     if out_dir is not None and (trainer.main or trainer.fsdp):  # under FSDP every process gathers, rank 0 writes
         up.save(net, out_dir / "delta", name=delta_name)
     if out_dir is not None and trainer.main:
@@ -187,12 +197,12 @@ def evaluate(run_dir, split: str = "dev", *, data: dict | None = None, batch_siz
     dataset = data_mod.load_task(info.get("task_name"), **opts)
     if split not in dataset.splits:
         raise UnipeftError(f"split {split!r} is not in this task's data; available: {choices(dataset.splits)}")
-    examples = dataset.splits[split][:limit] if limit else dataset.splits[split]
     train = info["train"]
-    return evaluate_split(model, task, examples, tokenizer, max_length=train["max_length"], batch_size=batch_size,
+    return evaluate_split(model, task, dataset.splits[split], tokenizer, max_length=train["max_length"],
+                          batch_size=batch_size,
                           precision=resolve_precision(train.get("precision", "auto"), next(model.parameters()).device),
                           generation=True, max_new_tokens=max_new_tokens or train["max_new_tokens"],
-                          num_beams=num_beams or train["num_beams"])
+                          num_beams=num_beams or train["num_beams"], max_examples=limit, label=f"scoring {split}")
 
 
 def predict(run_dir, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32,

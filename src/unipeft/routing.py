@@ -56,7 +56,7 @@ class Route:
     def rows(self, name: str, n: int, device, where=None) -> torch.Tensor:
         """The indices of the rows routed to ``name`` in a batch of n = k * batch rows (each
         example repeated k times in a row, as ``generate`` expands for beams)."""
-        key = (name, n, str(device))
+        key = (name, n, device)
         rows = self._rows.get(key)
         if rows is None:
             if n % self.batch:
@@ -74,7 +74,7 @@ class Route:
     def slots(self, index: dict[str, int], n: int, device) -> torch.Tensor:
         """(n,) per row: ``index[name]`` for the row's delta, 0 where its delta is not in ``index``
         (or the row is on the base): the row of a stacked table each row reads."""
-        key = (tuple(index.items()), n, str(device))
+        key = (tuple(index.items()), n, device)
         slot = self._slots.get(key)
         if slot is None:
             self.rows(self.order[0] if self.order else "", n, device)  # the same check of n
@@ -206,8 +206,9 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
         if in_place:
             set_active(model, [n for n in saved if not reg.deltas[n].selected])
         reg.route = the_route
-        for p in routed_params:  # a routed batch may train the routed deltas
-            p.requires_grad_(True)
+        for p, g in zip(routed_params, grads):  # a routed batch may train the routed deltas
+            if not g:
+                p.requires_grad_(True)
         hooks = _bias_routes(model, reg, the_route)
         sites = _sites(model, reg)
         for site in sites:
@@ -219,7 +220,8 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
         for h in hooks:
             h.handle.remove()
         for p, g in zip(routed_params, grads):
-            p.requires_grad_(g)
+            if not g:
+                p.requires_grad_(False)
         reg.route = None
         if in_place:
             set_active(model, saved)

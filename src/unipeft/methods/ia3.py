@@ -100,7 +100,8 @@ class IA3Delta(LinearDelta):
         named = [(n, d) for n, d, _ in items] if grad else \
             [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, IA3Delta) and d.mode == items[0][1].mode]
         table = site.routed_table(f"ia3-{items[0][1].mode}", [d for _, d in named],
-                                  lambda ds: torch.stack([torch.ones_like(ds[0].scale())] + [d.scale() for d in ds]), grad)
+                                  lambda ds: torch.stack([torch.ones_like(ds[0].scale())] + [d.scale() for d in ds]), grad,
+                                  params=lambda d: (d.ia3_l,))
         slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, like.shape[0], like.device)
         return per_row(table.to(like.dtype), slot, like)
 

@@ -128,7 +128,8 @@ class LoRADelta(LinearDelta):
         # with autograd only the routed deltas (their gradients); without, every LoRA delta here (kept)
         named = [(n, d) for n, d, _ in items] if grad else \
             [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, LoRADelta)]
-        a, b = site.routed_table("lora", [d for _, d in named], _stack_factors, grad)
+        a, b = site.routed_table("lora", [d for _, d in named], _stack_factors, grad,
+                                 params=lambda d: (d.lora_A, d.lora_B))
         slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
         n, dt = x.shape[0], y.dtype
         a, b = a.index_select(0, slot).to(dt), b.index_select(0, slot).to(dt)   # (n, R, in), (n, out, R)

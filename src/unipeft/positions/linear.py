@@ -143,14 +143,16 @@ class LinearSite:
         """(n,) per row: ``index[name of the row's delta]``, 0 for rows whose delta is not in ``index``."""
         return self._unipeft_route.slots(index, n, device)
 
-    def routed_table(self, tag: str, deltas: list, build, grad: bool):
+    def routed_table(self, tag: str, deltas: list, build, grad: bool, params=None):
         """Tables a class stacks from its deltas at this site (e.g. every LoRA factor), built by
         ``build(deltas)``. Without autograd they are kept on the site, across routing blocks, until
         a delta is added or removed or a parameter changes (its version counter moves); with
-        autograd they are built for the call, so gradients reach each delta."""
+        autograd they are built for the call, so gradients reach each delta. ``params(delta)``
+        names the tensors the table is built from (default: all of the delta's parameters)."""
         if grad:
             return build(deltas)
-        key = (tag, tuple((id(d), *(p._version for p in d.parameters())) for d in deltas))
+        params = params or (lambda d: tuple(d.parameters()))
+        key = (tag, tuple((id(d), *(p._version for p in params(d))) for d in deltas))
         kept = self.__dict__.get("_unipeft_route_tables", {})
         if kept.get(tag, (None,))[0] != key:
             kept = {**kept, tag: (key, build(deltas))}

@@ -102,12 +102,13 @@ def test_prefix_on_a_model_without_attention():
     assert_unchanged(model, snap)
 
 
-def test_bitfit_on_a_model_without_biases():
+def test_bitfit_with_targets_that_match_nothing():
+    """A bias-free model gets new biases (test_grid); targets that match no map are an error."""
     model = tiny.make("llama")
     snap = snapshot(model)
     with pytest.raises(up.UnipeftError) as e:
-        up.attach(model, up.BitFit(), name="bad")
-    assert "has no bias terms" in one_line(e)
+        up.attach(model, up.BitFit(targets=("nonexistent_proj",)), name="bad")
+    assert "BitFit: target 'nonexistent_proj' matches no linear module" in one_line(e)
     assert_unchanged(model, snap)
 
 

@@ -29,11 +29,12 @@ METHODS = {
     "freeze": lambda: up.Freeze(train_last=1),
     "full": lambda: up.FullFineTune(),
 }
-NO_BIAS = {"llama", "t5"}  # BitFit does not apply: these models have no bias terms
-EXACT_AT_INIT = {"lora", "lora_all", "ia3", "bitfit", "freeze", "full"}
+NO_BIAS = {"llama", "t5"}  # no bias terms: BitFit adds zero-initialised ones (BiasDelta)
+EXACT_AT_INIT = {"lora", "lora_all", "ia3", "bitfit", "freeze", "full", "houlsby", "pfeiffer", "parallel",
+                 "scaled_parallel"}
 MERGEABLE = {"lora", "lora_all", "ia3", "bitfit", "freeze", "full"}
 
-GRID = [(f, m) for f in tiny.FAMILIES for m in METHODS if not (m == "bitfit" and f in NO_BIAS)]
+GRID = [(f, m) for f in tiny.FAMILIES for m in METHODS]
 
 
 def run(model, inputs):
@@ -101,12 +102,49 @@ def test_identity_at_init(family, method):
 
 @pytest.mark.parametrize("style", ["houlsby", "pfeiffer", "parallel", "scaled_parallel"])
 @pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_every_adapter_style_starts_within_1e3_of_the_base(family, style):
+    """The notes: adapters are initialised so the adapted module resembles the original. By default
+    every style starts exactly at the base (zero up-projection); Houlsby's near-identity init is an
+    option, and it moves the logits (which is why it is not the default)."""
+    model, x = tiny.make(family), tiny.batch(family)
+    base = run(model, x)
+    up.attach(model, up.Adapter(style=style), name="t")
+    assert (run(model, x) - base).abs().max().item() == 0.0
+    up.detach(model, "t")
+    up.attach(model, up.Adapter(style=style, init="near_identity"), name="t")
+    assert (run(model, x) - base).abs().max().item() > 0.0
+
+
+@pytest.mark.parametrize("family", sorted(NO_BIAS))
+def test_bitfit_on_a_bias_free_model_adds_zero_biases_and_merging_adds_then_removes_them(family):
+    from unipeft.methods.bitfit import BiasDelta
+
+    model, x = tiny.make(family), tiny.batch(family)
+    keys = set(model.state_dict())
+    up.attach(model, up.BitFit(train_head=False), name="b")
+    deltas = [m for m in model.modules() if isinstance(m, BiasDelta)]
+    assert len(deltas) == len(up.engine.registry(model).map.roles)  # every linear map of the blocks
+    train_steps(model, x, steps=2)
+    unmerged = run(model, x)
+    with pytest.warns(UserWarning, match=f"added a bias to {len(deltas)} linear map"):
+        up.merge(model, "b")
+    added = set(model.state_dict()) - keys
+    assert len([k for k in added if "unipeft_" not in k]) == len(deltas)
+    torch.testing.assert_close(run(model, x), unmerged, rtol=1e-4, atol=1e-5)
+    up.unmerge(model, "b")
+    assert {k for k in model.state_dict() if "unipeft_" not in k} == keys
+    up.detach(model, "b")
+    assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("style", ["houlsby", "pfeiffer", "parallel", "scaled_parallel"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_adapters_start_near_identity(family, style):
     """Houlsby's near-identity init: each adapter's output is tiny next to what it reads."""
     from unipeft.methods.adapter import AdapterDelta
 
     model = tiny.make(family)
-    up.attach(model, up.Adapter(style=style, bottleneck=8), name="t")
+    up.attach(model, up.Adapter(style=style, bottleneck=8, init="near_identity"), name="t")
     adapters = [m for m in model.modules() if isinstance(m, AdapterDelta)]
     assert adapters
     h = torch.randn(4, 32)
@@ -198,8 +236,6 @@ def test_merge_refused_for_unmergeable(family, method):
 @pytest.mark.parametrize("first,second", [("lora", "ia3"), ("houlsby", "prefix"), ("prompt", "lora"),
                                           ("full", "bitfit"), ("freeze", "prefix_direct")])
 def test_two_named_deltas(family, first, second):
-    if "bitfit" in (first, second) and family in NO_BIAS:
-        second = "lora"
     model, x = tiny.make(family), tiny.batch(family)
     base = run(model, x)
     up.attach(model, METHODS[first](), name="a")
@@ -253,3 +289,13 @@ def test_bfloat16_base(family, method):
     if method in MERGEABLE:
         up.merge(model, "t")
         torch.testing.assert_close(run(model, x), out, rtol=0.05, atol=0.05)
+
+
+def test_all_linear_never_targets_another_deltas_modules():
+    """An adapter's own projections are linear maps inside the blocks, but not the base model's:
+    a later all-linear method must not wrap them."""
+    model = tiny.make("llama")
+    up.attach(model, up.Adapter(style="parallel", bottleneck=4), name="a")
+    up.attach(model, up.LoRA(r=2, targets="all-linear"), name="l")
+    lora_paths = list(up.engine.registry(model).deltas["l"].linear)
+    assert lora_paths and not any("unipeft_" in p for p in lora_paths)

@@ -27,8 +27,7 @@ ROUTABLE = {
     "prefix": (lambda: up.PrefixTuning(length=3, reparam_hidden=16), lambda: up.PrefixTuning(length=5, reparam_hidden=0)),
     "bitfit": (lambda: up.BitFit(), lambda: up.BitFit(targets=("ffn_in", "ffn_out"))),
 }
-NO_BIAS = {"llama", "t5"}
-GRID = [(f, m) for f in tiny.FAMILIES for m in ROUTABLE if not (m == "bitfit" and f in NO_BIAS)]
+GRID = [(f, m) for f in tiny.FAMILIES for m in ROUTABLE]
 ATOL = 1e-5
 
 
@@ -101,10 +100,9 @@ def test_mixed_methods_in_one_batch(family):
     configs = {"lora": up.LoRA(r=4, alpha=8), "prompt": up.PromptTuning(length=3, init="random"),
                "ia3": up.IA3(), "prefix": up.PrefixTuning(length=2, reparam_hidden=0),
                "adapter": up.Adapter(style="parallel", bottleneck=4)}
-    if family not in NO_BIAS:
-        configs["bitfit"] = up.BitFit()
+    configs["bitfit"] = up.BitFit()  # bias-free families: new zero biases (BiasDelta)
     model = with_deltas(family, configs)
-    names = ["lora", "prompt", "ia3", None, "prefix", "adapter"] + (["bitfit"] if "bitfit" in configs else [])
+    names = ["lora", "prompt", "ia3", None, "prefix", "adapter", "bitfit"]
     batch = {k: torch.cat([v] * 4)[:len(names)] for k, v in four_rows(family).items()}
     expected = alone(model, batch, names)
     with up.route(model, names), torch.no_grad():
@@ -127,7 +125,7 @@ def test_classifier_heads_route_with_their_deltas():
 # generation with the KV cache
 # ---------------------------------------------------------------------------
 
-GEN_GRID = [(f, m) for f in ("gpt2", "llama", "t5", "bart") for m in ROUTABLE if not (m == "bitfit" and f in NO_BIAS)]
+GEN_GRID = [(f, m) for f in ("gpt2", "llama", "t5", "bart") for m in ROUTABLE]
 
 
 def gen_alone(model, inputs, names, **kw):

@@ -310,5 +310,6 @@ def discover(model: nn.Module, model_type: str) -> ModelMap:
 def iter_linear_modules(model: nn.Module, within: list[Block]) -> Iterator[tuple[str, nn.Module]]:
     prefixes = tuple(b.path + "." for b in within)
     for path, mod in model.named_modules():
-        if path.startswith(prefixes) and is_linear_like(mod):
+        # the linear maps inside another delta (an adapter's projections) are not the base model's
+        if path.startswith(prefixes) and is_linear_like(mod) and "unipeft_" not in path:
             yield path, mod

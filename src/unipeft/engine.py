@@ -483,8 +483,17 @@ def merge(model: nn.Module, name: str) -> nn.Module:
         return model
     if name not in reg.active:
         raise UnipeftError(f"delta {name!r} is not active; activate it before merging (active: {reg.active})")
+    added = 0
     for path in delta.linear:
-        model.get_submodule(path).unipeft_merge(name)
+        site = model.get_submodule(path)
+        had_bias = site.bias is not None
+        site.unipeft_merge(name)
+        added += site.bias is not None and not had_bias
+    if added:
+        import warnings
+
+        warnings.warn(f"up.merge: delta {name!r} added a bias to {added} linear map(s) that had none, so the "
+                      f"model's state dict now holds {added} more tensor(s); up.unmerge removes them", stacklevel=2)
     delta.merged = True
     for p in delta.parameters():
         p.requires_grad_(False)

@@ -31,15 +31,17 @@ DEFAULT_LOCATIONS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",), "par
 class Adapter(MethodConfig):
     """style: where and how the adapter composes; bottleneck: m; activation: f;
     scale: s (scaled_parallel only; default 4, He et al.); locations:
-    "attention" and/or "ffn"; init: "near_identity" (weights ~ N(0, 1e-2),
-    Houlsby) or "zero" (up-projection zero: exactly the identity)."""
+    "attention" and/or "ffn"; init: "zero" (the default: up-projection zero, so
+    the model starts exactly at the base, as the notes ask and as He et al.'s
+    "lora" initialisation does) or "near_identity" (Houlsby's weights ~ N(0, 1e-2):
+    on small models with a wide bottleneck it moves the logits by 1e-2 at init)."""
 
     style: str = "houlsby"
     bottleneck: int = 64
     activation: str = "relu"
     scale: float | None = None
     locations: tuple | None = None
-    init: str = "near_identity"
+    init: str | None = None
     train_head: bool | list = True
 
     kind: ClassVar[str] = "adapter"
@@ -50,6 +52,8 @@ class Adapter(MethodConfig):
         check_choice("Adapter", "style", self.style, STYLES)
         check_positive_int("Adapter", "bottleneck", self.bottleneck)
         check_choice("Adapter", "activation", self.activation, tuple(ACTIVATIONS))
+        if self.init is None:
+            self.init = "zero"
         check_choice("Adapter", "init", self.init, ("near_identity", "zero"))
         if self.scale is not None:
             if self.style != "scaled_parallel":

@@ -175,6 +175,8 @@ class LinearSite:
             self.weight.copy_(new_w.T if self._unipeft_transposed else new_w)
             if b is not None and new_b is not None:
                 b.copy_(new_b)
+            elif new_b is not None:  # the delta needs a bias this map never had (BitFit on a bias-free model)
+                self.bias = nn.Parameter(new_b.detach().clone(), requires_grad=False)
 
     def unipeft_unmerge(self, name: str) -> None:
         if name not in self._unipeft_merged:
@@ -187,6 +189,8 @@ class LinearSite:
                 self.weight.copy_(w)
                 if b is not None:
                     self.bias.copy_(b)
+                elif self.bias is not None:  # a bias the merge added: the map goes back to having none
+                    self.bias = None
         for n in later[1:]:
             self.unipeft_merge(n)
 

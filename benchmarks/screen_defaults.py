@@ -30,7 +30,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
-BUDGET = dict(train_size=640, dev_size=200, epochs=1.0, batch_size=16, max_length=96)
+DATA_BUDGET = dict(train_size=640, dev_size=200)
+BUDGET = dict(epochs=1.0, batch_size=16, max_length=96)
 
 # method:variant -> (method short name, method options, training settings)
 CANDIDATES = {
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                 methods = [CANDIDATES[c][0] for c in batch]
                 progress.note(f"screen {task_key}: {', '.join(batch)}")
                 report = compare("minilm", task, methods, out=str(out / task_key / "_".join(
-                    c.replace(":", "-") for c in batch)), data=data,
+                    c.replace(":", "-") for c in batch)), data={**data, **DATA_BUDGET},
                     method_options={CANDIDATES[c][0]: CANDIDATES[c][1] for c in batch},
                     method_settings={CANDIDATES[c][0]: CANDIDATES[c][2] for c in batch},
                     threads=args.threads, in_process=True, quiet=True, **BUDGET)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
                 for c, rec in zip(batch, report["methods"]):
                     value = None if rec.get("error") else rec["metrics"].get(metric)
                     results.setdefault(c, {})[task_key] = value
-                    progress.note(f"  {c} on {task_key}: {metric} {value}")
+                    progress.note(f"  {c} on {task_key}: {metric} {value}" + (f" ({rec['error']})" if rec.get("error") else ""))
     task_keys = list(dict.fromkeys(t for r in results.values() for t in r))
     print("\n| candidate | " + " | ".join(task_keys) + " | mean |")
     print("|---|" + "---:|" * (len(task_keys) + 1))
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         cells = " | ".join("error" if v is None else f"{v:.3f}" for v in vals)
         print(f"| {c} | {cells} | {'' if mean is None else f'{mean:.3f}'} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "screen.json").write_text(json.dumps({"budget": BUDGET, "results": results}, indent=1))
+    (out / "screen.json").write_text(json.dumps({"budget": {**DATA_BUDGET, **BUDGET}, "results": results}, indent=1))
     print(f"\nwrote {out / 'screen.json'}")
     return 0
 

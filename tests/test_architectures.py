@@ -45,7 +45,7 @@ def test_unknown_model_type_gets_lora_and_prefix():
     assert cfg.model_type not in TABLE
     x = torch.randint(0, 64, (2, 6))
     base = model(x).logits.detach()
-    up.attach(model, up.LoRA(r=2), name="l")  # default targets q, v found by discovery
+    up.attach(model, up.LoRA(r=2, targets=("q", "v")), name="l")  # roles q, v found by discovery
     assert sum(1 for n, _ in model.named_parameters() if "lora_A" in n) == 4
     assert torch.equal(model(x).logits, base)
     up.attach(model, up.PrefixTuning(length=2, reparam_hidden=0), name="p")
@@ -81,10 +81,11 @@ def lora_paths(model):
     ("llama", "all-linear", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
                              "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]),
     ("gpt2", ["q", "v"], ["attn.c_attn"]),  # fused projection
-    ("t5", None, ["layer.0.SelfAttention.q", "layer.0.SelfAttention.v", "layer.1.EncDecAttention.q",
+    ("t5", ["q", "v"], ["layer.0.SelfAttention.q", "layer.0.SelfAttention.v", "layer.1.EncDecAttention.q",
                   "layer.1.EncDecAttention.v"]),
 ])
 def test_target_resolution(family, targets, expected):
+    """(LoRA's default, targets=None, is all-linear: the llama all-linear case.)"""
     model = tiny.make(family)
     up.attach(model, up.LoRA(r=2, targets=targets, train_head=False), name="t")
     paths = lora_paths(model)

@@ -106,6 +106,6 @@ def test_train_minilm_on_bbc_news_end_to_end(tmp_path):
 
     res = run.train("minilm", "bbc", "lora", out=tmp_path / "run", data={"train_size": 40, "dev_size": 20},
                     max_steps=3, batch_size=8, max_length=32, progress=False)
-    assert res["steps"] == 3 and set(res["dev"]) == {"accuracy"} and res["trainable_params"] < 100_000
+    assert res["steps"] == 3 and set(res["dev"]) == {"accuracy"} and res["trainable_params"] < 400_000  # LoRA r=8 on every linear map + head: < 2%
     preds = run.predict(tmp_path / "run", ["Shares in the carmaker rose after record profits"])
     assert preds[0] in res["_dataset"].task.labels

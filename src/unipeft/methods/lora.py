@@ -24,8 +24,9 @@ class LoRA(MethodConfig):
     """Low-rank update of chosen weight matrices.
 
     r: rank; alpha: scale numerator (scale = alpha / r); dropout: on the LoRA
-    path's input; targets: which linear maps (default: the query and value
-    projections, as in the paper); init: "kaiming" (uniform, as the notes'
+    path's input; targets: which linear maps (default: every linear map of the
+    blocks, "all-linear": 0.78 vs 0.57 mean accuracy for the paper's q and v over
+    three tasks in benchmarks/screen_defaults.py); init: "kaiming" (uniform, as the notes'
     pseudocode) or "gaussian" (A ~ N(0, 1/r)); train_head: train (and save) a
     newly added task head.
     """
@@ -40,7 +41,7 @@ class LoRA(MethodConfig):
     kind: ClassVar[str] = "lora"
     method_type: ClassVar[str] = "reparameterization"
     mergeable: ClassVar[bool] = True
-    default_targets: ClassVar[tuple] = ("q", "v")
+    default_targets: ClassVar[tuple] = ("all-linear",)  # benchmarks/screen_defaults.py; QLoRA; He et al.
 
     def validate(self):
         check_positive_int("LoRA", "r", self.r)

@@ -59,17 +59,21 @@ class Route:
         key = (name, n, device)
         rows = self._rows.get(key)
         if rows is None:
-            if n % self.batch:
-                at = f" (at {type(where).__name__})" if where is not None else ""
-                # (a multiple is fine: generate repeats each example for beams and sequences)
-                raise UnipeftError(f"up.route was given {self.batch} names but the model ran a batch of {n} "
-                                   f"rows{at}: give one name per example of the batch")
-            k = n // self.batch
+            k = self._repeats(n, where)
             mine = [i for i, m in enumerate(self.names) if m == name]
             base = torch.tensor(mine, dtype=torch.long)
             rows = (base[:, None] * k + torch.arange(k)[None, :]).reshape(-1).to(device)
             self._rows[key] = rows
         return rows
+
+    def _repeats(self, n: int, where=None) -> int:
+        """k for a batch of n = k * batch rows; a clear error for any other size."""
+        if n % self.batch:
+            at = f" (at {type(where).__name__})" if where is not None else ""
+            # (a multiple is fine: generate repeats each example for beams and sequences)
+            raise UnipeftError(f"up.route was given {self.batch} names but the model ran a batch of {n} "
+                               f"rows{at}: give one name per example of the batch")
+        return n // self.batch
 
     def slots(self, index: dict[str, int], n: int, device) -> torch.Tensor:
         """(n,) per row: ``index[name]`` for the row's delta, 0 where its delta is not in ``index``
@@ -77,9 +81,8 @@ class Route:
         key = (tuple(index.items()), n, device)
         slot = self._slots.get(key)
         if slot is None:
-            self.rows(self.order[0] if self.order else "", n, device)  # the same check of n
             per_example = torch.tensor([index.get(m, 0) if m is not None else 0 for m in self.names], dtype=torch.long)
-            slot = per_example.repeat_interleave(n // self.batch).to(device)
+            slot = per_example.repeat_interleave(self._repeats(n)).to(device)
             self._slots[key] = slot
         return slot
 

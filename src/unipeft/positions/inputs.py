@@ -2,6 +2,8 @@
 mask, token types and positions extended. See the package docstring."""
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import torch
@@ -78,17 +80,14 @@ class InputSite:
         return torch.cat(parts, dim=1)
 
     def _pre(self, module, args, kwargs):
-        if self.route is not None:
-            if args:
-                kwargs, args = {**dict(zip(self._arg_names(module), args)), **kwargs}, ()
-            return self._routed_pre(module, kwargs)
-        if not self.active:
+        if self.route is None and not self.active:
             self._p_last = 0
             return None
         if args:  # name positional arguments so the ones we extend are found wherever they were passed
-            names = self._arg_names(module)
-            kwargs = {**dict(zip(names, args)), **kwargs}
+            kwargs = {**dict(zip(_forward_parameters(module)[0], args)), **kwargs}
             args = ()
+        if self.route is not None:
+            return self._routed_pre(module, kwargs)
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
@@ -118,13 +117,6 @@ class InputSite:
         if mask is not None and mask.dim() == 2 and mask.shape[1] < past_len + q_len + (p if past_len == 0 else 0):
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, p), mask], dim=1)
         return args, kwargs
-
-    @staticmethod
-    def _arg_names(module) -> list[str]:
-        import inspect
-
-        params = inspect.signature(module.forward).parameters.values()
-        return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def _post(self, module, args, kwargs, output):
         p = self._p_last
@@ -242,7 +234,7 @@ class InputSite:
             if pos.min() >= past_len:  # computed from the cache length: P + user tokens so far
                 pos = pos - prompt_len
             kwargs["position_ids"] = pos + lengths[:, None]
-        elif "position_ids" in _forward_parameters(module):
+        elif "position_ids" in _forward_parameters(module)[1]:
             # left to the stack, positions would count the longest prompt, not this row's
             start = past_len - prompt_len + torch.arange(q_len, device=device)
             kwargs["position_ids"] = start[None, :] + lengths[:, None]
@@ -250,10 +242,19 @@ class InputSite:
         return (), kwargs
 
 
-def _forward_parameters(module) -> set[str]:
+def _forward_parameters(module) -> tuple[list[str], frozenset[str]]:
+    """(positional parameter names, all parameter names) of a stack's forward, read once per class:
+    the hooks run at every forward and generation step."""
+    return _signature(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls) -> tuple[list[str], frozenset[str]]:
     import inspect
 
-    return set(inspect.signature(module.forward).parameters)
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional, frozenset(p.name for p in params)
 
 
 def _arrange(prompts: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, fill) -> torch.Tensor:

@@ -113,6 +113,10 @@ COMMANDS = {
                 *_lazy("unipeft.comparison", "add_arguments", "run")),
     "estimate": ("estimate GPU memory for fine-tuning (lecture notes' formulas)", _add_estimate, _run_estimate),
     "analyze": ("analyse a model or a trained delta: lora, attention, probe", _add_analyze, _run_analyze),
+    "serve": ("serve deltas over HTTP: OpenAI-compatible completions and chat, classify, uploads, tenants",
+              *_lazy("unipeft.serving.cli", "add_serve", "run_serve")),
+    "tenants": ("manage the server's tenants and their API keys: add, list, remove, key",
+                *_lazy("unipeft.serving.cli", "add_tenants", "run_tenants")),
 }
 
 

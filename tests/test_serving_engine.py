@@ -1,0 +1,203 @@
+"""The serving engine on tiny models: byte-sized LRU cache, batches across deltas equal to each
+request alone, hot add and remove, streaming and stop strings, one bad delta failing alone."""
+import concurrent.futures
+import shutil
+import threading
+
+import pytest
+
+from test_serving_common import PROMPTS, TEXTS, base, write_deltas
+from unipeft.serving import DeltaNotFound, Engine
+from unipeft.serving.engine import BadRequest
+
+MIXED = {"lora0": "lora", "ia30": "ia3", "prompt0": "prompt", "prefix0": "prefix", "pfeiffer0": "pfeiffer",
+         "bitfit0": "bitfit", "lora1": "lora", "ia31": "ia3"}
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    path = base(tmp_path_factory, "gpt2")
+    deltas = tmp_path_factory.mktemp("deltas-gpt2")
+    write_deltas(path, deltas, MIXED)
+    return path, deltas
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    path = base(tmp_path_factory, "bert")
+    deltas = tmp_path_factory.mktemp("deltas-bert")
+    write_deltas(path, deltas, {"lora0": "lora", "ia30": "ia3", "prompt0": "prompt", "bitfit0": "bitfit",
+                                "pfeiffer0": "pfeiffer"}, seed=50)
+    return path, deltas
+
+
+def test_cache_is_sized_in_bytes_and_evicts_least_recently_used(gpt2):
+    path, deltas = gpt2
+    probe = Engine(path, deltas, cache_mb=64)
+    try:
+        for name in ("lora0", "ia30", "ia31"):
+            probe.complete(name, "good", max_tokens=1)
+        sizes = probe.loaded()
+    finally:
+        probe.stop()
+    assert sizes["lora0"] > 4 * sizes["ia30"]  # a LoRA delta is many times an (IA)3 one
+    # room for one LoRA delta, or for the LoRA delta's worth of (IA)3 deltas: bytes, not slots
+    budget = sizes["lora0"] + sizes["ia30"] // 2
+    e = Engine(path, deltas, cache_mb=budget / 2 ** 20)
+    try:
+        e.complete("ia30", "good", max_tokens=1)
+        e.complete("ia31", "good", max_tokens=1)
+        assert list(e.loaded()) == ["ia30", "ia31"]
+        e.complete("ia30", "good", max_tokens=1)           # ia30 becomes the most recently used
+        assert list(e.loaded()) == ["ia31", "ia30"]
+        e.complete("lora0", "good", max_tokens=1)          # needs room: both (IA)3 deltas go, oldest first
+        assert list(e.loaded()) == ["lora0"] and e.used_bytes <= e.cache_bytes
+        assert e.metrics.get(e.name, "ia31", "evictions_total") == 1
+        assert e.metrics.get(e.name, "ia30", "evictions_total") == 1
+        assert e.metrics.get(e.name, "ia30", "cache_hits_total") == 1
+        assert e.metrics.get(e.name, "ia30", "cache_misses_total") == 1
+        assert e.metrics.get(e.name, "lora0", "load_seconds_total") > 0
+        # a delta evicted and loaded again answers exactly as before
+        first = e.complete("ia31", "the movie was", max_tokens=4)
+        e.complete("lora0", "good", max_tokens=1)
+        assert e.complete("ia31", "the movie was", max_tokens=4) == first
+        assert e.metrics.get(e.name, "ia31", "evictions_total") >= 1
+    finally:
+        e.stop()
+
+
+def test_batched_generation_equals_each_request_alone(gpt2):
+    path, deltas = gpt2
+    e = Engine(path, deltas, cache_mb=64, max_wait_ms=50)
+    try:
+        requests = [(d, p, 3 + (i % 4)) for i, (d, p) in
+                    enumerate((d, p) for d in [None, *MIXED] for p in PROMPTS)]
+        alone = [e.complete(d, p, max_tokens=n) for d, p, n in requests]
+        futures = [e.submit_generate(d, [p], max_tokens=n) for d, p, n in requests]
+        together = [f.result(60)[0] for f in futures]
+        assert together == alone
+        # different deltas really answer differently (the test could not pass with routing ignored)
+        assert len({a["text"] for a in alone}) > len(PROMPTS)
+        assert {a["completion_tokens"] for a in alone} >= {3, 6} or any(a["finish_reason"] == "stop" for a in alone)
+    finally:
+        e.stop()
+
+
+def test_batched_classification_equals_each_request_alone(bert):
+    path, deltas = bert
+    e = Engine(path, deltas, cache_mb=64, max_wait_ms=50)
+    try:
+        names = [None, "lora0", "ia30", "prompt0", "bitfit0", "pfeiffer0"]
+        alone = {(n, i): e.classify(n, [t])[0] for n in names for i, t in enumerate(TEXTS)}
+        futures = {(n, i): e.submit_classify(n, [t]) for n in names for i, t in enumerate(TEXTS)}
+        for k, f in futures.items():
+            got = f.result(60)[0]
+            assert got["label"] == alone[k]["label"]
+            assert got["scores"] == pytest.approx(alone[k]["scores"], abs=1e-5)
+        assert set(alone[(None, 0)]["scores"]) == {"LABEL_0", "LABEL_1"}
+        assert len({round(a["scores"]["LABEL_0"], 4) for a in alone.values()}) > len(TEXTS)
+    finally:
+        e.stop()
+
+
+def test_hot_add_and_remove_while_serving(gpt2, tmp_path):
+    path, deltas = gpt2
+    e = Engine(path, None, cache_mb=64, max_wait_ms=20)
+    try:
+        e.add("lora0", deltas / "lora0")
+        ref = e.complete("lora0", "good", max_tokens=4)
+        stop = threading.Event()
+        errors, answers = [], []
+
+        def client():
+            while not stop.is_set():
+                try:
+                    answers.append(e.complete("lora0", "good", max_tokens=4, timeout=60))
+                except Exception as ex:  # any failure for the other delta fails the test
+                    errors.append(ex)
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for round_ in range(5):
+            e.add("ia30", deltas / "ia30")
+            assert e.complete("ia30", "good", max_tokens=2)["completion_tokens"] == 2
+            e.remove("ia30")
+            with pytest.raises(DeltaNotFound):
+                e.complete("ia30", "good", max_tokens=2)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors and answers and all(a == ref for a in answers)
+        assert "ia30" not in e.loaded()
+    finally:
+        e.stop()
+
+
+def test_queued_request_for_a_removed_delta_fails_alone(gpt2):
+    path, deltas = gpt2
+    e = Engine(path, deltas, cache_mb=64, max_wait_ms=200)
+    try:
+        with e._model_lock:  # hold the worker off so both requests are queued when the delta goes
+            a = e.submit_generate("lora0", ["good"], max_tokens=2)
+            b = e.submit_generate("ia30", ["good"], max_tokens=2)
+            e.remove("ia30")
+        assert a.result(30)[0]["completion_tokens"] == 2
+        with pytest.raises(DeltaNotFound, match="removed"):
+            b.result(30)
+    finally:
+        e.stop()
+
+
+def test_a_corrupted_delta_fails_only_its_requests(gpt2, tmp_path):
+    path, deltas = gpt2
+    broken = tmp_path / "broken"
+    shutil.copytree(deltas / "lora1", broken)
+    e = Engine(path, None, cache_mb=64, max_wait_ms=100)
+    try:
+        e.add("lora0", deltas / "lora0")
+        e.add("broken", broken)
+        data = (broken / "delta.safetensors").read_bytes()
+        (broken / "delta.safetensors").write_bytes(data[: len(data) // 2])  # truncated after registration
+        futures = [e.submit_generate(n, ["good"], max_tokens=2) for n in ("lora0", "broken", None)]
+        assert futures[0].result(30)[0]["completion_tokens"] == 2
+        assert futures[2].result(30)[0]["completion_tokens"] == 2
+        with pytest.raises(Exception, match="truncated or corrupted"):
+            futures[1].result(30)
+        assert e.metrics.get(e.name, "broken", "errors_total") == 1
+    finally:
+        e.stop()
+
+
+def test_streaming_stop_strings_and_per_row_limits(gpt2):
+    path, deltas = gpt2
+    e = Engine(path, deltas, cache_mb=64, max_wait_ms=50)
+    try:
+        full = e.complete("lora1", "the movie was", max_tokens=8)
+        pieces = []
+        streamed = e.submit_generate("lora1", ["the movie was"], max_tokens=8,
+                                     on_text=lambda i, piece: pieces.append(piece))
+        short = e.submit_generate("lora1", ["the movie was"], max_tokens=2)
+        assert streamed.result(30)[0] == full and "".join(pieces) == full["text"]
+        assert short.result(30)[0]["completion_tokens"] == 2 and short.result()[0]["finish_reason"] == "length"
+        words = full["text"].split()
+        if len(words) >= 3:  # stop at the third word: the text ends before it, the reason is "stop"
+            cut = e.complete("lora1", "the movie was", max_tokens=8, stop=[" " + words[2]])
+            assert cut["finish_reason"] == "stop" and full["text"].startswith(cut["text"])
+            assert " " + words[2] not in cut["text"]
+        with pytest.raises(BadRequest, match="max_tokens"):
+            e.submit_generate("lora1", ["good"], max_tokens=0)
+        with pytest.raises(BadRequest, match="exceeds the model's 64 positions"):
+            e.submit_generate("lora1", ["good " * 70], max_tokens=4)
+        with pytest.raises(DeltaNotFound):
+            e.submit_generate("nope", ["good"])
+        with pytest.raises(BadRequest, match="classifier|language model"):
+            e.submit_classify(None, ["good"])
+        # sampling rows and greedy rows share a batch; the greedy ones stay exactly greedy
+        sampled = [e.submit_generate("lora1", ["the movie was"], max_tokens=8, temperature=1.0, top_p=0.9)
+                   for _ in range(3)]
+        greedy = e.submit_generate("lora1", ["the movie was"], max_tokens=8)
+        assert greedy.result(30)[0] == full
+        assert all(s.result(30)[0]["completion_tokens"] >= 1 for s in sampled)
+    finally:
+        e.stop()

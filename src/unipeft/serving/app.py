@@ -36,6 +36,12 @@ import time
 import uuid
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from .. import storage
 from ..errors import UnipeftError, choices
 from .engine import NAME, BadRequest, DeltaNotFound, Engine
@@ -288,11 +294,6 @@ def generation_params(body: dict) -> dict:
 
 def create_app(engines: list[Engine] | Engine, deltas_dir, admin_key: str | None = None, max_upload_mb: float = 256):
     """The FastAPI app serving ``engines`` with deltas from (and uploads to) ``deltas_dir``."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     srv = Server([engines] if isinstance(engines, Engine) else list(engines), deltas_dir, admin_key, max_upload_mb)
 
     @contextlib.asynccontextmanager
@@ -322,6 +323,10 @@ def create_app(engines: list[Engine] | Engine, deltas_dir, admin_key: str | None
     @app.exception_handler(StarletteHTTPException)   # unknown routes, wrong methods
     async def _routing(request, e):
         return error(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+
+    @app.exception_handler(RequestValidationError)   # a path parameter FastAPI itself rejected
+    async def _validation(request, e):
+        return error(400, f"invalid request: {e.errors()[:1]}")
 
     @app.exception_handler(Exception)
     async def _internal(request, e):

@@ -113,7 +113,9 @@ def parse_safetensors(name: str, data: bytes) -> dict:
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
-        if data[:1] == b"\x80" or data[:2] == b"PK":   # a pickle's PROTO opcode / torch.save's zip archive
+        safetensors_shaped = data[8:9] == b"{"   # an 8-byte header length, then the JSON header
+        pickled = (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:2] == b"PK"
+        if pickled and not safetensors_shaped:   # a pickle's PROTO opcode / torch.save's zip archive
             raise HTTPError(415, f"{name} is a pickled (torch.save) file, which the server never loads; save "
                                  f"the delta with up.save (safetensors)") from None
         raise HTTPError(400, f"{name} is not a valid safetensors file (truncated or another format: "

@@ -16,6 +16,10 @@ from unipeft.errors import UnipeftError
 # two configurations per method: "a" and "b" differ (values; lengths for prompt and prefix)
 ROUTABLE = {
     "lora": (lambda: up.LoRA(r=4, alpha=8), lambda: up.LoRA(r=2, alpha=4, targets="all-linear")),
+    "lora_range": (lambda: up.LoRA(r=(1, 6), alpha=4, seed=1),
+                   lambda: up.LoRA(r=(2, 3), alpha=4, seed=2, targets="all-linear")),
+    "dylora": (lambda: up.DyLoRA(r=4, alpha=8), lambda: up.DyLoRA(r=6, alpha=6, rank=3, targets="all-linear")),
+    "adalora": (lambda: up.AdaLoRA(init_r=4, target_r=2), lambda: up.AdaLoRA(init_r=3, target_r=3, targets="all-linear")),
     "ia3": (lambda: up.IA3(), lambda: up.IA3()),
     "houlsby": (lambda: up.Adapter(style="houlsby", bottleneck=8), lambda: up.Adapter(style="houlsby", bottleneck=4)),
     "pfeiffer": (lambda: up.Adapter(style="pfeiffer", bottleneck=8), lambda: up.Adapter(style="pfeiffer", bottleneck=4)),

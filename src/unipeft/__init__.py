@@ -8,6 +8,7 @@ The public API::
     up.save(model, "out/sst2", name="sst2"); up.load(base_model, "out/sst2")
     up.push(model, "user/sst2-lora", name="sst2"); up.load(base_model, "user/sst2-lora")  # Hugging Face Hub
     up.merge(model, "sst2"); up.unmerge(model, "sst2")
+    up.attach(model, up.DyLoRA(r=8)); up.set_rank(model, "default", 4); up.load(base, dir, rank=4)  # nested ranks
     up.activate(model, ["sst2"]); up.detach(model, "sst2")
     with up.route(model, ["sst2", "news", None]): model(**batch)        # row i on delta i (None: base)
     up.export_peft(model, "out/peft", name="sst2"); up.import_peft(base_model, "out/peft")  # peft's format
@@ -22,6 +23,8 @@ from .engine import active, attach, deltas, detach, merge, summary, trainable_pa
 from .engine import set_active as activate  # noqa: E402
 from .errors import UnipeftError  # noqa: E402
 from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTuning, PromptTuning  # noqa: E402
+from .methods import AdaLoRA, DyLoRA  # noqa: E402
+from .methods.dylora import set_rank  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
 from .routing import route  # noqa: E402
 from .hub import push  # noqa: E402
@@ -31,6 +34,7 @@ __all__ = [
     "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "route", "save", "load", "push", "summary",
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
+    "DyLoRA", "AdaLoRA", "set_rank",
     "export_peft", "import_peft", "train", "compare",
 ]
 

@@ -114,7 +114,9 @@ def fingerprint(model: nn.Module) -> str:
 def delta_tensors(model: nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path, d in delta.linear.items():
-        for k, v in d.state_dict().items():
+        # a delta may store less than it trains with (AdaLoRA: only the triplets its budget kept)
+        export = getattr(d, "export_state", None)
+        for k, v in (export() if export is not None else d.state_dict()).items():
             out[f"linear:{path}.{k}"] = v
     if delta.module is not None:
         export = getattr(delta.module, "export_state", None)
@@ -294,14 +296,16 @@ def _locate(directory, revision: str | None, token: str | None) -> Path:
 
 
 def load(model: nn.Module, directory, name: str | None = None, *, check_base: bool = True,
-         activate: bool = True, tokenizer=None, revision: str | None = None, token: str | None = None) -> nn.Module:
+         activate: bool = True, tokenizer=None, revision: str | None = None, token: str | None = None,
+         rank: int | None = None) -> nn.Module:
     """Attach a saved delta to ``model`` and return the model.
 
     ``directory`` is a folder written by ``up.save``, or a Hugging Face Hub repo
     id ``"user/repo"`` (a string that is not an existing local path) holding one,
     as ``up.push`` writes it; ``revision`` (branch, tag or commit) and ``token``
     apply to the Hub. The delta's base fingerprint must match ``model`` unless
-    ``check_base=False``. On any error the model is left exactly as it was.
+    ``check_base=False``. ``rank``: the rank to use, for a delta trained for several (DyLoRA).
+    On any error the model is left exactly as it was.
     """
     d = _locate(directory, revision, token)
     meta = read_meta(d)
@@ -312,6 +316,14 @@ def load(model: nn.Module, directory, name: str | None = None, *, check_base: bo
     if not isinstance(m, dict) or "kind" not in m or not isinstance(m.get("options"), dict):
         raise UnipeftError(f"{d / JSON_NAME} is corrupted: bad 'method' field")
     config = MethodConfig.from_dict(m["kind"], m["options"])
+    if rank is not None:
+        if not getattr(type(config), "nested_ranks", False):
+            from .config import METHODS
+
+            ok = sorted(k for k, c in METHODS.items() if getattr(c, "nested_ranks", False))
+            raise UnipeftError(f"up.load: rank= applies to deltas trained for several ranks ({choices(ok)}); "
+                               f"{str(d)!r} is {config.kind}, whose rank is fixed")
+        config = config.replace(rank=rank)
     if check_base:
         want = meta["base"].get("fingerprint")
         have = fingerprint(model)

@@ -22,6 +22,9 @@ What is saved where, and why:
   ``trainer.train(resume_from_checkpoint=...)``; without the delta attached the
   Trainer would drop its tensors as unexpected keys. ``from_pretrained`` on such
   a folder gives the plain base for the same reason.
+* ``SaveDeltaCallback`` also tells methods that follow a schedule over the whole
+  training how many steps it has (AdaLoRA's ``total_step``: ``state.max_steps``).
+  Everything such methods do at each step runs by itself (``step_hooks``).
 * ``SaveDeltaCallback`` adds the delta-only artefact: ``up.save`` of each
   trained delta into ``checkpoint-N/unipeft/<name>/`` at every checkpoint and
   into ``<output_dir>/unipeft/<name>/`` when training ends (after
@@ -41,6 +44,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .. import step_hooks
 from ..engine import registry
 from ..errors import UnipeftError, choices
 from ..storage import save
@@ -84,7 +88,9 @@ class SaveDeltaCallback(TrainerCallback):
             save(model, directory / self.folder / n, name=n)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._deltas(model)  # fail before the first step, not at the first checkpoint
+        model, _ = self._deltas(model)  # fail before the first step, not at the first checkpoint
+        # methods that follow a schedule over the whole training (AdaLoRA's rank budget) learn its length
+        step_hooks.plan(model, state.max_steps)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not args.should_save:  # only the main process writes, as the Trainer does

@@ -3,8 +3,10 @@
 Importing this package registers every method under its ``kind`` so saved
 deltas can be rebuilt by name.
 """
+from .adalora import AdaLoRA
 from .adapter import Adapter
 from .bitfit import BitFit
+from .dylora import DyLoRA
 from .freeze import Freeze
 from .full import FullFineTune
 from .ia3 import IA3
@@ -12,4 +14,4 @@ from .lora import LoRA
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 
-__all__ = ["Adapter", "BitFit", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["AdaLoRA", "Adapter", "BitFit", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -4,6 +4,15 @@
 
 so the delta is zero at initialisation and ΔW = (alpha / r) B A can be merged
 into W0 for inference with no overhead.
+
+Random-rank LoRA (seed 000's table: ranks drawn from 1-16 ... 32-64) is an option of
+LoRA, not a method of its own: ``r=(low, high)`` draws each module's rank uniformly from
+the range with ``seed``, and the drawn ranks are recorded as ``rank_pattern`` in the
+delta's config (so ``delta.json`` holds them and a load rebuilds the same shapes).
+
+``LoRADelta.factors()`` is the one place the (A, B, scale) of ΔW = s B A are read; the
+LoRA-shaped family (DyLoRA's nested ranks, AdaLoRA's P Λ Q) subclasses the delta and
+overrides only that, so the fused, plain, routed and merged paths serve them all.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import fused
 from ..config import MethodConfig, check_choice, check_number, check_positive_int, method, normalize_targets
+from ..errors import UnipeftError
 from ..positions import LinearDelta, linear_shape
 
 
@@ -23,20 +33,25 @@ from ..positions import LinearDelta, linear_shape
 class LoRA(MethodConfig):
     """Low-rank update of chosen weight matrices.
 
-    r: rank; alpha: scale numerator (scale = alpha / r); dropout: on the LoRA
+    r: rank, or a range (low, high) to draw each module's rank from (random-rank LoRA,
+    drawn with ``seed``; the drawn ranks become ``rank_pattern``); alpha: scale numerator
+    (scale = alpha / r, each module with its own r); dropout: on the LoRA
     path's input; targets: which linear maps (default: every linear map of the
     blocks, "all-linear": 0.78 vs 0.57 mean accuracy for the paper's q and v over
     three tasks in benchmarks/screen_defaults.py); init: "kaiming" (uniform, as the notes'
     pseudocode) or "gaussian" (A ~ N(0, 1/r)); train_head: train (and save) a
-    newly added task head.
+    newly added task head; seed: draws the ranks of a range; rank_pattern: module path ->
+    rank, overriding r (recorded for a range, so a saved delta reloads to the same shapes).
     """
 
-    r: int = 8
+    r: int | tuple = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple | None = None
     init: str = "kaiming"
     train_head: bool | list = True
+    seed: int = 0
+    rank_pattern: dict | None = None
 
     kind: ClassVar[str] = "lora"
     method_type: ClassVar[str] = "reparameterization"
@@ -44,7 +59,13 @@ class LoRA(MethodConfig):
     default_targets: ClassVar[tuple] = ("all-linear",)  # benchmarks/screen_defaults.py; QLoRA; He et al.
 
     def validate(self):
-        check_positive_int("LoRA", "r", self.r)
+        self.r = check_rank_or_range("LoRA", self.r)
+        check_positive_int("LoRA", "seed", self.seed, allow_zero=True)
+        if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                    for k, v in self.rank_pattern.items()):
+                raise UnipeftError(f"LoRA: rank_pattern must map module paths to ranks >= 1, got {self.rank_pattern!r}")
         check_number("LoRA", "alpha", self.alpha, lo=0, lo_open=True)
         check_number("LoRA", "dropout", self.dropout, lo=0, hi=1)
         check_choice("LoRA", "init", self.init, ("kaiming", "gaussian"))
@@ -52,15 +73,56 @@ class LoRA(MethodConfig):
 
     def install(self, view, name):
         deltas = {}
-        for path in view.resolve_targets(self.targets or self.default_targets, "LoRA"):
+        paths = view.resolve_targets(self.targets or self.default_targets, "LoRA")
+        ranks = module_ranks("LoRA", self.r, self.seed, self.rank_pattern, paths)
+        if isinstance(self.r, tuple) and self.rank_pattern is None:
+            # the engine's record of this delta keeps the drawn ranks: up.deltas shows them, up.save stores them
+            view.delta.config = self.replace(rank_pattern=ranks)
+        for path in paths:
             fan_in, fan_out = linear_shape(view.module(path))
-            deltas[path] = LoRADelta(fan_in, fan_out, self.r, self.alpha / self.r, self.dropout, self.init)
+            r = ranks[path]
+            deltas[path] = LoRADelta(fan_in, fan_out, r, self.alpha / r, self.dropout, self.init)
             view.add_linear(path, deltas[path])
         # maps that read one input (q, k, v; gate, up) share one product x [A_q; A_k; A_v]^T when training
         for paths in view.map.shared_input_groups(list(deltas)):
             group = SharedInput([view.module(p) for p in paths], [deltas[p] for p in paths])
             for p in paths:
                 deltas[p].__dict__["group"] = group  # a plain attribute: not a submodule, not in the state dict
+
+
+def check_rank_or_range(owner: str, r):
+    """A rank >= 1, or a (low, high) range of ranks with 1 <= low <= high (returned as a tuple)."""
+    if isinstance(r, (list, tuple)):
+        if len(r) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
+            raise UnipeftError(f"{owner}: r must be a rank >= 1 or a range (low, high) of two integer ranks, got {r!r}")
+        low, high = r
+        if low < 1:
+            raise UnipeftError(f"{owner}: the rank range {tuple(r)!r} starts at {low}; ranks must be >= 1 "
+                               f"(give r as a rank >= 1 or a range (low, high) with 1 <= low <= high)")
+        if low > high:
+            raise UnipeftError(f"{owner}: the rank range {tuple(r)!r} has low {low} > high {high}; give r as a rank "
+                               f">= 1 or a range (low, high) with 1 <= low <= high")
+        return (low, high)
+    check_positive_int(owner, "r", r)
+    return r
+
+
+def module_ranks(owner: str, r, seed: int, pattern: dict | None, paths: list[str]) -> dict[str, int]:
+    """Each target's rank: from ``pattern`` when given, drawn uniformly from the range ``r`` with
+    ``seed`` (in target order, so the same model and seed give the same ranks), else ``r``."""
+    if pattern is not None:
+        missing = [p for p in paths if p not in pattern]
+        extra = sorted(set(pattern) - set(paths))
+        if missing or extra:
+            what = f"has no rank for {missing[0]!r}" if missing else f"names {extra[0]!r}, which is not a target"
+            raise UnipeftError(f"{owner}: rank_pattern {what}; it must name exactly the targeted modules "
+                               f"({len(paths)} of them)")
+        return {p: int(pattern[p]) for p in paths}
+    if isinstance(r, tuple):
+        g = torch.Generator().manual_seed(seed)
+        drawn = torch.randint(r[0], r[1] + 1, (len(paths),), generator=g).tolist()
+        return dict(zip(paths, drawn))
+    return {p: r for p in paths}
 
 
 class LoRADelta(LinearDelta):
@@ -97,20 +159,31 @@ class LoRADelta(LinearDelta):
             y = self.group.output(self, x)
             if y is not None:
                 return y
-        return LoRALinear.apply(x, (self.scale,), site.unipeft_weight_out_in(), site.bias, self.lora_A, self.lora_B)
+        a, b, s = self.factors()
+        return LoRALinear.apply(x, (s,), site.unipeft_weight_out_in(), site.bias, a, b)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with ΔW = s B A, as every path computes it (subclasses: DyLoRA, AdaLoRA)."""
+        return self.lora_A, self.lora_B, self.scale
+
+    def factor_sources(self) -> tuple[torch.Tensor, ...]:
+        """The tensors ``factors()`` is computed from: a kept routing table is rebuilt when the
+        version counter of any of them moves."""
+        return self.lora_A, self.lora_B
 
     def output(self, x, y):
         h = self.drop(x) if self.drop is not None else x
-        t = F.linear(h, self.lora_A)
+        lora_A, lora_B, scale = self.factors()
+        t = F.linear(h, lora_A)
         # y + scale * t B^T as one GEMM: the add and the scale ride on the product. Without autograd
         # (inference) it goes in place, so no second output-sized tensor is allocated; with autograd
         # an in-place update would add a CopySlices node whose backward costs more than it saves.
         if not (torch.is_grad_enabled() and (y.requires_grad or t.requires_grad)) and y.is_contiguous():
             # in-place ops are outside autocast: under bf16 autocast y and t are bf16 while B is fp32
-            y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]).to(y.dtype), self.lora_B.t().to(y.dtype),
-                                           alpha=self.scale)
+            y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]).to(y.dtype), lora_B.t().to(y.dtype),
+                                           alpha=scale)
             return y
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), lora_B.t(), alpha=scale)
         return out.view(y.shape)
 
     @classmethod
@@ -119,18 +192,20 @@ class LoRADelta(LinearDelta):
 
             y_i += s_d(i) * B_d(i) A_d(i) x_i     for every row i, d(i) its delta (zero for other rows)
 
-        Every LoRA delta's factors at the site are stacked (ranks padded with zeros to the largest,
+        Every delta of this class at the site has its factors stacked (ranks padded with zeros to the largest,
         row 0 all zeros), gathered per row and applied as two batched products, so the cost does not
         grow with the number of deltas. Without autograd the stacked factors are kept on the site
         (one extra copy of its LoRA factors) until a delta or a parameter changes."""
         if len(items) == 1 or any(d.drop is not None and d.training for _, d, _ in items):
             return super().routed_output(site, items, x, y)
         grad = torch.is_grad_enabled() and any(d.lora_A.requires_grad or d.lora_B.requires_grad for _, d, _ in items)
-        # with autograd only the routed deltas (their gradients); without, every LoRA delta here (kept)
+        # with autograd only the routed deltas (their gradients); without, every delta of this class here
+        # (kept). Exactly this class: a subclass (DyLoRA, AdaLoRA) is routed by its own call, so its rows
+        # must not be in this table too.
         named = [(n, d) for n, d, _ in items] if grad else \
-            [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, LoRADelta)]
-        a, b = site.routed_table("lora", [d for _, d in named], _stack_factors, grad,
-                                 params=lambda d: (d.lora_A, d.lora_B))
+            [(n, d) for n, d in site.unipeft_deltas.items() if type(d) is cls]
+        a, b = site.routed_table(cls.__name__, [d for _, d in named], _stack_factors, grad,
+                                 params=lambda d: d.factor_sources())
         slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
         n, dt = x.shape[0], y.dtype
         a, b = a.index_select(0, slot).to(dt), b.index_select(0, slot).to(dt)   # (n, R, in), (n, out, R)
@@ -141,7 +216,8 @@ class LoRADelta(LinearDelta):
         return (y.reshape(n, -1, y.shape[-1]) + torch.bmm(t, b.transpose(1, 2))).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)
+        a, b, s = self.factors()
+        return s * (b @ a)
 
     def merged(self, weight, bias):
         return weight + self.delta_weight().to(weight.dtype), bias
@@ -149,14 +225,15 @@ class LoRADelta(LinearDelta):
 
 def _stack_factors(deltas) -> tuple[torch.Tensor, torch.Tensor]:
     """[0; A_1; ...] (D+1, R, in) and [0; s_1 B_1; ...] (D+1, out, R), ranks zero-padded to R."""
-    rank = max(d.lora_A.shape[0] for d in deltas)
-    first = deltas[0]
-    a = [first.lora_A.new_zeros(rank, first.lora_A.shape[1])]
-    b = [first.lora_B.new_zeros(first.lora_B.shape[0], rank)]
-    for d in deltas:
-        r = d.lora_A.shape[0]
-        a.append(d.lora_A if r == rank else F.pad(d.lora_A, (0, 0, 0, rank - r)))
-        b.append((d.lora_B if r == rank else F.pad(d.lora_B, (0, rank - r))) * d.scale)
+    factors = [d.factors() for d in deltas]
+    rank = max(fa.shape[0] for fa, _, _ in factors)
+    first_a, first_b, _ = factors[0]
+    a = [first_a.new_zeros(rank, first_a.shape[1])]
+    b = [first_b.new_zeros(first_b.shape[0], rank)]
+    for fa, fb, s in factors:
+        r = fa.shape[0]
+        a.append(fa if r == rank else F.pad(fa, (0, 0, 0, rank - r)))
+        b.append((fb if r == rank else F.pad(fb, (0, rank - r))) * s)
     return torch.stack(a), torch.stack(b)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .. import fileio, progress
+from .. import fileio, progress, step_hooks
 from ..compat import enable_activation_checkpointing
 from ..errors import UnipeftError, choices
 from . import checkpoint as ckpt
@@ -285,6 +285,8 @@ class Trainer:
                                                                                       cfg.schedule))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
+        # methods that follow a schedule over the whole training (AdaLoRA's rank budget) learn its length
+        step_hooks.plan(self.raw_model, self.total_steps)
         self.aux = AuxLM(self.raw_model, task, cfg.aux_lm_weight) if cfg.aux_lm_weight > 0 else None
 
         # run state (what a checkpoint restores)

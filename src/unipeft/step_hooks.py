@@ -1,0 +1,121 @@
+"""Work a delta does at every optimizer step, with no call in the user's training loop.
+
+Some methods change more than their parameters' values as training goes on: DyLoRA draws a new
+rank for every step, AdaLoRA smooths importance scores, adds its orthogonality regulariser's
+gradient and masks singular values on a schedule. peft leaves those to a call the user must
+remember (``update_and_allocate``); forgetting it silently trains plain LoRA. Here the method
+registers a ``StepController`` when it is attached, and two process-wide hooks of
+``torch.optim`` run it around every ``optimizer.step()`` of every optimizer that holds the
+controller's parameters:
+
+    before(): the gradients of the step are complete (after every micro-batch of gradient
+              accumulation, after clipping) and the parameters are still those they were computed at;
+    after():  the optimizer has updated the parameters (gradients not yet cleared).
+
+So one controller step is one optimizer step whatever the loop looks like: unipeft's trainer,
+``transformers.Trainer`` (accelerate's optimizer wrapper steps the torch optimizer once per real
+step and never when it skips one), or a plain ``loss.backward(); opt.step()`` loop. A
+controller whose parameters got no gradient (its delta switched off, or not in this
+optimizer) is left alone. A detached delta's controller goes away with its modules (the
+registry holds it weakly).
+
+``plan(model, total_steps)`` tells a model's controllers how many optimizer steps the training
+will take (AdaLoRA's budget schedule needs it): unipeft's trainer calls it, and so does
+``integrations.SaveDeltaCallback`` under ``transformers.Trainer``.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+_CONTROLLERS: "weakref.WeakSet[StepController]" = weakref.WeakSet()
+_HOOKS: list = []
+# optimizer -> (shape of its parameter groups, ids of its parameters): rebuilt when groups change
+_OPTIMIZER_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+ATTR = "unipeft_controller"  # the plain attribute a delta module keeps its controller under
+
+
+class StepController:
+    """Subclasses implement ``parameters()``, ``before()`` and ``after()``; ``set_total_steps(n)``
+    if they need the length of the training."""
+
+    pending = False  # before() ran for a step whose after() has not yet
+
+    def parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def before(self) -> None:
+        pass
+
+    def after(self) -> None:
+        pass
+
+    def set_total_steps(self, total: int) -> None:
+        pass
+
+
+def register(controller: StepController, modules) -> None:
+    """Run ``controller`` at every optimizer step; ``modules`` (the delta's modules) keep it alive."""
+    if not _HOOKS:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        _HOOKS.append(register_optimizer_step_pre_hook(_before_step))
+        _HOOKS.append(register_optimizer_step_post_hook(_after_step))
+    for m in modules:
+        m.__dict__[ATTR] = controller  # a plain attribute: not a submodule, not in the state dict
+    _CONTROLLERS.add(controller)
+
+
+def _param_ids(optimizer) -> frozenset:
+    shape = tuple(len(g["params"]) for g in optimizer.param_groups)
+    kept = _OPTIMIZER_PARAMS.get(optimizer)
+    if kept is None or kept[0] != shape:
+        kept = (shape, frozenset(id(p) for g in optimizer.param_groups for p in g["params"]))
+        _OPTIMIZER_PARAMS[optimizer] = kept
+    return kept[1]
+
+
+def _before_step(optimizer, args, kwargs) -> None:
+    if not _CONTROLLERS:
+        return
+    ids = _param_ids(optimizer)
+    for c in list(_CONTROLLERS):
+        params = c.parameters()
+        if any(id(p) in ids for p in params) and any(p.grad is not None for p in params):
+            c.before()       # may raise (a missing total_step): the step then never happens
+            c.pending = True
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    for c in list(_CONTROLLERS):
+        if c.pending:
+            c.pending = False
+            c.after()
+
+
+def controllers(model: nn.Module) -> list[StepController]:
+    """The controllers of the deltas attached to ``model`` (each once)."""
+    out: list[StepController] = []
+    for m in model.modules():
+        c = m.__dict__.get(ATTR)
+        if c is not None and c not in out:
+            out.append(c)
+    return out
+
+
+def plan(model: nn.Module, total_steps: int) -> None:
+    """Tell every controller of ``model`` that training will take ``total_steps`` optimizer steps."""
+    for c in controllers(model):
+        c.set_total_steps(int(total_steps))
+
+
+@torch.no_grad()
+def add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    """param.grad += grad (created if the backward left none)."""
+    if param.grad is None:
+        param.grad = grad.to(param.dtype).clone()
+    else:
+        param.grad.add_(grad.to(param.grad.dtype))

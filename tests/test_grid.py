@@ -33,8 +33,8 @@ METHODS = {
     "full": lambda: up.FullFineTune(),
 }
 NO_BIAS = {"llama", "t5"}  # no bias terms: BitFit adds zero-initialised ones (BiasDelta)
-EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full", "houlsby", "pfeiffer", "parallel",
-                 "scaled_parallel"}
+EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full", "houlsby",
+                 "pfeiffer", "parallel", "scaled_parallel"}
 MERGEABLE = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full"}
 
 GRID = [(f, m) for f in tiny.FAMILIES for m in METHODS]

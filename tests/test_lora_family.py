@@ -438,3 +438,46 @@ def test_the_cli_trains_dylora_and_adalora(tmp_path, capsys):
                      "--max-steps", "6", "--batch-size", "8", "--json"]) == 0
         res = json.loads(capsys.readouterr().out)
         assert res["method"] == method and res["steps"] == 6
+
+
+# ---------------------------------------------------------------------------
+# peft exchange
+# ---------------------------------------------------------------------------
+
+def test_random_rank_lora_exports_to_peft_with_its_rank_pattern(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, x = tiny.make("bert", "cls"), tiny.batch("bert", "cls")
+    up.attach(model, up.LoRA(r=(1, 5), seed=2), name="t")
+    plain_loop(model, x, 3)
+    up.export_peft(model, tmp_path / "p", name="t")
+    theirs = peft.PeftModel.from_pretrained(tiny.make("bert", "cls"), str(tmp_path / "p"))
+    torch.testing.assert_close(run(theirs.eval(), x), run(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_adalora_crosses_to_peft_and_back(tmp_path):
+    peft = pytest.importorskip("peft")
+    x = tiny.batch("bert", "cls")
+    # ours -> peft: the kept triplets and the pattern under peft's keys
+    model = tiny.make("bert", "cls")
+    up.attach(model, up.AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=6), name="a")
+    plain_loop(model, x, 6)
+    up.export_peft(model, tmp_path / "ours", name="a")
+    theirs = peft.PeftModel.from_pretrained(tiny.make("bert", "cls"), str(tmp_path / "ours"))
+    torch.testing.assert_close(run(theirs.eval(), x), run(model, x), rtol=1e-4, atol=1e-5)
+    # peft -> ours: a peft AdaLoRA trained with its update_and_allocate
+    pm = peft.get_peft_model(tiny.make("bert", "cls"), peft.AdaLoraConfig(
+        task_type="SEQ_CLS", init_r=4, target_r=2, tinit=1, tfinal=1, total_step=6, target_modules=["query", "value"]))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    for t in range(6):
+        pm(**x, labels=torch.tensor([0, 1])).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(t)
+        opt.zero_grad()
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    pattern = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["rank_pattern"]
+    base = tiny.make("bert", "cls")
+    up.import_peft(base, tmp_path / "theirs", name="p")
+    torch.testing.assert_close(run(base, x), run(pm.eval(), x), rtol=1e-4, atol=1e-5)
+    got = {p: d.lora_E.shape[0] for p, d in linear(base, "p", AdaLoRADelta).items()}
+    assert got == {k[:-len(".lora_E")]: sum(v) for k, v in pattern.items() if sum(v)}

@@ -177,7 +177,8 @@ def test_what_peft_cannot_express_is_refused_both_ways(tmp_path, family, method)
 
 def test_methods_outside_peft_format_are_refused(tmp_path):
     model = up.attach(tiny.make("bert", "cls"), up.Adapter(bottleneck=4))
-    with pytest.raises(UnipeftError, match="exportable methods: 'ia3', 'lora', 'prefix_tuning' or 'prompt_tuning'"):
+    with pytest.raises(UnipeftError,
+                       match="exportable methods: 'adalora', 'ia3', 'lora', 'prefix_tuning' or 'prompt_tuning'"):
         up.export_peft(model, tmp_path / "a")
     with pytest.raises(UnipeftError, match="nothing to export"):
         up.export_peft(tiny.make("bert", "cls"), tmp_path / "a")

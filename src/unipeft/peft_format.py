@@ -10,7 +10,11 @@ What crosses, and why the rest does not:
 
 * **LoRA** and **(IA)3** are weight-site methods, so the exchange is exact on every
   architecture: tensor ``base_model.model.<module path>.lora_A.weight`` is the same
-  matrix in both libraries. (IA)3 on one slice of a fused projection (GPT-2's
+  matrix in both libraries. Random-rank LoRA's ranks go to peft's ``rank_pattern``.
+* **AdaLoRA**: P, Q and λ are peft's ``lora_B``, ``lora_A`` and ``lora_E`` (an (r, 1)
+  column there), the kept triplets only, with the rank pattern under peft's keys
+  (``<module path>.lora_E``). peft scales by alpha / (init_r + 1e-5), unipeft by
+  alpha / init_r: outputs agree to about 1e-6 relative, not bit for bit. (IA)3 on one slice of a fused projection (GPT-2's
   ``c_attn`` with k and v only) is written as the whole vector with ones on the
   other slices.
 * **Prompt tuning**: peft and unipeft both prepend p vectors to the input
@@ -42,14 +46,16 @@ import torch.nn as nn
 from .architectures import is_linear_like, map_model
 from .engine import Delta, head_modules, registry
 from .errors import UnipeftError, choices
-from .methods import IA3, LoRA, PrefixTuning, PromptTuning
+from .methods import IA3, AdaLoRA, LoRA, PrefixTuning, PromptTuning
 from .storage import _read_tensors, attach_with_tensors, delta_tensors, pick_delta, write_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."          # peft's key prefix for tensors inside the wrapped model
-EXPORTABLE = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
-IMPORTABLE = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+EXPORTABLE = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
+              "adalora": "ADALORA"}
+IMPORTABLE = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADALORA")
+ADALORA_OPTIONS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step", "beta1", "beta2", "orth_reg_weight")
 # rotary variants whose frequencies do not depend on the sequence length (a fixed rotation by p is exact)
 STATIC_ROPE = ("default", "linear", "llama3")
 
@@ -142,9 +148,34 @@ def _export_lora(model, delta: Delta, ours):
     for p in paths:
         tensors[f"{PREFIX}{p}.lora_A.weight"] = ours[f"linear:{p}.lora_A"]
         tensors[f"{PREFIX}{p}.lora_B.weight"] = ours[f"linear:{p}.lora_B"]
-    config = {"r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": paths,
+    # random-rank LoRA: the commonest rank as r, the others in peft's rank_pattern (scale alpha / r_i in both)
+    ranks = [c.rank_pattern[p] for p in paths] if c.rank_pattern else [c.r]
+    r = max(sorted(set(ranks)), key=ranks.count)
+    pattern = {p: c.rank_pattern[p] for p in paths if c.rank_pattern[p] != r} if c.rank_pattern else {}
+    config = {"r": r, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": paths,
               "fan_in_fan_out": _conv1d(model, paths), "bias": "none", "use_rslora": False, "use_dora": False,
-              "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+              "init_lora_weights": True, "rank_pattern": pattern, "alpha_pattern": {}}
+    return config, tensors
+
+
+def _export_adalora(model, delta: Delta, ours):
+    from .positions import linear_shape
+
+    c: AdaLoRA = delta.config.saved_config()  # with the current rank pattern, as up.save writes it
+    paths = list(c.rank_pattern) if c.rank_pattern else _method_paths(delta)
+    tensors = {}
+    for p in paths:
+        if f"linear:{p}.lora_A" in ours:
+            a, b, e = (ours[f"linear:{p}.{k}"] for k in ("lora_A", "lora_B", "lora_E"))
+        else:  # every triplet pruned: peft keeps zero-sized tensors
+            fan_in, fan_out = linear_shape(model.get_submodule(p))
+            a, b, e = torch.zeros(0, fan_in), torch.zeros(fan_out, 0), torch.zeros(0)
+        tensors.update({f"{PREFIX}{p}.lora_A": a, f"{PREFIX}{p}.lora_B": b, f"{PREFIX}{p}.lora_E": e.reshape(-1, 1)})
+    config = {**{k: getattr(c, k) for k in ADALORA_OPTIONS}, "r": c.target_r, "lora_alpha": c.alpha,
+              "lora_dropout": c.dropout, "target_modules": paths, "fan_in_fan_out": _conv1d(model, paths),
+              "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+              "rank_pattern": {f"{p}.lora_E": v for p, v in c.rank_pattern.items()} if c.rank_pattern else None,
+              "alpha_pattern": {}}
     return config, tensors
 
 
@@ -206,7 +237,7 @@ def _export_prefix(model, delta: Delta, ours):
     return config, {"prompt_embeddings": kvp.reshape(p, -1)}
 
 
-_EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prompt_tuning": _export_prompt,
+_EXPORTERS = {"lora": _export_lora, "adalora": _export_adalora, "ia3": _export_ia3, "prompt_tuning": _export_prompt,
               "prefix_tuning": _export_prefix}
 
 
@@ -368,6 +399,32 @@ def _import_lora(model, config, remaining, d):
     return method, ours
 
 
+def _import_adalora(model, config, remaining, d):
+    _refuse(d, config, {
+        "use_dora": (lambda v: not v, "(DoRA) adds a magnitude vector"),
+        "bias": (lambda v: v in (None, "none"), "trains biases"),
+        "use_rslora": (lambda v: not v, "scales by alpha / sqrt(r)"),
+        "alpha_pattern": (lambda v: not v, "sets a scale per module"),
+    })
+    paths = _sites(remaining, ".lora_A")
+    if not paths:
+        raise UnipeftError(f"{d}: an ADALORA adapter without lora_A tensors")
+    # peft's keys are "<module path>.lora_E" (with the adapter's name after it when taken from a live model)
+    pattern = {k.split(".lora_E")[0]: list(v) for k, v in (config.get("rank_pattern") or {}).items()}
+    ours = {}
+    for p in paths:
+        got = {k: remaining.pop(f"{PREFIX}{p}.{k}", None) for k in ("lora_A", "lora_B", "lora_E")}
+        if any(v is None for v in got.values()):
+            raise UnipeftError(f"{d}: {p} lacks one of lora_A, lora_B, lora_E")
+        if got["lora_A"].shape[0]:  # a module whose triplets were all pruned has zero-sized tensors
+            ours.update({f"linear:{p}.{k}": v.reshape(-1) if k == "lora_E" else v for k, v in got.items()})
+    options = {k: config[k] for k in ADALORA_OPTIONS if config.get(k) is not None}
+    method = AdaLoRA(**options, alpha=float(config.get("lora_alpha", 8)),
+                     dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(paths),
+                     rank_pattern=pattern or None)
+    return method, ours
+
+
 def _import_ia3(model, config, remaining, d):
     paths = _sites(remaining, ".ia3_l")
     if not paths:
@@ -408,6 +465,6 @@ def _import_prefix(model, config, remaining, d):
     return PrefixTuning(length=p, reparam_hidden=0), {"model:prefix": kvp.reshape(p, -1)}
 
 
-_IMPORTERS = {"LORA": _import_lora, "IA3": _import_ia3, "PROMPT_TUNING": _import_prompt, "P_TUNING": _import_prompt,
+_IMPORTERS = {"LORA": _import_lora, "ADALORA": _import_adalora, "IA3": _import_ia3, "PROMPT_TUNING": _import_prompt, "P_TUNING": _import_prompt,
               "PREFIX_TUNING": _import_prefix}
 

@@ -238,6 +238,19 @@ def test_dylora_one_delta_serves_every_rank_set_rank_and_load_agree(tmp_path):
     torch.testing.assert_close(run(fresh, x), outs[2], rtol=0, atol=0)
 
 
+def test_routing_follows_set_rank():
+    """Without autograd the routed factors are kept on the site; a new rank must rebuild them."""
+    model, x = scrambled_dylora(family="gpt2", r=6), tiny.batch("gpt2")
+    up.attach(model, up.DyLoRA(r=3), name="e")  # two of a class: routed through one kept table
+    for rank in (6, 2):
+        up.set_rank(model, "d", rank)
+        up.activate(model, ["d"])
+        expected = run(model, {k: v[:1] for k, v in x.items()})
+        with up.route(model, ["d", "e"]):
+            got = run(model, x)[:1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_dylora_bad_ranks_are_one_line_errors(tmp_path):
     model = tiny.make("bert")
     up.attach(model, up.DyLoRA(r=4), name="d")

@@ -333,3 +333,22 @@ def test_tenants_command(tmp_path, capsys):
     assert main(["tenants", "add", "Bad/Name", "--deltas", str(tmp_path)]) == 2
     assert main(["tenants", "remove", "initech", "--deltas", str(tmp_path)]) == 0
     assert main(["tenants", "remove", "initech", "--deltas", str(tmp_path)]) == 2
+
+
+def test_replicas_sharing_a_deltas_directory(env, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from unipeft.serving.app import create_app
+
+    shared = tmp_path / "shared"
+    apps = [create_app(Engine(env["gpt2"], None, cache_mb=4, name="g", max_wait_ms=1), shared, admin_key=ADMIN)
+            for _ in range(2)]
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+        key = a.post("/v1/tenants", json={"name": "acme"}, headers=auth(ADMIN)).json()["key"]
+        r = a.post("/v1/deltas", files=files_of(env["spare"] / "up-ia3"), data={"name": "shared1"}, headers=auth(key))
+        assert r.status_code == 201, r.text
+        ask = {"model": "shared1", "prompt": "the movie was", "max_tokens": 3}
+        ra, rb = (c.post("/v1/completions", json=ask, headers=auth(key)) for c in (a, b))
+        assert rb.status_code == 200 and ra.json()["choices"] == rb.json()["choices"]
+        assert b.delete("/v1/deltas/shared1", headers=auth(key)).status_code == 200
+        err(a.post("/v1/completions", json=ask, headers=auth(key)), 404)

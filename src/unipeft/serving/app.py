@@ -53,6 +53,7 @@ from .uploads import store as store_files
 log = logging.getLogger("unipeft.serving")
 MAX_JSON_BODY = 4 << 20
 MAX_PROMPTS = 64
+NOT_FOUND = "model not found (it was removed); GET /v1/models lists the models this key may use"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
                415: "unsupported_media_type", 500: "server_error", 503: "unavailable"}
@@ -83,7 +84,12 @@ class Server:
     def sync(self) -> None:
         """Register what is on disk: the admin's folders in the deltas directory (added, removed or
         changed while the server was down), the tenants' recorded uploads; drop leftovers."""
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        # temporary folders of uploads and deletes cut short by a crash (an hour old: not a replica's)
+        leftovers = list(self.scratch.glob("*")) + list(self.dir.glob(".*.tmp-*")) + \
+            list((self.dir / TENANTS_DIR).glob("*/.*.tmp-*"))
+        for d in leftovers:
+            if time.time() - d.stat().st_mtime > 3600:
+                shutil.rmtree(d, ignore_errors=True)
         seen = set()
         for d in sorted(self.dir.iterdir()):
             if d.name.startswith(".") or not (d / storage.JSON_NAME).is_file():
@@ -119,7 +125,9 @@ class Server:
             recorded.add(path.resolve())
         tenants_dir = self.dir / TENANTS_DIR
         for d in tenants_dir.glob("*/*") if tenants_dir.is_dir() else ():
-            if d.resolve() not in recorded:   # an upload killed before it was recorded: never acknowledged
+            # an upload killed before it was recorded was never acknowledged; the age test spares an
+            # upload that a replica sharing this directory is recording right now
+            if d.resolve() not in recorded and time.time() - d.stat().st_mtime > 60:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _engine_for(self, meta: dict) -> Engine | None:
@@ -166,7 +174,17 @@ class Server:
         if row is None or row["base"] not in self.engines:
             raise HTTPError(404, f"model {model!r} does not exist or this key cannot use it; GET /v1/models lists "
                                  f"the models this key may use")
-        return self.engines[row["base"]], name if owner == "" else f"{owner}/{name}"
+        engine, key = self.engines[row["base"]], name if owner == "" else f"{owner}/{name}"
+        if not engine.has(key) and self._lock.acquire(blocking=False):
+            # recorded by another process sharing this registry (a replica): serve it too. Under the
+            # upload/delete lock, and only if still recorded, so a delete in progress here is not undone
+            try:
+                row = self.store.delta(owner, name)
+                if row is not None and (Path(row["path"]) / storage.JSON_NAME).is_file():
+                    engine.add(key, row["path"])
+            finally:
+                self._lock.release()
+        return engine, key
 
     def models(self, tenant: str | None) -> list[dict]:
         out = [{"id": e.name, "object": "model", "created": 0, "owned_by": "unipeft", "kind": e.kind,
@@ -266,7 +284,7 @@ def _number(body: dict, key: str, default, kind=(int, float)):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, kind):
-        raise HTTPError(400, f"field {key!r} must be a number; got {v!r}")
+        raise HTTPError(400, f"field {key!r} must be {'an integer' if kind is int else 'a number'}; got {v!r}")
     return v
 
 
@@ -314,7 +332,8 @@ def create_app(engines: list[Engine] | Engine, deltas_dir, admin_key: str | None
 
     @app.exception_handler(DeltaNotFound)
     async def _not_found(request, e):
-        return error(404, f"model not found: {e}")
+        # the engine's message lists the deltas it holds, other tenants' included: never forwarded
+        return error(404, NOT_FOUND)
 
     @app.exception_handler(UnipeftError)   # BadRequest and the library's own user errors
     async def _bad(request, e):
@@ -379,7 +398,8 @@ def create_app(engines: list[Engine] | Engine, deltas_dir, admin_key: str | None
                 choice = {"index": i, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': model, 'choices': [choice]})}\n\n"
+            chunk = {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
+            return f"data: {json.dumps(chunk)}\n\n"
 
         async def events():
             if chat:
@@ -390,7 +410,9 @@ def create_app(engines: list[Engine] | Engine, deltas_dir, admin_key: str | None
                 answers = future.result()
             except Exception as e:   # e.g. the delta was deleted before its batch ran
                 status = 404 if isinstance(e, DeltaNotFound) else 400 if isinstance(e, UnipeftError) else 500
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': ERROR_TYPES[status], 'code': status}})}\n\n"
+                message = {404: NOT_FOUND, 400: str(e)}.get(status, f"internal error ({type(e).__name__})")
+                failure = {"error": {"message": message, "type": ERROR_TYPES[status], "code": status}}
+                yield f"data: {json.dumps(failure)}\n\n"
             else:
                 for i, a in enumerate(answers):
                     yield event(i, None if chat else "", a["finish_reason"])

@@ -74,6 +74,7 @@ def engines(deltas_dir: Path, **engine_kw) -> list:
     out = []
     deltas_dir.mkdir(parents=True, exist_ok=True)
     for base in ("smollm2", "minilm"):
+        torch.manual_seed(0)   # MiniLM's classification head is new: the same random head at every start
         try:
             model, tok = zoo.smollm2() if base == "smollm2" else zoo.minilm(num_labels=2)
         except UnipeftError as e:

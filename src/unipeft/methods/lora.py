@@ -194,10 +194,9 @@ class LoRADelta(LinearDelta):
 
         Every delta of this class at the site has its factors stacked (ranks padded with zeros to the largest,
         row 0 all zeros), gathered per row and applied as two batched products, so the cost does not
-        grow with the number of deltas. When few deltas share the site (D x R <= CONCAT_ROUTE_WIDTH)
-        one wide product over all of them, masked per row, is cheaper (``_routed_concat``). Without
-        autograd the stacked factors are kept on the site (one extra copy of its LoRA factors) until
-        a delta or a parameter changes."""
+        grow with the number of deltas. (One wide product over every delta's factors, masked per
+        row, was measured slower at D = 4 and 16 on the CPU.) Without autograd the stacked factors
+        are kept on the site (one extra copy of its LoRA factors) until a delta or a parameter changes."""
         if len(items) == 1 or any(d.drop is not None and d.training for _, d, _ in items):
             return super().routed_output(site, items, x, y)
         grad = torch.is_grad_enabled() and any(d.lora_A.requires_grad or d.lora_B.requires_grad for _, d, _ in items)
@@ -208,8 +207,6 @@ class LoRADelta(LinearDelta):
             [(n, d) for n, d in site.unipeft_deltas.items() if type(d) is cls]
         slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
         n, dt = x.shape[0], y.dtype
-        if len(named) * max(d.lora_A.shape[0] for _, d in named) <= CONCAT_ROUTE_WIDTH:  # (an upper bound)
-            return _routed_concat(site, cls.__name__, [d for _, d in named], slot, grad, x, y)
         a, b = site.routed_table(cls.__name__, [d for _, d in named], _stack_factors, grad,
                                  params=lambda d: d.factor_sources())
         a, b = a.index_select(0, slot).to(dt), b.index_select(0, slot).to(dt)   # (n, R, in), (n, out, R)
@@ -225,35 +222,6 @@ class LoRADelta(LinearDelta):
 
     def merged(self, weight, bias):
         return weight + self.delta_weight().to(weight.dtype), bias
-
-
-# Few deltas at a site (D deltas x rank R <= this): route through one wide product instead of gathering
-# per-row factors. x [A_1; ...; A_D]^T costs D times the FLOPs of one delta's x A^T but runs as one
-# large, efficient matrix product, where the gathered path runs n small batched ones (measured in
-# benchmarks/routing.py: at D = 4 the gathered products cost LoRA 4-5% over one delta).
-CONCAT_ROUTE_WIDTH = 64
-
-
-def _routed_concat(site, tag, deltas, slot, grad, x, y):
-    """y_i += [s_1 B_1 ... s_D B_D] (m_i (x) [A_1; ...; A_D] x_i), m_i the one-hot mask of row i's delta:
-    two products as wide as D ranks, the other deltas' columns zeroed per row between them."""
-    a, b = site.routed_table(tag + "/concat", deltas, _concat_factors, grad, params=lambda d: d.factor_sources())
-    count, rank = len(deltas), a.shape[0] // len(deltas)
-    n, dt = x.shape[0], y.dtype
-    mask = F.one_hot(slot, count + 1)[:, 1:].to(dt)                     # (n, D): row i's delta, none for the base
-    t = F.linear(x.to(dt).reshape(n, -1, x.shape[-1]), a.to(dt))      # (n, T, D R)
-    t = (t.view(n, t.shape[1], count, rank) * mask[:, None, :, None]).view(-1, count * rank)
-    if not grad and y.is_contiguous():
-        y.view(-1, y.shape[-1]).addmm_(t, b.to(dt).t())
-        return y
-    return torch.addmm(y.reshape(-1, y.shape[-1]), t, b.to(dt).t()).view(y.shape)
-
-
-def _concat_factors(deltas) -> tuple[torch.Tensor, torch.Tensor]:
-    """[A_1; ...; A_D] (D R, in) and [s_1 B_1 ... s_D B_D] (out, D R), ranks zero-padded to R."""
-    a, b = _stack_factors(deltas)
-    count, rank = len(deltas), a.shape[1]
-    return a[1:].reshape(count * rank, a.shape[2]), b[1:].permute(1, 0, 2).reshape(b.shape[1], count * rank)
 
 
 def _stack_factors(deltas) -> tuple[torch.Tensor, torch.Tensor]:

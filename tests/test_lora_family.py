@@ -194,8 +194,9 @@ def test_dylora_draws_one_rank_per_optimizer_step_also_with_gradient_accumulatio
     model, x = tiny.make("gpt2"), tiny.batch("gpt2")
     up.attach(model, up.DyLoRA(r=8, seed=5), name="d")
     sampler = next(iter(linear(model, "d", DyLoRADelta).values())).sampler
-    g = torch.Generator().manual_seed(5)
-    expected = [int(torch.randint(1, 9, (1,), generator=g)) for _ in range(7)]
+    expected = [int(torch.randint(1, 9, (1,), generator=torch.Generator().manual_seed(5 * 1_000_003 + t)))
+                for t in range(1, 8)]
+    assert len(set(expected)) > 2
     seen = []
 
     def record(module, args):
@@ -334,6 +335,25 @@ def test_the_budget_follows_the_cubic_schedule_and_the_final_pattern_stays():
     assert totals[11:] == [bt] * 4 and all(p == patterns[11] for p in patterns[11:])  # fixed from T - t_final
 
 
+def test_a_resumed_optimizer_continues_the_schedule_where_it_stopped():
+    """A checkpoint's optimizer state in a fresh optimizer: the allocator starts at the optimizer's count."""
+    x = tiny.batch("bert")
+    kw = dict(init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=12)
+    first = adalora_model(**kw)
+    opt = plain_loop(first, x, steps=5)
+    resumed = adalora_model(**kw)
+    resumed.load_state_dict(first.state_dict())
+    allocator = next(iter(linear(resumed, "a", AdaLoRADelta).values())).unipeft_controller
+    params = [p for p in resumed.parameters() if p.requires_grad]
+    opt2 = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    opt2.load_state_dict(opt.state_dict())
+    resumed.train()
+    tiny.logits(resumed, x).pow(2).mean().backward()
+    opt2.step()
+    assert allocator.steps == 6
+    assert sum(kept_triplets(resumed).values()) == allocator.budget(6) < allocator.initial_budget
+
+
 def test_total_step_missing_is_a_clear_error_at_the_first_step_before_any_change():
     """peft #1971: total_step is needed but undocumented. Here: a one-line error naming the ways to give it."""
     model, x = adalora_model(), tiny.batch("bert")
@@ -424,11 +444,28 @@ def test_the_regulariser_gradient_is_that_of_eq_4():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
+def test_warm_up_and_final_phases_may_be_fractions_of_the_training():
+    from unipeft import step_hooks
+
+    model = adalora_model(tinit=0.1, tfinal=0.25)
+    allocator = next(iter(linear(model, "a", AdaLoRADelta).values())).unipeft_controller
+    step_hooks.plan(model, 200)
+    assert (allocator.total, allocator.tinit, allocator.tfinal) == (200, 20, 50)
+    fixed = adalora_model(tinit=3, tfinal=0.5, total_step=40)  # the config's total_step wins over the trainer's
+    allocator = next(iter(linear(fixed, "a", AdaLoRADelta).values())).unipeft_controller
+    step_hooks.plan(fixed, 1000)
+    assert (allocator.total, allocator.tinit, allocator.tfinal) == (40, 3, 20)
+    with pytest.raises(UnipeftError, match=r"tinit=6 \+ tfinal=15 steps\) is as long as the training \(20 steps\)"):
+        step_hooks.plan(adalora_model(tinit=0.3, tfinal=0.75), 20)
+
+
 @pytest.mark.parametrize("kw,message", [
     ({"init_r": 4, "target_r": 8}, r"AdaLoRA: target_r 8 > init_r 4; the budget only shrinks"),
     ({"tinit": 5, "tfinal": 5, "total_step": 10}, r"tinit=5 \+ tfinal=5 steps\) is as long as the training \(10 steps\)"),
     ({"beta1": 1.0}, r"AdaLoRA: beta1 must be in \(0, 1\)"),
     ({"deltaT": 0}, r"AdaLoRA: deltaT must be an integer >= 1"),
+    ({"tinit": 1.5}, r"AdaLoRA: tinit must be a number of steps \(an integer >= 0\) or a fraction of total_step"),
+    ({"tfinal": 0.5, "tinit": 0.5, "total_step": 10}, r"tinit=5 \+ tfinal=5 steps\) is as long as the training"),
     ({"bogus": 1}, r"AdaLoRA: unknown option 'bogus'"),
 ])
 def test_bad_adalora_options_are_one_line_errors(kw, message):

@@ -19,6 +19,11 @@ controller whose parameters got no gradient (its delta switched off, or not in t
 optimizer) is left alone. A detached delta's controller goes away with its modules (the
 registry holds it weakly).
 
+``steps`` counts the optimizer steps a controller has seen. A resumed run (a checkpoint's
+optimizer state loaded into a fresh optimizer) starts from the optimizer's own count of the
+steps it took (Adam's ``state["step"]``), so a schedule over the training continues where it
+stopped instead of starting again.
+
 ``plan(model, total_steps)`` tells a model's controllers how many optimizer steps the training
 will take (AdaLoRA's budget schedule needs it): unipeft's trainer calls it, and so does
 ``integrations.SaveDeltaCallback`` under ``transformers.Trainer``.
@@ -43,6 +48,7 @@ class StepController:
     if they need the length of the training."""
 
     pending = False  # before() ran for a step whose after() has not yet
+    steps = 0        # optimizer steps completed (before(): the next is steps + 1; after(): this is steps)
 
     def parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
@@ -85,6 +91,8 @@ def _before_step(optimizer, args, kwargs) -> None:
     for c in list(_CONTROLLERS):
         params = c.parameters()
         if any(id(p) in ids for p in params) and any(p.grad is not None for p in params):
+            if c.steps == 0:
+                c.steps = _steps_taken(optimizer, params)
             c.before()       # may raise (a missing total_step): the step then never happens
             c.pending = True
 
@@ -93,7 +101,17 @@ def _after_step(optimizer, args, kwargs) -> None:
     for c in list(_CONTROLLERS):
         if c.pending:
             c.pending = False
+            c.steps += 1
             c.after()
+
+
+def _steps_taken(optimizer, params) -> int:
+    """The steps ``optimizer`` has already taken on these parameters (a restored state's count), else 0."""
+    for p in params:
+        step = optimizer.state.get(p, {}).get("step")
+        if step is not None:
+            return int(step)
+    return 0
 
 
 def controllers(model: nn.Module) -> list[StepController]:

@@ -59,7 +59,8 @@ class AdaLoRA(MethodConfig):
 
     init_r: every module's starting rank; target_r: the average rank at the end (the budget is
     target_r x modules, shared by the whole delta); tinit / tfinal: optimizer steps of warm-up
-    before and of fixed ranks after the budget shrinks; deltaT: steps between maskings;
+    before and of fixed ranks after the budget shrinks (an integer), or that fraction of
+    total_step (a float in [0, 1), e.g. 0.1); deltaT: steps between maskings;
     total_step: the training's optimizer steps (None: taken from the trainer); beta1 / beta2:
     smoothing of the importance and of its uncertainty; orth_reg_weight: γ of the orthogonality
     regulariser; alpha: scale numerator (s = alpha / init_r); dropout, targets, train_head: as
@@ -68,8 +69,8 @@ class AdaLoRA(MethodConfig):
 
     init_r: int = 12
     target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
+    tinit: int | float = 0
+    tfinal: int | float = 0
     deltaT: int = 1
     total_step: int | None = None
     beta1: float = 0.85
@@ -92,8 +93,11 @@ class AdaLoRA(MethodConfig):
         if self.target_r > self.init_r:
             raise UnipeftError(f"AdaLoRA: target_r {self.target_r} > init_r {self.init_r}; the budget only shrinks, "
                                f"so give target_r <= init_r")
-        check_positive_int("AdaLoRA", "tinit", self.tinit, allow_zero=True)
-        check_positive_int("AdaLoRA", "tfinal", self.tfinal, allow_zero=True)
+        for name in ("tinit", "tfinal"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, int) and v >= 0 or isinstance(v, float) and 0 <= v < 1):
+                raise UnipeftError(f"AdaLoRA: {name} must be a number of steps (an integer >= 0) or a fraction of "
+                                   f"total_step (a float in [0, 1)), got {v!r}")
         check_positive_int("AdaLoRA", "deltaT", self.deltaT)
         if self.total_step is not None:
             check_positive_int("AdaLoRA", "total_step", self.total_step)
@@ -144,9 +148,15 @@ class AdaLoRA(MethodConfig):
         return self.replace(rank_pattern=allocator.pattern())
 
 
+def phase_steps(config: AdaLoRA, total: int) -> tuple[int, int]:
+    """(t_init, t_final) in steps: an integer as it is, a fraction of ``total`` rounded."""
+    return tuple(v if isinstance(v, int) else round(v * total) for v in (config.tinit, config.tfinal))
+
+
 def check_schedule(config: AdaLoRA, total: int) -> None:
-    if config.tinit + config.tfinal >= total:
-        raise UnipeftError(f"AdaLoRA: the schedule (tinit={config.tinit} + tfinal={config.tfinal} steps) is as long as "
+    tinit, tfinal = phase_steps(config, total)
+    if tinit + tfinal >= total:
+        raise UnipeftError(f"AdaLoRA: the schedule (tinit={tinit} + tfinal={tfinal} steps) is as long as "
                            f"the training ({total} steps); tinit + tfinal must be < total_step, leaving steps for "
                            f"the budget to shrink")
 
@@ -193,8 +203,10 @@ class RankAllocator(step_hooks.StepController):
         self.paths = list(deltas)
         self.modules = [weakref.ref(d) for d in deltas.values()]  # weak: the modules hold this allocator
         self.params = [p for d in deltas.values() for p in (d.lora_A, d.lora_B, d.lora_E)]
-        self.total = config.total_step
-        self.step = 0                                   # optimizer steps taken
+        self.total = None
+        self.tinit = self.tfinal = 0                    # in steps, once total is known
+        if config.total_step is not None:
+            self.set_total(config.total_step)
         self.initial_budget = sum(d.lora_E.shape[0] for d in deltas.values())
         self.target_budget = config.target_r * len(deltas)
         self.smoothed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (Ī, Ū)
@@ -208,8 +220,12 @@ class RankAllocator(step_hooks.StepController):
 
     def set_total_steps(self, total: int) -> None:
         if self.config.total_step is None and not self.fixed:
-            check_schedule(self.config, total)
-            self.total = total
+            self.set_total(total)
+
+    def set_total(self, total: int) -> None:
+        check_schedule(self.config, total)
+        self.total = total
+        self.tinit, self.tfinal = phase_steps(self.config, total)
 
     def pattern(self) -> dict[str, list[bool]]:
         full = [True] * self.config.init_r
@@ -226,8 +242,8 @@ class RankAllocator(step_hooks.StepController):
         deltas = self.deltas()
         if self.config.orth_reg_weight > 0 and deltas:
             self.add_orthogonality_gradient(deltas)
-        t = self.step + 1
-        if not self.fixed and t <= self.total - self.config.tfinal:
+        t = self.steps + 1
+        if not self.fixed and t <= self.total - self.tfinal:
             self.update_importance(deltas)
 
     @torch.no_grad()
@@ -256,16 +272,15 @@ class RankAllocator(step_hooks.StepController):
     # -- after the optimizer step: the budget ------------------------------------------------
 
     def after(self):
-        self.step += 1
         if self.fixed:
             return
-        t, c = self.step, self.config
-        end = self.total - c.tfinal
+        t = self.steps
+        end = self.total - self.tfinal
         deltas = self.deltas()
-        if t <= c.tinit or not deltas:
+        if t <= self.tinit or not deltas:
             return
         if t < end:
-            if (t - c.tinit) % c.deltaT == 0:
+            if (t - self.tinit) % self.config.deltaT == 0:
                 self.mask_to(deltas, self.budget(t))
         elif not self.final_fixed:
             self.mask_to(deltas, self.target_budget)
@@ -275,8 +290,7 @@ class RankAllocator(step_hooks.StepController):
 
     def budget(self, t: int) -> int:
         """Eq. 12 in the middle phase."""
-        c = self.config
-        left = 1 - (t - c.tinit) / (self.total - c.tfinal - c.tinit)
+        left = 1 - (t - self.tinit) / (self.total - self.tfinal - self.tinit)
         return int(self.target_budget + (self.initial_budget - self.target_budget) * left ** 3)
 
     def score(self, p: torch.Tensor) -> torch.Tensor:

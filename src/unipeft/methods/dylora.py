@@ -14,13 +14,15 @@ rank's (alpha / b) B[:, :b] A[:b] into W0.
 
 Not kohya's alpha / r * sqrt(r / b): the paper's eq. 7 divides by the truncated rank b.
 
-How b is drawn (the choice, and why): a ``RankSampler`` per delta, a ``torch.Generator`` seeded
-with ``seed``, draws the first b at attach and the next one after every optimizer step
-(``step_hooks``: a process-wide ``torch.optim`` post-step hook). So b changes once per
-*optimizer step*, not per forward: with gradient accumulation every micro-batch of a step
-trains the same b, as one large batch would; and no call in the training loop is needed. A
-forward in training mode (``model.train()``) uses the drawn b; eval mode uses the inference
-rank (``rank``, default r).
+How b is drawn (the choice, and why): a ``RankSampler`` per delta draws the b of step t from a
+``torch.Generator`` seeded with (``seed``, t) -- the first at attach, the next after every
+optimizer step (``step_hooks``: a process-wide ``torch.optim`` post-step hook). So b changes once
+per *optimizer step*, not per forward: with gradient accumulation every micro-batch of a step
+trains the same b, as one large batch would; no call in the training loop is needed; and the
+draws are a function of the step, so every process of a distributed run draws the same b and a
+resumed run draws what the uninterrupted one would have (from the second step after resuming:
+the first still trains the b drawn at attach). A forward in training mode (``model.train()``)
+uses the drawn b; eval mode uses the inference rank (``rank``, default r).
 
 "Frozen" here is the paper's: no gradient reaches the lower rows that step. An optimizer with
 momentum (Adam) still moves them by their earlier momentum, as in the paper's implementation.
@@ -99,19 +101,20 @@ class RankSampler(step_hooks.StepController):
     """b ~ Uniform{1..r} for the whole delta, drawn again after every optimizer step."""
 
     def __init__(self, r: int, seed: int):
-        self.r = r
-        self.generator = torch.Generator().manual_seed(seed)
+        self.r, self.seed = r, seed
         self.params: list[nn.Parameter] = []  # the delta's factors (parameters only: no cycle with its modules)
-        self.b = self.draw()
+        self.b = self.draw(1)
 
-    def draw(self) -> int:
-        return int(torch.randint(1, self.r + 1, (1,), generator=self.generator))
+    def draw(self, t: int) -> int:
+        """b for optimizer step t (1, 2, ...): uniform in 1..r, a function of (seed, t) only."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
+        return int(torch.randint(1, self.r + 1, (1,), generator=g))
 
     def parameters(self):
         return self.params
 
     def after(self):
-        self.b = self.draw()
+        self.b = self.draw(self.steps + 1)
 
 
 class DyLoRADelta(LoRADelta):

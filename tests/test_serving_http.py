@@ -291,6 +291,8 @@ def test_metrics_have_per_delta_labels(env):
     assert lines[f'unipeft_request_latency_seconds_count{{{key}}}'] >= 2
     assert f"unipeft_evictions_total{{{key}}}" in lines
     assert lines['unipeft_cache_capacity_bytes{base="tiny-gpt2"}'] == 16 * 2 ** 20
+    assert lines['unipeft_batch_rows_total{base="tiny-gpt2"}'] >= lines['unipeft_batches_total{base="tiny-gpt2"}'] >= 2
+    assert "# TYPE unipeft_batches_total counter" in text
     assert "# TYPE unipeft_request_latency_seconds histogram" in text
 
 

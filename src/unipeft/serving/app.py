@@ -250,11 +250,16 @@ class Server:
         return {"name": name, "deleted": True, "deltas_deleted": len(rows)}
 
     def gauges(self) -> None:
-        for metric, help_ in (("cache_bytes", "Bytes of deltas in the cache"),
-                              ("cache_capacity_bytes", "The cache's budget in bytes"),
-                              ("deltas_loaded", "Deltas attached now"), ("deltas_known", "Deltas servable"),
-                              ("queue_depth", "Requests waiting for a batch")):
-            self.metrics.set_gauge(metric, help_, {n: e.gauges()[metric] for n, e in self.engines.items()})
+        series = (("cache_bytes", "cache_bytes", "Bytes of deltas in the cache", "gauge"),
+                  ("cache_capacity_bytes", "cache_capacity_bytes", "The cache's budget in bytes", "gauge"),
+                  ("deltas_loaded", "deltas_loaded", "Deltas attached now", "gauge"),
+                  ("deltas_known", "deltas_known", "Deltas servable", "gauge"),
+                  ("queue_depth", "queue_depth", "Requests waiting for a batch", "gauge"),
+                  ("batches_total", "batches", "Batches run", "counter"),
+                  ("batch_rows_total", "batch_rows", "Rows in those batches (divide by batches: the fill)", "counter"))
+        values = {n: e.gauges() for n, e in self.engines.items()}
+        for metric, key, help_, kind in series:
+            self.metrics.set_gauge(metric, help_, {n: v[key] for n, v in values.items()}, kind)
 
     def close(self) -> None:
         for e in self.engines.values():

@@ -156,6 +156,7 @@ class Engine:
         self._queue: collections.deque[_Job] = collections.deque()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self.batches = self.batch_rows = 0     # how full the batches are: rows / batches
         if deltas_dir is not None:
             self.scan(deltas_dir)
         if start:
@@ -458,6 +459,8 @@ class Engine:
                     ready.append(j)
             try:
                 if ready:
+                    self.batches += 1
+                    self.batch_rows += sum(len(j.rows) for j in ready)
                     answers = self._forward(ready, [names[j.delta] for j in ready])
                     for j, a in zip(ready, answers):
                         if not j.future.done():
@@ -535,7 +538,8 @@ class Engine:
 
     def gauges(self) -> dict[str, float]:
         return {"cache_bytes": self._used, "cache_capacity_bytes": self.cache_bytes,
-                "deltas_loaded": len(self._loaded), "deltas_known": len(self._known), "queue_depth": self.queued()}
+                "deltas_loaded": len(self._loaded), "deltas_known": len(self._known), "queue_depth": self.queued(),
+                "batches": self.batches, "batch_rows": self.batch_rows}
 
 
 def _max_positions(model, tok) -> int:

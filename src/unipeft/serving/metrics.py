@@ -35,7 +35,7 @@ class Metrics:
         self._counters: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._hist: dict[tuple[str, str], list[int]] = {}
         self._lat_sum: dict[tuple[str, str], float] = defaultdict(float)
-        self._gauges: dict[str, tuple[str, dict[str, float]]] = {}
+        self._gauges: dict[str, tuple[str, dict[str, float], str]] = {}
 
     def add(self, base: str, delta: str, **amounts: float) -> None:
         with self._lock:
@@ -55,10 +55,11 @@ class Metrics:
                 h[-1] += 1
             self._lat_sum[key] += seconds
 
-    def set_gauge(self, name: str, help_: str, labels: dict[str, float]) -> None:
-        """A gauge per base (``labels``: base name -> value), replaced as a whole."""
+    def set_gauge(self, name: str, help_: str, labels: dict[str, float], kind: str = "gauge") -> None:
+        """A per-base series (``labels``: base name -> value) read from the engines at scrape time;
+        ``kind`` "counter" for those that only grow."""
         with self._lock:
-            self._gauges[name] = (help_, dict(labels))
+            self._gauges[name] = (help_, dict(labels), kind)
 
     def get(self, base: str, delta: str, counter: str) -> float:
         with self._lock:
@@ -91,8 +92,8 @@ class Metrics:
                 lines.append(f'{name}_bucket{{{_labels(key)},le="+Inf"}} {total}')
                 lines.append(f"{name}_sum{{{_labels(key)}}} {_num(self._lat_sum.get(key, 0.0))}")
                 lines.append(f"{name}_count{{{_labels(key)}}} {total}")
-            for gname, (help_, values) in sorted(self._gauges.items()):
-                lines += [f"# HELP {prefix}_{gname} {help_}", f"# TYPE {prefix}_{gname} gauge"]
+            for gname, (help_, values, kind) in sorted(self._gauges.items()):
+                lines += [f"# HELP {prefix}_{gname} {help_}", f"# TYPE {prefix}_{gname} {kind}"]
                 for base, v in sorted(values.items()):
                     lines.append(f'{prefix}_{gname}{{base="{_escape(base)}"}} {_num(v)}')
             return "\n".join(lines) + "\n"

@@ -96,6 +96,7 @@ class Naive:
 
     def __init__(self, model, tok, deltas_dir: Path, names: list[str], generate: bool, max_tokens: int):
         self.model, self.tok, self.generate, self.max_tokens = model, tok, generate, max_tokens
+        self.names = list(names)
         for n in names:
             up.load(model, deltas_dir / n, name=n, activate=False)
         self.queue: list = []
@@ -134,7 +135,8 @@ class Naive:
             self.stopped = True
             self.cv.notify_all()
         self.thread.join()
-        for n in list(up.deltas(self.model)):
+        up.activate(self.model, [])
+        for n in self.names:   # its own deltas only: the engine's stay attached
             up.detach(self.model, n)
 
 

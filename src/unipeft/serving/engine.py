@@ -157,6 +157,7 @@ class Engine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.batches = self.batch_rows = 0     # how full the batches are: rows / batches
+        self._free_since = 0.0                  # when the worker finished its last batch
         if deltas_dir is not None:
             self.scan(deltas_dir)
         if start:
@@ -421,7 +422,10 @@ class Engine:
                 self._cv.wait()
             if self._stopped:
                 return []
-            deadline = self._queue[0].t0 + self.max_wait
+            # wait from the later of the first arrival and the end of the previous batch: under load,
+            # the clients just answered resubmit within that wait and the batch fills, where a
+            # deadline from the first arrival alone settles into two half-full batches taking turns
+            deadline = max(self._queue[0].t0, self._free_since) + self.max_wait
             while sum(len(j.rows) for j in self._queue) < self.max_batch and not self._stopped:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -439,6 +443,7 @@ class Engine:
             if not jobs:
                 return
             self._run(jobs)
+            self._free_since = time.perf_counter()
 
     def _run(self, jobs: list[_Job]) -> None:
         """Load what the batch needs, run it, answer; on a failure of the whole batch run each

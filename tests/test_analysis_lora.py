@@ -230,3 +230,27 @@ def test_cli_errors(tmp_path):
         lora_cli.run(_parse(["--amplification", "--base", str(tmp_path / "nope"), "--delta", str(tmp_path)]))
     with pytest.raises(UnipeftError, match="no delta directory"):
         lora_cli.run(_parse(["--spectrum", str(tmp_path / "missing")]))
+
+
+# --- the LoRA family: factors as each method defines them ----------------
+
+def test_factors_of_random_rank_lora_from_a_saved_dir_use_each_modules_rank(tmp_path):
+    model = tiny_bert()
+    up.attach(model, up.LoRA(r=(1, 6), alpha=8, seed=3, targets=["query", "value"]), name="rr")
+    with torch.no_grad():
+        for d in lora_modules(model, "rr").values():
+            d.lora_B.normal_()
+    up.save(model, tmp_path / "rr", name="rr")
+    live, saved = la.lora_factors((model, "rr")), la.lora_factors(str(tmp_path / "rr"))
+    assert live.keys() == saved.keys() and len({a.shape[0] for a, _, _ in live.values()}) > 1
+    for p, (a, b, s) in live.items():
+        assert s == pytest.approx(8 / a.shape[0]) and saved[p][2] == pytest.approx(s)
+        torch.testing.assert_close(saved[p][0], a)
+
+
+def test_factors_of_dylora_follow_its_current_rank():
+    model = tiny_bert()
+    up.attach(model, up.DyLoRA(r=6, alpha=12, targets=["query", "value"]), name="dy")
+    up.set_rank(model, "dy", 2)
+    for a, b, s in la.lora_factors((model, "dy")).values():
+        assert a.shape[0] == 2 and b.shape[1] == 2 and s == pytest.approx(12 / 2)

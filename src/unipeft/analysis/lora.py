@@ -49,8 +49,11 @@ def _factors_from_model(model, name: str):
     from ..methods.lora import LoRADelta
 
     _, delta = _require(model, name)
-    out = {p: (d.lora_A.detach().double().cpu(), d.lora_B.detach().double().cpu(), float(d.scale))
-           for p, d in delta.linear.items() if isinstance(d, LoRADelta)}
+    out = {}
+    for p, d in delta.linear.items():
+        if isinstance(d, LoRADelta):  # factors(): DyLoRA at its current rank, AdaLoRA's diag(λ) Q
+            a, b, s = d.factors()
+            out[p] = (a.detach().double().cpu(), b.detach().double().cpu(), float(s))
     if not out:
         raise UnipeftError(f"delta {name!r} has no LoRA matrices (method {delta.config.kind!r})")
     return out
@@ -64,7 +67,7 @@ def _factors_from_dir(d: Path):
     if m.get("kind") != "lora":
         raise UnipeftError(f"{str(d)!r} holds a {m.get('kind')!r} delta, not LoRA")
     opts = m.get("options", {})
-    scale = float(opts.get("alpha", 16.0)) / float(opts.get("r", 8))
+    alpha = float(opts.get("alpha", 16.0))
     tensors = _read_tensors(d / TENSORS_NAME)
     out = {}
     for key, a in tensors.items():
@@ -73,7 +76,7 @@ def _factors_from_dir(d: Path):
             b = tensors.get(f"linear:{path}.lora_B")
             if b is None:
                 raise UnipeftError(f"{str(d)!r} is corrupted: {path}.lora_B is missing")
-            out[path] = (a.double(), b.double(), scale)
+            out[path] = (a.double(), b.double(), alpha / a.shape[0])  # the module's rank (random-rank LoRA)
     if not out:
         raise UnipeftError(f"{str(d)!r} holds no LoRA matrices")
     return out

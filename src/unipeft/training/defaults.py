@@ -66,6 +66,17 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "ia3", "(IA)3", {}, {"lr": 3e-2},
         "Liu et al. 2022 (T-Few) use 3e-3 with Adafactor over 1,000 steps; for AdamW and short runs, "
         "screen_defaults.py (README: 'Defaults chosen on evidence'): mean accuracy over BBC, SST-2 and tweets at the main job's budget: 3e-2 0.775, 1e-2 0.715, 3e-3 0.625"),
+    "dylora": MethodDefaults(
+        "dylora", "DyLoRA", {"r": 8, "alpha": 16.0, "targets": "all-linear"}, {"lr": 2e-3},
+        "Valipour et al. 2023 (DyLoRA); LoRA's default placement and scale at r=8; benchmarks/lora_family_sst2.py "
+        "(SST-2, 2,000 sentences, one seed): 2e-3 0.744 at rank 8, 5e-3 diverged to chance (alpha/b is 16 at b=1). "
+        "Each row gets about 1/r of the updates: give it more steps rather than a higher rate"),
+    "adalora": MethodDefaults(
+        "adalora", "AdaLoRA", {"init_r": 12, "target_r": 8, "tinit": 0.1, "tfinal": 0.2, "deltaT": 5,
+                               "targets": "all-linear"}, {"lr": 2e-2},
+        "Zhang et al. 2023 (AdaLoRA): init_r 12 -> target_r 8, as peft's example; budget schedule as fractions of "
+        "the run; benchmarks/lora_family_sst2.py (SST-2, 2,000 sentences, one seed): 2e-2 0.762 (peft's AdaLoRA "
+        "0.794), 2e-3 stays at chance for both (lambda starts at zero)"),
     "freeze": MethodDefaults(
         "freeze", "Freeze (train last 2 layers)", {"train_last": 2}, {"lr": 3e-4, "weight_decay": 0.01},
         "Lee et al. 2019 (what would Elsa do): tuning only the top layers; screen_defaults.py (README: 'Defaults "

@@ -71,46 +71,64 @@ class Adapter(MethodConfig):
         locations = self.locations or DEFAULT_LOCATIONS[self.style]
         parallel = self.style in ("parallel", "scaled_parallel")
         scale = (self.scale if self.scale is not None else 4.0) if self.style == "scaled_parallel" else 1.0
-        found = False
-        for block in view.map.blocks:
-            inside = [p for p in view.map.roles if view.map.block_of(p) is block]
-            pairs = []
-            if "attention" in locations:
-                outs = [p for p in inside if "o" in view.map.roles[p]]
-                ins = [p for p in inside if "q" in view.map.roles[p]]
-                pairs += list(zip(ins, outs))
-            if "ffn" in locations:
-                outs = [p for p in inside if "ffn_out" in view.map.roles[p]]
-                ins = [p for p in inside if "ffn_in" in view.map.roles[p]][:1]
-                pairs += list(zip(ins, outs)) if parallel else [(None, o) for o in outs]
-            for src, out in pairs:
-                _, d = linear_shape(view.module(out))
-                adapter = AdapterDelta(d, self.bottleneck, self.activation, scale, parallel, self.init)
-                view.add_linear(out, adapter)
-                if parallel:
-                    view.add_linear(src, InputTap(adapter))
-                found = True
-        if not found:
-            raise UnipeftError(f"Adapter: found no {choices(locations)} sublayer in {view.map.model_type!r}")
+        for src, out in sublayers(view, "Adapter", locations, parallel):
+            _, d = linear_shape(view.module(out))
+            adapter = AdapterDelta.linear(d, self.bottleneck, self.activation, scale, parallel, self.init)
+            view.add_linear(out, adapter)
+            if parallel:
+                view.add_linear(src, InputTap(adapter))
+
+
+def sublayers(view, owner: str, locations, parallel: bool) -> list[tuple[str | None, str]]:
+    """The positions of the notes' ADT in every block: (input map, output map) per chosen sublayer.
+
+    "attention": the output projection (o), with the query map as the sublayer's input;
+    "ffn": the FFN's output map (ffn_out), with its first input map (ffn_in). The input map
+    is given only where ``parallel`` (the adapter reads the sublayer's input through an
+    ``InputTap``); a sequential adapter reads the output itself (None)."""
+    pairs = []
+    for block in view.map.blocks:
+        inside = [p for p in view.map.roles if view.map.block_of(p) is block]
+        if "attention" in locations:
+            outs = [p for p in inside if "o" in view.map.roles[p]]
+            ins = [p for p in inside if "q" in view.map.roles[p]]
+            pairs += list(zip(ins, outs))
+        if "ffn" in locations:
+            outs = [p for p in inside if "ffn_out" in view.map.roles[p]]
+            ins = [p for p in inside if "ffn_in" in view.map.roles[p]][:1]
+            pairs += list(zip(ins, outs)) if parallel else [(None, o) for o in outs]
+    if not pairs:
+        raise UnipeftError(f"{owner}: found no {choices(locations)} sublayer in {view.map.model_type!r}")
+    return pairs
 
 
 class AdapterDelta(LinearDelta):
     rewrites_output = True
 
-    def __init__(self, d: int, m: int, activation: str, scale: float, parallel: bool, init: str):
+    def __init__(self, down: nn.Module, up: nn.Module, activation: str, scale: float, parallel: bool):
+        """``down``/``up``: maps shaped like nn.Linear (``weight`` (out, in), ``bias`` or None,
+        ``out_features``): plain linear layers here, PHM layers for Compacter."""
         super().__init__()
-        self.down = nn.Linear(d, m)
-        self.up = nn.Linear(m, d)
+        self.down, self.up = down, up
         self.act = ACTIVATIONS[activation]()
         self.scale, self.parallel = scale, parallel
         self.tapped: torch.Tensor | None = None
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.bias)
-        nn.init.trunc_normal_(self.down.weight, std=1e-2, a=-2e-2, b=2e-2)
+
+    @classmethod
+    def linear(cls, d: int, m: int, activation: str, scale: float, parallel: bool, init: str) -> "AdapterDelta":
+        down, up = nn.Linear(d, m), nn.Linear(m, d)
+        nn.init.zeros_(down.bias)
+        nn.init.zeros_(up.bias)
+        nn.init.trunc_normal_(down.weight, std=1e-2, a=-2e-2, b=2e-2)
         if init == "zero":
-            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(up.weight)
         else:
-            nn.init.trunc_normal_(self.up.weight, std=1e-2, a=-2e-2, b=2e-2)
+            nn.init.trunc_normal_(up.weight, std=1e-2, a=-2e-2, b=2e-2)
+        return cls(down, up, activation, scale, parallel)
+
+    def table_params(self) -> tuple:
+        """The tensors the stacked routing tables are built from (their versions key the cache)."""
+        return tuple(self.parameters())
 
     def output(self, x, y):
         if self.parallel:
@@ -146,10 +164,10 @@ class AdapterDelta(LinearDelta):
             return y
         grad = torch.is_grad_enabled() and any(p.requires_grad for _, d, _ in items for p in d.parameters())
         named = [(n, d) for n, d, _ in items] if grad else [
-            (n, d) for n, d in site.unipeft_deltas.items()
-            if isinstance(d, AdapterDelta) and type(d.act) is type(first.act) and d.parallel == first.parallel]
-        tables = site.routed_table(f"adapter-{type(first.act).__name__}-{first.parallel}", [d for _, d in named],
-                                   _stack_adapters, grad)
+            (n, d) for n, d in site.unipeft_deltas.items()  # this class only: a subclass is routed on its own
+            if type(d) is type(first) and type(d.act) is type(first.act) and d.parallel == first.parallel]
+        tables = site.routed_table(f"{type(first).__name__}-{type(first.act).__name__}-{first.parallel}",
+                                   [d for _, d in named], _stack_adapters, grad, params=lambda d: d.table_params())
         slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
         dw, db, uw, ub = (t.index_select(0, slot).to(y.dtype) for t in tables)
         n = y.shape[0]
@@ -165,15 +183,22 @@ def _stack_adapters(deltas):
     dw, db, uw, ub = [], [], [], []
     for d in deltas:
         pad = m - d.down.out_features
-        dw.append(F.pad(d.down.weight, (0, 0, 0, pad)))
-        db.append(F.pad(d.down.bias, (0, pad)))
-        uw.append(F.pad(d.up.weight, (0, pad)) * d.scale)
-        ub.append(d.up.bias * d.scale)
+        down_w, up_w = d.down.weight, d.up.weight  # a PHM layer builds its weight: once per stacking
+        dw.append(F.pad(down_w, (0, 0, 0, pad)))
+        db.append(F.pad(_bias(d.down, down_w), (0, pad)))
+        uw.append(F.pad(up_w, (0, pad)) * d.scale)
+        ub.append(_bias(d.up, up_w) * d.scale)
     return tuple(torch.stack([torch.zeros_like(t[0])] + t) for t in (dw, db, uw, ub))
 
 
+def _bias(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's bias, or zeros for a projection without one (Compacter's PHM layers)."""
+    return layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
+
+
 class InputTap(LinearDelta):
-    """Hands the sublayer's input to a parallel adapter at the sublayer's output."""
+    """Hands the sublayer's input to a parallel adapter (or any delta with a ``tapped`` slot:
+    AdapterBias) at the sublayer's output."""
 
     rewrites_input = True
 

@@ -25,6 +25,9 @@ METHODS = {
     "pfeiffer": lambda: up.Adapter(style="pfeiffer", bottleneck=8),
     "parallel": lambda: up.Adapter(style="parallel", bottleneck=8, locations=("attention", "ffn")),
     "scaled_parallel": lambda: up.Adapter(style="scaled_parallel", bottleneck=8, scale=2.0),
+    "compacter": lambda: up.Compacter(n=4, bottleneck=8),
+    "compacter_plus": lambda: up.Compacter(n=2, bottleneck=8, rank=2, plus=True),
+    "adapter_bias": lambda: up.AdapterBias(),
     "prompt": lambda: up.PromptTuning(length=4),
     "prefix": lambda: up.PrefixTuning(length=3, reparam_hidden=16),
     "prefix_direct": lambda: up.PrefixTuning(length=3, reparam_hidden=0),
@@ -34,7 +37,7 @@ METHODS = {
 }
 NO_BIAS = {"llama", "t5"}  # no bias terms: BitFit adds zero-initialised ones (BiasDelta)
 EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full", "houlsby",
-                 "pfeiffer", "parallel", "scaled_parallel"}
+                 "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_plus", "adapter_bias"}
 MERGEABLE = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full"}
 
 GRID = [(f, m) for f in tiny.FAMILIES for m in METHODS]
@@ -280,8 +283,8 @@ def test_summary_and_counts():
     assert "selective" in table and "off" in table
 
 
-@pytest.mark.parametrize("method", ["lora", "dylora", "adalora", "ia3", "houlsby", "parallel", "prompt", "prefix",
-                                    "bitfit", "full"])
+@pytest.mark.parametrize("method", ["lora", "dylora", "adalora", "ia3", "houlsby", "parallel", "compacter",
+                                    "adapter_bias", "prompt", "prefix", "bitfit", "full"])
 @pytest.mark.parametrize("family", ["gpt2", "bart"])
 def test_bfloat16_base(family, method):
     """Deltas follow the base model's dtype; forward, backward and merge run in bf16."""

@@ -24,6 +24,7 @@ from .engine import set_active as activate  # noqa: E402
 from .errors import UnipeftError  # noqa: E402
 from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTuning, PromptTuning  # noqa: E402
 from .methods import AdaLoRA, DyLoRA  # noqa: E402
+from .methods import AdapterBias, Compacter  # noqa: E402
 from .methods.dylora import set_rank  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
 from .routing import route  # noqa: E402
@@ -34,7 +35,7 @@ __all__ = [
     "attach", "detach", "activate", "active", "deltas", "merge", "unmerge", "route", "save", "load", "push", "summary",
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
-    "DyLoRA", "AdaLoRA", "set_rank",
+    "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
     "export_peft", "import_peft", "train", "compare",
 ]
 

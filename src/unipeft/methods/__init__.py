@@ -5,7 +5,9 @@ deltas can be rebuilt by name.
 """
 from .adalora import AdaLoRA
 from .adapter import Adapter
+from .adapter_bias import AdapterBias
 from .bitfit import BitFit
+from .compacter import Compacter
 from .dylora import DyLoRA
 from .freeze import Freeze
 from .full import FullFineTune
@@ -14,4 +16,4 @@ from .lora import LoRA
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 
-__all__ = ["AdaLoRA", "Adapter", "BitFit", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

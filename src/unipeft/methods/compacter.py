@@ -109,7 +109,7 @@ class PHMLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        n, A = self.rule.n, self.rule.phm_rule
+        A = self.rule.phm_rule
         B = self.phm_s @ self.phm_t.transpose(1, 2)                  # B_i = s_i t_i^T: (n, d_in/n, d_out/n)
         W = torch.einsum("iab,ipq->apbq", A.to(B.dtype), B)         # sum_i A_i (x) B_i, blocks [a, b] = A_i[a, b] B_i
         return W.reshape(self.in_features, self.out_features).T

@@ -48,6 +48,15 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "adapter", "Parallel adapter", {"style": "scaled_parallel", "bottleneck": 64}, {"lr": 1e-3},
         "He et al. 2022 (unified view): scaled parallel adapter at the FFN, s=4, zero-initialised up-projection; "
         "screen_defaults.py (README: 'Defaults chosen on evidence'): mean accuracy over BBC, SST-2 and tweets at the main job's budget: 1e-3 0.750, 3e-3 0.720"),
+    "compacter": MethodDefaults(
+        "compacter", "Compacter", {"n": 4, "bottleneck": 64, "rank": 1}, {"lr": 3e-2},
+        "Karimi Mahabadi et al. 2021: n=4, rank-1 B_i; its up-projection is a product of three factors starting "
+        "at zero, so it needs ten times an adapter's rate: MiniLM on BBC (600 examples, 38 steps, two seeds): 3e-2 "
+        "0.946/0.939, 1e-2 0.919/0.922, 3e-3 0.517 (one task: to be confirmed by screen_defaults.py)"),
+    "adapter_bias": MethodDefaults(
+        "adapter_bias", "AdapterBias", {}, {"lr": 1e-2},
+        "Fu et al. 2022 (AdapterBias): MiniLM on BBC (600 examples, 38 steps, two seeds): 1e-2 0.933/0.946, "
+        "3e-2 0.919/0.930, 3e-3 0.884 (one task: to be confirmed by screen_defaults.py)"),
     "prefix": MethodDefaults(
         "prefix_tuning", "Prefix tuning", {"length": 10, "reparam_hidden": 512}, {"lr": 5e-3},
         "Li & Liang 2021: lr 5e-5..8e-5 for GPT-2 over 10 epochs with the MLP reparameterisation; "

@@ -1,6 +1,7 @@
 """The trainer and its parts on tiny models: batching, checkpoints, divergence, accumulation, aux LM, recipes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -148,6 +149,29 @@ def test_method_defaults_resolve_and_options_override():
         parse_method_options(["ia3.x=1"], ["lora"])
     with pytest.raises(UnipeftError, match="unknown training option"):
         run.train_config({}, {"learning_rate": 1})
+
+
+def test_defaults_per_model_family(models, tmp_path, monkeypatch):
+    """A method's training settings may differ by family (screened separately); the recipe reads the
+    family from the model's config and uses that family's settings, the user's on top."""
+    import transformers as tf
+
+    from unipeft.training import defaults
+
+    for d in DEFAULTS.values():  # every per-family entry names a known family
+        assert set(d.family_train) <= set(defaults.FAMILIES), d.label
+    assert [defaults.model_family(c) for c in (tf.BertConfig(), tf.RobertaConfig(), tf.GPT2Config(),
+                                              tf.LlamaConfig(), tf.T5Config(), tf.BartConfig())] == \
+        ["encoder", "encoder", "decoder", "decoder", "encoder-decoder", "encoder-decoder"]
+    assert run.family_of(models["gpt2-cls"]) == "decoder" and run.family_of(models["bert-cls"]) == "encoder"
+    monkeypatch.setitem(DEFAULTS, "bitfit", dataclasses.replace(
+        DEFAULTS["bitfit"], train={"lr": 1e-3}, family_train={"decoder": {"lr": 7e-3}}))
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(40)]
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows)}
+    common = dict(data=data, max_steps=2, batch_size=8, progress=False, precision="fp32", evaluate_test=False)
+    assert run.train(models["gpt2-cls"], "sent", "bitfit", **common)["lr"] == 7e-3
+    assert run.train(models["bert-cls"], "sent", "bitfit", **common)["lr"] == 1e-3
+    assert run.train(models["gpt2-cls"], "sent", "bitfit", lr=2e-3, **common)["lr"] == 2e-3  # the user's wins
 
 
 # ---------------------------------------------------------------------------

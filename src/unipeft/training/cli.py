@@ -135,7 +135,11 @@ def setup_runtime(threads: int | None = None, quiet: bool = False) -> None:
 
 
 def methods_help() -> str:
-    rows = [f"  {name:9s} {d.label:30s} lr {d.train.get('lr')!s:7s} {d.config or ''}" for name, d in DEFAULTS.items()]
+    def lr(d):
+        per_family = "".join(f", {f} {t['lr']}" for f, t in d.family_train.items() if "lr" in t)
+        return f"{d.train.get('lr')}{per_family}"
+
+    rows = [f"  {name:12s} {d.label:30s} lr {lr(d):7s} {d.config or ''}" for name, d in DEFAULTS.items()]
     return "methods and their defaults:\n" + "\n".join(rows)
 
 

@@ -16,6 +16,10 @@ from ..config import METHODS, MethodConfig
 from ..errors import UnipeftError, choices
 
 
+# model families whose defaults may differ (screen_defaults.py screens each: --model minilm, smollm2)
+FAMILIES = ("encoder", "decoder", "encoder-decoder")
+
+
 @dataclass(frozen=True)
 class MethodDefaults:
     kind: str                      # the MethodConfig kind ("lora", "prompt_tuning", ...)
@@ -23,6 +27,22 @@ class MethodDefaults:
     config: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    # training settings that differ for one family, on top of ``train`` (with their source)
+    family_train: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def train_for(self, family: str | None) -> dict[str, Any]:
+        """The training settings for a model of ``family`` (None: the shared ones)."""
+        return {**self.train, **self.family_train.get(family or "", {})}
+
+
+def model_family(config) -> str:
+    """'encoder-decoder' (T5, BART), 'encoder' (models with a masked-LM head: BERT, RoBERTa, ...)
+    or 'decoder' (GPT-2, Llama, ...), from a transformers config."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
 
 
 DEFAULTS: dict[str, MethodDefaults] = {

@@ -58,6 +58,19 @@ def model_path(model: str) -> str:
     return model
 
 
+def family_of(model: str) -> str:
+    """The model's family (defaults.FAMILIES), read from its config.json alone (no weights)."""
+    import transformers as tf
+
+    from .defaults import model_family
+
+    try:
+        return model_family(tf.AutoConfig.from_pretrained(model_path(model)))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnipeftError(f"cannot read the config of {model}: {first}") from None
+
+
 def load_model(model: str, task: Task, dtype: torch.dtype | None = None):
     """(model, tokenizer) with the head the task needs; the tokenizer gets a pad token if it has none."""
     import transformers as tf
@@ -124,7 +137,7 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
     data = dict(data or {})
     dataset = data_mod.load_task(task, seed=settings.get("seed") or 0, **data)
     method_cfg, defaults = resolve(method, method_options)
-    cfg = train_config(defaults.train, settings)
+    cfg = train_config(defaults.train_for(family_of(model)), settings)
     set_seed(cfg.seed)
     base, tokenizer = load_model(model, dataset.task)
     delta_name = name or (dataset.task.name.replace(".", "_").replace(":", "_") or "task")

@@ -86,7 +86,9 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "prompt_tuning", "Prompt tuning", {"length": 20, "init": "vocab"}, {"lr": 3e-2},
         "Lester et al. 2021: lr 0.3 with Adafactor on T5; AdamW needs about 1e-2 to 3e-2; screen_defaults.py "
         "(README: 'Defaults chosen on evidence'): mean accuracy over BBC, SST-2 and tweets at the main job's budget: "
-        "3e-2 0.682, 1e-1 0.670, 1e-2 0.659"),
+        "3e-2 0.682, 1e-1 0.670, 1e-2 0.659; decoders (SmolLM2-135M over BBC, SST-2 and E2E BLEU/100, "
+        "screen_defaults.py --model smollm2): 1e-2 0.638, 3e-2 0.551",
+        family_train={"decoder": {"lr": 1e-2}}),
     "bitfit": MethodDefaults(
         "bitfit", "BitFit", {}, {"lr": 2e-3},
         "Ben Zaken et al. 2022: lr {1e-4, 4e-4, 7e-4, 1e-3}; biases move slowly, so short runs go above; "

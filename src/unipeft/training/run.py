@@ -58,6 +58,12 @@ def model_path(model: str) -> str:
     return model
 
 
+def _first_line(e: Exception) -> str:
+    """The first line of a transformers error (they run to pages), or its type when empty."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def family_of(model: str) -> str:
     """The model's family (defaults.FAMILIES), read from its config.json alone (no weights)."""
     import transformers as tf
@@ -67,8 +73,7 @@ def family_of(model: str) -> str:
     try:
         return model_family(tf.AutoConfig.from_pretrained(model_path(model)))
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnipeftError(f"cannot read the config of {model}: {first}") from None
+        raise UnipeftError(f"cannot read the config of {model}: {_first_line(e)}") from None
 
 
 def load_model(model: str, task: Task, dtype: torch.dtype | None = None):
@@ -97,8 +102,7 @@ def load_model(model: str, task: Task, dtype: torch.dtype | None = None):
         with progress.phase(f"loading {model}"):
             m = cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnipeftError(f"cannot load {model} for a {task.kind} task: {first}") from None
+        raise UnipeftError(f"cannot load {model} for a {task.kind} task: {_first_line(e)}") from None
     if m.config.pad_token_id is None:
         m.config.pad_token_id = tokenizer.pad_token_id
     return m, tokenizer

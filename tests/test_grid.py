@@ -28,6 +28,8 @@ METHODS = {
     "compacter": lambda: up.Compacter(n=4, bottleneck=8),
     "compacter_plus": lambda: up.Compacter(n=2, bottleneck=8, rank=2, plus=True),
     "adapter_bias": lambda: up.AdapterBias(),
+    "adapter_drop": lambda: up.AdapterDrop(n=1, bottleneck=8),
+    "adapter_drop_robust": lambda: up.AdapterDrop(n=1, robust=True, style="scaled_parallel", bottleneck=8),
     "prompt": lambda: up.PromptTuning(length=4),
     "prefix": lambda: up.PrefixTuning(length=3, reparam_hidden=16),
     "prefix_direct": lambda: up.PrefixTuning(length=3, reparam_hidden=0),
@@ -38,6 +40,7 @@ METHODS = {
 NO_BIAS = {"llama", "t5"}  # no bias terms: BitFit adds zero-initialised ones (BiasDelta)
 EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full", "houlsby",
                  "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_plus", "adapter_bias"}
+EXACT_AT_INIT |= {"adapter_drop", "adapter_drop_robust"}
 MERGEABLE = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full"}
 
 GRID = [(f, m) for f in tiny.FAMILIES for m in METHODS]

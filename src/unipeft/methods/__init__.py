@@ -6,6 +6,7 @@ deltas can be rebuilt by name.
 from .adalora import AdaLoRA
 from .adapter import Adapter
 from .adapter_bias import AdapterBias
+from .adapter_drop import AdapterDrop
 from .bitfit import BitFit
 from .compacter import Compacter
 from .dylora import DyLoRA
@@ -16,4 +17,4 @@ from .lora import LoRA
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 
-__all__ = ["AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["AdapterDrop", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..config import MethodConfig, check_choice, check_number, check_positive_int, method
 from ..errors import UnipeftError, choices
 from ..positions import LinearDelta, linear_shape
+from .adapter_drop import DropPlan, dropped
 
 STYLES = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -34,7 +35,9 @@ class Adapter(MethodConfig):
     "attention" and/or "ffn"; init: "zero" (the default: up-projection zero, so
     the model starts exactly at the base, as the notes ask and as He et al.'s
     "lora" initialisation does) or "near_identity" (Houlsby's weights ~ N(0, 1e-2):
-    on small models with a wide bottleneck it moves the logits by 1e-2 at init)."""
+    on small models with a wide bottleneck it moves the logits by 1e-2 at init);
+    drop: AdapterDrop, no adapter in the lowest n layers of each stack; drop_robust: adapters
+    in every layer, a random n per training step, ``drop`` at inference (``adapter_drop.py``)."""
 
     style: str = "houlsby"
     bottleneck: int = 64
@@ -43,6 +46,8 @@ class Adapter(MethodConfig):
     locations: tuple | None = None
     init: str | None = None
     train_head: bool | list = True
+    drop: int = 0
+    drop_robust: bool = False
 
     kind: ClassVar[str] = "adapter"
     method_type: ClassVar[str] = "additive"
@@ -66,17 +71,23 @@ class Adapter(MethodConfig):
             if not locs:
                 raise UnipeftError("Adapter: locations is empty; give 'attention' and/or 'ffn'")
             self.locations = locs
+        check_positive_int("Adapter", "drop", self.drop, allow_zero=True)
+        if not isinstance(self.drop_robust, bool):
+            raise UnipeftError(f"Adapter: drop_robust must be True or False, got {self.drop_robust!r}")
 
     def install(self, view, name):
         locations = self.locations or DEFAULT_LOCATIONS[self.style]
         parallel = self.style in ("parallel", "scaled_parallel")
         scale = (self.scale if self.scale is not None else 4.0) if self.style == "scaled_parallel" else 1.0
-        for src, out in sublayers(view, "Adapter", locations, parallel):
+        plan = DropPlan(view, "Adapter", self.drop, self.drop_robust)
+        for src, out in plan.keep(sublayers(view, "Adapter", locations, parallel)):
             _, d = linear_shape(view.module(out))
             adapter = AdapterDelta.linear(d, self.bottleneck, self.activation, scale, parallel, self.init)
             view.add_linear(out, adapter)
+            plan.watch(adapter, out)
             if parallel:
                 view.add_linear(src, InputTap(adapter))
+        plan.start()
 
 
 def sublayers(view, owner: str, locations, parallel: bool) -> list[tuple[str | None, str]]:
@@ -131,6 +142,9 @@ class AdapterDelta(LinearDelta):
         return tuple(self.parameters())
 
     def output(self, x, y):
+        if dropped(self):  # robust AdapterDrop: this layer sits out the current n
+            self.tapped = None
+            return y
         if self.parallel:
             src, self.tapped = self.tapped, None  # do not keep the activation alive past its use
             if src is None:
@@ -150,6 +164,12 @@ class AdapterDelta(LinearDelta):
         Every adapter's weights at the site are stacked (bottlenecks zero-padded to the largest: a
         padded unit's up-projection column is zero, so it adds nothing whatever the activation),
         gathered per row and applied as batched products. Rows on no adapter here add zero."""
+        for _, d, _ in items:
+            if dropped(d):
+                d.tapped = None
+        items = [item for item in items if not dropped(item[1])]  # robust AdapterDrop: sitting out
+        if not items:
+            return y
         first = items[0][1]
         srcs = [d.tapped if d.parallel else y for _, d, _ in items]
         for _, d, _ in items:
@@ -163,12 +183,12 @@ class AdapterDelta(LinearDelta):
                 y = y.index_copy(0, rows, y.index_select(0, rows) + (a * d.scale if d.scale != 1.0 else a))
             return y
         grad = torch.is_grad_enabled() and any(p.requires_grad for _, d, _ in items for p in d.parameters())
-        named = [(n, d) for n, d, _ in items] if grad else [
-            (n, d) for n, d in site.unipeft_deltas.items()  # this class only: a subclass is routed on its own
-            if type(d) is type(first) and type(d.act) is type(first.act) and d.parallel == first.parallel]
-        tables = site.routed_table(f"{type(first).__name__}-{type(first.act).__name__}-{first.parallel}",
-                                   [d for _, d in named], _stack_adapters, grad, params=lambda d: d.table_params())
-        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
+        # items hold this class only (a subclass is routed on its own), with one activation and tap,
+        # and none sitting out this call (their rows read row 0: nothing added)
+        tables, index = site.routed_table(f"{type(first).__name__}-{type(first.act).__name__}-{first.parallel}",
+                                          [(n, d) for n, d, _ in items], _stack_adapters, grad,
+                                          params=lambda d: d.table_params())
+        slot = site.routed_slots(index, x.shape[0], x.device)
         dw, db, uw, ub = (t.index_select(0, slot).to(y.dtype) for t in tables)
         n = y.shape[0]
         src = srcs[0].to(y.dtype).reshape(n, -1, srcs[0].shape[-1])

@@ -77,6 +77,12 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "adapter_bias", "AdapterBias", {}, {"lr": 1e-2},
         "Fu et al. 2022 (AdapterBias): MiniLM on BBC (600 examples, 38 steps, two seeds): 1e-2 0.933/0.946, "
         "3e-2 0.919/0.930, 3e-3 0.884 (one task: to be confirmed by screen_defaults.py)"),
+    "adapter_drop": MethodDefaults(
+        "adapter", "AdapterDrop (Pfeiffer, lowest 2 layers dropped)",
+        {"style": "pfeiffer", "bottleneck": 64, "drop": 2}, {"lr": 3e-3},
+        "Rücklé et al. 2021 (AdapterDrop) drop the lowest 5 of 12 layers; 2 of MiniLM's 6 is that share. The adapters "
+        "above are the Pfeiffer adapter's, unchanged, so its screened rate is kept (screen_defaults.py: 3e-3 0.760, "
+        "1e-3 0.469, 1e-2 0.648); not screened separately"),
     "prefix": MethodDefaults(
         "prefix_tuning", "Prefix tuning", {"length": 10, "reparam_hidden": 512}, {"lr": 5e-3},
         "Li & Liang 2021: lr 5e-5..8e-5 for GPT-2 over 10 epochs with the MLP reparameterisation; "

@@ -30,6 +30,8 @@ METHODS = {
     "adapter_bias": lambda: up.AdapterBias(),
     "adapter_drop": lambda: up.AdapterDrop(n=1, bottleneck=8),
     "adapter_drop_robust": lambda: up.AdapterDrop(n=1, robust=True, style="scaled_parallel", bottleneck=8),
+    "intrinsic": lambda: up.Intrinsic(d=64),
+    "intrinsic_said": lambda: up.Intrinsic(d=64, projection="dense", said=True),
     "prompt": lambda: up.PromptTuning(length=4),
     "prefix": lambda: up.PrefixTuning(length=3, reparam_hidden=16),
     "prefix_direct": lambda: up.PrefixTuning(length=3, reparam_hidden=0),
@@ -42,6 +44,8 @@ EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "
                  "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_plus", "adapter_bias"}
 EXACT_AT_INIT |= {"adapter_drop", "adapter_drop_robust"}
 MERGEABLE = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full"}
+EXACT_AT_INIT |= {"intrinsic", "intrinsic_said"}  # theta_d starts at zero
+MERGEABLE |= {"intrinsic", "intrinsic_said"}
 
 GRID = [(f, m) for f in tiny.FAMILIES for m in METHODS]
 

@@ -27,6 +27,7 @@ from .methods import AdaLoRA, DyLoRA  # noqa: E402
 from .methods import AdapterBias, Compacter  # noqa: E402
 from .methods.dylora import set_rank  # noqa: E402
 from .methods.adapter_drop import AdapterDrop, set_drop  # noqa: E402
+from .methods.intrinsic import Intrinsic  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
 from .routing import route  # noqa: E402
 from .hub import push  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
     "AdapterDrop", "set_drop",
+    "Intrinsic",
     "export_peft", "import_peft", "train", "compare",
 ]
 

@@ -13,8 +13,9 @@ from .dylora import DyLoRA
 from .freeze import Freeze
 from .full import FullFineTune
 from .ia3 import IA3
+from .intrinsic import Intrinsic
 from .lora import LoRA
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 
-__all__ = ["AdapterDrop", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -1,0 +1,114 @@
+"""Random projections P: R^d -> R^D for subspace training (intrinsic dimension; seeds 000-002).
+
+Three kinds, each built from a seed alone (so a saved delta holds theta_d and the seed, never P):
+
+* ``fastfood`` (Le et al. 2013, as Li et al. 2018 and Aghajanyan et al. 2020 use it):
+  P(x) = H G Pi H B pad(x), cut to D, where H is the Walsh-Hadamard matrix (applied with the
+  fast transform, O(L log L) for L = 2^ceil(log2 max(D, d))), B a random +-1 diagonal, Pi a
+  random permutation and G a Gaussian diagonal. Memory O(D): three length-L vectors; the D x d
+  matrix is never formed.
+* ``dense``: a Gaussian D x d matrix (the definition, for small D x d only).
+* ``sparse``: a very sparse random matrix (Li, Hastie and Church 2006, the sparse projection of
+  Li et al. 2018): about sqrt(D) nonzero +-1 entries per column, kept as (row, column, value)
+  triplets, O(d sqrt(D)) memory.
+
+All three are scaled so that P has columns of (about) unit norm, ||P x|| ~ ||x||: the three are
+interchangeable at one learning rate. The random factors are non-persistent buffers: they follow
+the module to a device but never enter a state dict.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+
+KINDS = ("fastfood", "dense", "sparse")
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """The unnormalised Walsh-Hadamard transform H x over the last dimension (a power of 2).
+
+    log2(L) butterfly stages, each one vectorised over the whole tensor: stage h pairs
+    element i with i + h inside blocks of 2h. H is symmetric, so its gradient is H again
+    (``_FWHT``), and nothing is kept for the backward pass.
+    """
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-2 length, got {n}")
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.view(y.shape[0], n // (2 * h), 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(x.shape)
+
+
+class _FWHT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return fwht(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return fwht(grad)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``fwht`` with a gradient that stores nothing."""
+    return _FWHT.apply(x)
+
+
+def seed_for(seed: int, key: str) -> int:
+    """A stable 63-bit seed for one tensor's projection: the delta's seed and the tensor's path
+    (Python's ``hash`` of a string changes between processes, so it cannot be used)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
+
+
+class Projection(nn.Module):
+    """P: R^d -> R^D for one tensor, regenerated from ``seed`` on construction."""
+
+    def __init__(self, kind: str, d: int, D: int, seed: int):
+        super().__init__()
+        self.kind, self.d, self.D = kind, d, D
+        g = torch.Generator().manual_seed(seed)
+        if kind == "fastfood":
+            L = 1 << max(0, math.ceil(math.log2(max(D, d))))
+            self.L = L
+            self.register_buffer("B", torch.randint(0, 2, (L,), generator=g).float() * 2 - 1, persistent=False)
+            self.register_buffer("Pi", torch.randperm(L, generator=g), persistent=False)
+            G = torch.randn(L, generator=g)
+            self.register_buffer("G", G, persistent=False)
+            # ||H G Pi H B x|| = L ||G|| ||x|| / sqrt(L) on average; keeping D of the L outputs keeps D/L of it
+            self.scale = 1.0 / (math.sqrt(L * G.pow(2).sum().item()) * math.sqrt(D / L))
+        elif kind == "dense":
+            P = torch.randn(D, d, generator=g)
+            self.register_buffer("P", P / P.norm(dim=0, keepdim=True).clamp_min(1e-12), persistent=False)
+        elif kind == "sparse":
+            k = max(1, round(math.sqrt(D)))  # nonzeros per column: density 1/sqrt(D)
+            rows = torch.randint(0, D, (d * k,), generator=g)
+            signs = torch.randint(0, 2, (d * k,), generator=g).float() * 2 - 1
+            self.register_buffer("rows", rows, persistent=False)
+            self.register_buffer("cols", torch.arange(d).repeat_interleave(k), persistent=False)
+            self.register_buffer("vals", signs / math.sqrt(k), persistent=False)
+        else:
+            raise ValueError(f"unknown projection {kind!r}")
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        """P theta (length D), computed in float32 whatever the delta's dtype."""
+        x = theta.float()
+        if self.kind == "fastfood":
+            x = hadamard(nn.functional.pad(x, (0, self.L - x.shape[0])) * self.B.float())
+            x = hadamard(x[self.Pi] * self.G.float())
+            return x[: self.D] * self.scale
+        if self.kind == "dense":
+            return self.P.float() @ x
+        out = torch.zeros(self.D, dtype=x.dtype, device=x.device)
+        return out.index_add(0, self.rows, x[self.cols] * self.vals.float())
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, d={self.d}, D={self.D}"
+

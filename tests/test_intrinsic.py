@@ -1,0 +1,273 @@
+"""Intrinsic-dimension training (up.Intrinsic): the projections, the subspace, the few-KB delta, SAID,
+the memory bound of FastFood and bad input. The contract grid (tests/test_grid.py) and routing
+(tests/test_routing.py) cover attach/detach/save/load/merge on every family."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tiny
+import unipeft as up
+from unipeft.fastfood import KINDS, Projection, fwht, hadamard, seed_for
+from unipeft.methods.intrinsic import SubspaceDelta
+
+
+def hadamard_matrix(n):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def base_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def space(model, name="t"):
+    return up.engine.registry(model).deltas[name].module
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_fwht_is_the_hadamard_matrix_and_its_own_gradient(n):
+    x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fwht(x), x @ hadamard_matrix(n).T)
+    assert torch.autograd.gradcheck(hadamard, (x,))
+    with pytest.raises(ValueError, match="power-of-2"):
+        fwht(torch.randn(6))
+
+
+def test_fastfood_is_H_G_Pi_H_B_cut_to_D():
+    """The fast transform equals the explicit product of the notes' factors, scaled."""
+    d, D = 5, 12
+    p = Projection("fastfood", d, D, seed=7)
+    L = p.L
+    assert L == 16
+    H = hadamard_matrix(L)
+    Pi = torch.eye(L, dtype=torch.float64)[p.Pi]
+    M = H @ torch.diag(p.G.double()) @ Pi @ H @ torch.diag(p.B.double())
+    explicit = (M[:D, :d] * p.scale).float()
+    x = torch.randn(d)
+    torch.testing.assert_close(p(x), explicit @ x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projections_are_linear_seeded_and_keep_norms(kind):
+    d, D = 40, 5000
+    p, same, other = Projection(kind, d, D, 1), Projection(kind, d, D, 1), Projection(kind, d, D, 2)
+    x, y = torch.randn(d), torch.randn(d)
+    torch.testing.assert_close(p(2 * x - 3 * y), 2 * p(x) - 3 * p(y), rtol=1e-4, atol=1e-4)
+    assert torch.equal(p(x), same(x))
+    assert not torch.allclose(p(x), other(x))
+    ratios = torch.stack([p(v).norm() / v.norm() for v in torch.randn(20, d)])
+    assert 0.8 < ratios.mean() < 1.2, ratios  # unit-norm columns (about): the kinds share a learning rate
+    assert p.state_dict() == {}  # regenerated from the seed, never saved
+
+
+def test_seed_for_is_stable_and_distinguishes_tensors():
+    assert seed_for(0, "a.b") == seed_for(0, "a.b")
+    assert len({seed_for(0, "a.b"), seed_for(1, "a.b"), seed_for(0, "a.c")}) == 3
+    assert seed_for(0, "a.b") == 3017535922844728467  # fixed across processes and releases
+
+
+def test_starts_at_the_base_and_trains_only_theta_d():
+    model, x = tiny.make("bert"), tiny.batch("bert")
+    before = base_state(model)
+    with torch.no_grad():
+        base = tiny.logits(model, x)
+    up.attach(model, up.Intrinsic(d=200, train_head=False), name="t")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["unipeft_modules.t.theta"]
+    assert up.trainable_parameters(model)[0] == 200
+    with torch.no_grad():
+        assert torch.equal(tiny.logits(model, x), base)
+    opt = torch.optim.Adam([space(model).theta], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = tiny.logits(model, x).float().pow(2).mean()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.7 * losses[0]
+    for n, p in model.named_parameters():
+        if "unipeft_" not in n:
+            assert torch.equal(p, before[n]), n
+
+
+def test_every_linear_map_of_the_blocks_by_default_weights_and_biases():
+    model = tiny.make("bert")
+    up.attach(model, up.Intrinsic(d=100, train_head=False), name="t")
+    reg = up.engine.registry(model)
+    sites = {p: d for p, d in reg.deltas["t"].linear.items()}
+    assert set(sites) == set(reg.map.roles)
+    for path, d in sites.items():
+        m = model.get_submodule(path)
+        assert d.proj.D == m.weight.numel() + m.bias.numel()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_delta_file_is_theta_d_alone_a_few_kb(kind, tmp_path):
+    import json
+
+    model, x = tiny.make("gpt2"), tiny.batch("gpt2")
+    up.attach(model, up.Intrinsic(d=1000, projection=kind, seed=5), name="t")
+    with torch.no_grad():
+        space(model).theta.normal_(0, 0.05)
+        expected = tiny.logits(model, x)
+    target = up.save(model, tmp_path / "d", name="t")
+    meta = json.loads((target / "delta.json").read_text())
+    assert set(meta["tensors"]) == {"model:theta"}  # gpt2's LM head is tied: no head of its own
+    assert meta["method"]["options"]["seed"] == 5
+    assert (target / "delta.safetensors").stat().st_size < 4000 + 200
+    fresh = tiny.make("gpt2")
+    up.load(fresh, target)
+    with torch.no_grad():
+        assert torch.equal(tiny.logits(fresh, x), expected)
+    up.detach(fresh, "t")
+    up.load(fresh, target, name="other")
+    fresh2 = tiny.make("gpt2")  # another seed gives another subspace: the same theta_d lands elsewhere
+    up.attach(fresh2, up.Intrinsic(d=1000, projection=kind, seed=6), name="t")
+    with torch.no_grad():
+        space(fresh2).theta.copy_(space(fresh, "other").theta)
+        assert not torch.allclose(tiny.logits(fresh2, x), expected)
+
+
+class _Largest(TorchDispatchMode):
+    """The largest tensor any operation produces (what a D x d matrix would be)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["fastfood", "sparse"])
+def test_no_D_by_d_tensor_is_ever_built(kind):
+    """Attach, forward, backward and merge with d = 1,000: FastFood and sparse never hold anything of
+    the size of a D x d projection (here D_i x d >= 1M for the FFN maps): FastFood stays O(D), sparse
+    O(d sqrt(D))."""
+    model, x = tiny.make("bert"), tiny.batch("bert")
+    d = 1000
+    with _Largest() as seen:
+        up.attach(model, up.Intrinsic(d=d, projection=kind, train_head=False), name="t")
+        space(model).theta.data.normal_()
+        tiny.logits(model, x).float().pow(2).mean().backward()
+        up.merge(model, "t")
+    largest_site = max(m.weight.numel() + m.bias.numel() for m in
+                       (model.get_submodule(p) for p in up.engine.registry(model).deltas["t"].linear))
+    assert largest_site * d > 2_000_000
+    bound = 4 * 4096 if kind == "fastfood" else 2 * d * int(largest_site ** 0.5 + 1)
+    assert seen.largest <= bound, (seen.largest, bound)
+    assert space(model).theta.grad is not None
+
+
+def test_said_one_scale_per_matrix_within_d():
+    model, x = tiny.make("llama"), tiny.batch("llama")
+    up.attach(model, up.Intrinsic(d=100, said=True, train_head=False), name="t")
+    sites = list(up.engine.registry(model).deltas["t"].linear.values())
+    m = len(sites)
+    s = space(model)
+    assert s.theta.numel() == 100 - m and s.scales.numel() == m
+    assert up.trainable_parameters(model)[0] == 100
+    assert sorted(d.index for d in sites) == list(range(m))
+    with torch.no_grad():
+        s.theta.normal_()
+        dw, _ = sites[0].change()
+        s.scales[sites[0].index] = 3.0
+        dw3, _ = sites[0].change()
+        torch.testing.assert_close(dw3, 3 * dw)
+        assert torch.equal(sites[1].change()[0], sites[1].change()[0])
+    tiny.logits(model, x).float().pow(2).mean().backward()
+    assert s.scales.grad is not None and s.scales.grad.abs().sum() > 0
+
+
+def test_targets_restrict_the_projected_maps():
+    model = tiny.make("bert")
+    up.attach(model, up.Intrinsic(d=50, targets=["query", "value"], train_head=False), name="t")
+    paths = list(up.engine.registry(model).deltas["t"].linear)
+    assert len(paths) == 4 and all(p.endswith(("query", "value")) for p in paths)
+
+
+def test_composes_with_lora_at_the_same_maps():
+    model, x = tiny.make("bert"), tiny.batch("bert")
+    up.attach(model, up.Intrinsic(d=64, train_head=False), name="i")
+    up.attach(model, up.LoRA(r=2, targets="all-linear", init="gaussian", train_head=False), name="l")
+    with torch.no_grad():
+        space(model, "i").theta.normal_(0, 0.1)
+        for p in up.engine.registry(model).deltas["l"].parameters():
+            p.normal_(0, 0.1)
+        up.activate(model, ["i"])
+        only_i = tiny.logits(model, x)
+        up.activate(model, ["i", "l"])
+        both = tiny.logits(model, x)
+        up.merge(model, "i")
+        torch.testing.assert_close(tiny.logits(model, x), both, rtol=1e-4, atol=1e-5)
+        up.unmerge(model, "i")
+    assert not torch.allclose(only_i, both)
+
+
+def test_bfloat16_base_computes_the_projection_in_float32():
+    model, x = tiny.make("gpt2").to(torch.bfloat16), tiny.batch("gpt2")
+    up.attach(model, up.Intrinsic(d=100), name="t")
+    assert space(model).theta.dtype == torch.bfloat16
+    d = next(iter(up.engine.registry(model).deltas["t"].linear.values()))
+    assert d.change()[0].dtype == torch.float32
+    out = tiny.logits(model, x)
+    out.float().pow(2).mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(space(model).theta.grad).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"d": 10**9}, r"d=1000000000 is larger than the D=.* parameters it projects onto"),
+    ({"d": 10, "said": True}, r"with said=True, d=10 must exceed the m=\d+ per-matrix scales"),
+    ({"d": 64, "targets": "nonexistent_map"}, r"target 'nonexistent_map' matches no linear module"),
+])
+def test_bad_sizes_one_line_error_and_model_unchanged(kwargs, match):
+    model, x = tiny.make("llama"), tiny.batch("llama")
+    before = base_state(model)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(up.UnipeftError, match=match) as e:
+        up.attach(model, up.Intrinsic(**kwargs), name="t")
+    assert "\n" not in str(e.value)
+    assert up.engine.registry(model) is None
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad
+
+
+def test_dense_refuses_a_projection_too_large(monkeypatch):
+    import unipeft.methods.intrinsic as intrinsic
+
+    monkeypatch.setattr(intrinsic, "DENSE_LIMIT", 10_000)
+    model = tiny.make("bert")
+    with pytest.raises(up.UnipeftError, match="dense projection would hold d x D = .*use projection='fastfood'"):
+        up.attach(model, up.Intrinsic(d=100, projection="dense"), name="t")
+    assert up.engine.registry(model) is None
+    up.attach(model, up.Intrinsic(d=100, projection="fastfood"), name="t")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"projection": "gaussian"}, r"projection must be 'fastfood', 'dense' or 'sparse', got 'gaussian'"),
+    ({"d": 0}, r"d must be an integer >= 1"),
+    ({"d": 2.5}, r"d must be an integer >= 1"),
+    ({"said": "yes"}, r"said must be True or False"),
+    ({"seed": "x"}, r"seed must be an integer"),
+    ({"dim": 3}, r"unknown option 'dim'"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(up.UnipeftError, match=match) as e:
+        up.Intrinsic(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_every_site_is_a_subspace_delta_holding_no_tensor_of_its_own():
+    model = tiny.make("t5")
+    up.attach(model, up.Intrinsic(d=32, projection="sparse", train_head=False), name="t")
+    ds = list(up.engine.registry(model).deltas["t"].linear.values())
+    assert ds and all(isinstance(d, SubspaceDelta) and d.state_dict() == {} for d in ds)
+    assert all(d.space is space(model) for d in ds)  # one theta_d for the whole model

@@ -307,9 +307,36 @@ def discover(model: nn.Module, model_type: str) -> ModelMap:
     return blocks_map
 
 
+def base_named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without the deltas: children named ``unipeft_*`` (a site's
+    deltas, the model-level delta modules) are not descended into. The walk costs the base
+    model's size, not the number of attached deltas (a server holds hundreds)."""
+    seen: set[int] = set()
+    stack = [(prefix, model)]
+    while stack:  # depth first, in the order named_modules() gives, each module once (tied ones too)
+        path, mod = stack.pop()
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        yield path, mod
+        children = [(f"{path}.{name}" if path else name, child) for name, child in mod._modules.items()
+                    if child is not None and not name.startswith("unipeft_")]
+        stack.extend(reversed(children))
+
+
+def base_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The base model's own parameters (``named_parameters`` without any delta's), each once."""
+    seen = set()
+    for path, mod in base_named_modules(model):
+        for name, p in mod._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{path}.{name}" if path else name), p
+
+
 def iter_linear_modules(model: nn.Module, within: list[Block]) -> Iterator[tuple[str, nn.Module]]:
     prefixes = tuple(b.path + "." for b in within)
-    for path, mod in model.named_modules():
-        # the linear maps inside another delta (an adapter's projections) are not the base model's
-        if path.startswith(prefixes) and is_linear_like(mod) and "unipeft_" not in path:
+    # the linear maps inside another delta (an adapter's projections) are not the base model's
+    for path, mod in base_named_modules(model):
+        if path.startswith(prefixes) and is_linear_like(mod):
             yield path, mod

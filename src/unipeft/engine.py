@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import positions as pos
-from .architectures import ModelMap, map_model
+from .architectures import ModelMap, base_named_modules, base_named_parameters, map_model
 from .config import MethodConfig
 from .errors import UnipeftError, choices
 
@@ -291,15 +291,18 @@ def attach(model: nn.Module, method: MethodConfig, name: str = "default", *, act
             model.__dict__.pop("_unipeft", None)
         raise
     reg.deltas[name] = delta
-    # freeze everything that is not a delta
-    for n, p in model.named_parameters():
-        if "unipeft_" not in n:
-            p.requires_grad_(False)
+    # freeze everything that is not a delta (the base's own parameters only: a walk over every
+    # attached delta would make attaching the N-th delta cost N)
+    for _, p in base_named_parameters(model):
+        p.requires_grad_(False)
+    for p in delta.parameters():  # off until set_active switches it on
+        p.requires_grad_(False)
     if activate:
         set_active(model, [name])
     else:
         delta.trained = {p: t.clone() for p, t in delta.selected.items()}
         set_active(model, [n for n in reg.active])
+        _refresh_sites(model, reg, [delta])  # its sites learn of it (switched off)
     return model
 
 
@@ -359,9 +362,10 @@ def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:
             site.refresh([n for n in reg.active if n != name])
             if not site.sources:
                 model.get_submodule(path).__dict__.pop("_unipeft_kv", None)
-    for _, m in model.named_modules():
+    for _, m in base_named_modules(model):
         if m.__dict__.get("_unipeft_kv") is not None:
             any_attention = True
+            break
     if delta.attention and not any_attention:
         pos.disable_attention_sites(model)
     for path in delta.inputs:
@@ -419,38 +423,43 @@ def set_active(model: nn.Module, names: list[str]) -> None:
                 raise UnipeftError(f"deltas {seen[p]!r} and {n!r} both train parameter {p!r} in place; "
                                    f"they cannot be active together")
             seen[p] = n
-    params = dict(model.named_parameters())
+    # Only the deltas that were or will be active change state (every other one is off and stays
+    # off: attach switches a new delta off), so the cost follows the active ones, not all attached.
+    changed = [reg.deltas[n] for n in dict.fromkeys([*reg.active, *names])]
+    param = model.get_parameter
     with torch.no_grad():
         # selective deltas: put the originals back for those going off, then the trained values of those going on
         for n in reg.active:
             if n not in names:
                 d = reg.deltas[n]
                 for p, orig in d.selected.items():
-                    d.trained[p] = params[p].detach().clone()
-                    params[p].copy_(orig)
-                    params[p].requires_grad_(False)
+                    d.trained[p] = param(p).detach().clone()
+                    param(p).copy_(orig)
+                    param(p).requires_grad_(False)
         for n in names:
             if n not in reg.active:
                 d = reg.deltas[n]
                 for p in d.selected:
                     if p in d.trained:
-                        params[p].copy_(d.trained[p])
+                        param(p).copy_(d.trained[p])
                 d.trained = {}
     reg.active = names
-    for n, d in reg.deltas.items():
-        on = n in names
+    for d in changed:
+        on = d.name in names
         for p in d.parameters():
             p.requires_grad_(on and not d.merged)
         for p in d.selected:
-            params[p].requires_grad_(on and not d.merged)
-    _refresh_sites(model, reg)
+            param(p).requires_grad_(on and not d.merged)
+    _refresh_sites(model, reg, changed)
 
 
-def _refresh_sites(model: nn.Module, reg: Registry) -> None:
-    paths = {p for d in reg.deltas.values() for p in d.linear}
-    for p in paths:
+def _refresh_sites(model: nn.Module, reg: Registry, changed: list[Delta] | None = None) -> None:
+    """Tell the sites of ``changed`` (default: every delta) which deltas are active now; a site
+    that holds none of them keeps its active set."""
+    changed = list(reg.deltas.values()) if changed is None else changed
+    for p in {p for d in changed for p in d.linear}:
         model.get_submodule(p).unipeft_refresh(reg.active)
-    for p in {p for d in reg.deltas.values() for p in d.attention}:
+    for p in {p for d in changed for p in d.attention}:
         pos.attention_site(model.get_submodule(p)).refresh(reg.active)
     for site in reg.input_sites.values():
         site.refresh(reg.active)

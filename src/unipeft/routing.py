@@ -87,11 +87,14 @@ class Route:
         return slot
 
 
-def _sites(model: nn.Module, reg) -> list:
-    """Every site of the model (linear, attention, input). All of them route, also those holding
-    no routed delta: under a route, a site ignores its active deltas."""
-    sites = [model.get_submodule(p) for p in sorted({p for d in reg.deltas.values() for p in d.linear})]
-    for p in sorted({p for d in reg.deltas.values() for p in d.attention}):
+def _sites(model: nn.Module, reg, route: Route) -> list:
+    """The sites that hold a routed or an active delta (linear, attention, input). All of them
+    route, also those holding no routed delta: under a route, a site ignores its active deltas.
+    (Sites of the other deltas apply nothing now and need no route: a server with hundreds of
+    deltas attached pays for the batch's, not for all of them.)"""
+    deltas = [reg.deltas[n] for n in dict.fromkeys([*route.order, *reg.active])]
+    sites = [model.get_submodule(p) for p in sorted({p for d in deltas for p in d.linear})]
+    for p in sorted({p for d in deltas for p in d.attention}):
         sites.append(pos.attention_site(model.get_submodule(p)))
     return sites + list(reg.input_sites.values())
 
@@ -213,7 +216,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
             if not g:
                 p.requires_grad_(True)
         hooks = _bias_routes(model, reg, the_route)
-        sites = _sites(model, reg)
+        sites = _sites(model, reg, the_route)
         for site in sites:
             site.unipeft_route(the_route)
         yield model

@@ -124,7 +124,7 @@ def delta_tensors(model: nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
         for k, v in state.items():
             out[f"model:{k}"] = v
     reg = registry(model)
-    params = dict(model.named_parameters())
+    params = {p: model.get_parameter(p) for p in delta.selected}  # not named_parameters(): O(attached deltas)
     for p in delta.selected:
         value = params[p] if delta.name in reg.active else delta.trained.get(p, params[p])
         out[f"selected:{p}"] = value
@@ -139,7 +139,7 @@ def _load_tensors(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tenso
     if delta.module is not None:
         for k, v in delta.module.state_dict().items():
             expected[f"model:{k}"] = v
-    params = dict(model.named_parameters())
+    params = {p: model.get_parameter(p) for p in delta.selected}
     on = delta.name in registry(model).active
     for p in delta.selected:
         # an active selective delta lives in the base parameters; a switched-off one in its stored values

@@ -87,10 +87,8 @@ class ShiftDelta(LinearDelta):
                 y = y.index_copy(0, rows, d.output(None, y.index_select(0, rows)))
             return y
         grad = torch.is_grad_enabled() and any(p.requires_grad for _, d, _ in items for p in d.parameters())
-        named = [(n, d) for n, d, _ in items] if grad else \
-            [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, ShiftDelta)]
-        w, v = site.routed_table("adapter_bias", [d for _, d in named], _stack_shifts, grad)
-        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, y.shape[0], y.device)
+        (w, v), index = site.routed_table("adapter_bias", [(n, d) for n, d, _ in items], _stack_shifts, grad)
+        slot = site.routed_slots(index, y.shape[0], y.device)
         src = srcs[0].to(y.dtype)
         alpha = (src * per_row(w.to(y.dtype), slot, src)).sum(-1, keepdim=True)
         return y + alpha * per_row(v.to(y.dtype), slot, y)

@@ -82,10 +82,8 @@ class BiasDelta(LinearDelta):
         from ..positions.linear import per_row
 
         grad = torch.is_grad_enabled() and any(d.bias.requires_grad for _, d, _ in items)
-        named = [(n, d) for n, d, _ in items] if grad else \
-            [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, BiasDelta)]
-        table = site.routed_table("bias", [d for _, d in named],
-                                  lambda ds: torch.stack([torch.zeros_like(ds[0].bias)] + [d.bias for d in ds]), grad,
-                                  params=lambda d: (d.bias,))
-        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, y.shape[0], y.device)
+        table, index = site.routed_table("bias", [(n, d) for n, d, _ in items],
+                                         lambda ds: torch.stack([torch.zeros_like(ds[0].bias)] + [d.bias for d in ds]),
+                                         grad, params=lambda d: (d.bias,))
+        slot = site.routed_slots(index, y.shape[0], y.device)
         return y + per_row(table.to(y.dtype), slot, y)

@@ -97,12 +97,11 @@ class IA3Delta(LinearDelta):
         from ..positions.linear import per_row
 
         grad = torch.is_grad_enabled() and any(d.ia3_l.requires_grad for _, d, _ in items)
-        named = [(n, d) for n, d, _ in items] if grad else \
-            [(n, d) for n, d in site.unipeft_deltas.items() if isinstance(d, IA3Delta) and d.mode == items[0][1].mode]
-        table = site.routed_table(f"ia3-{items[0][1].mode}", [d for _, d in named],
-                                  lambda ds: torch.stack([torch.ones_like(ds[0].scale())] + [d.scale() for d in ds]), grad,
-                                  params=lambda d: (d.ia3_l,))
-        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, like.shape[0], like.device)
+        table, index = site.routed_table(
+            f"ia3-{items[0][1].mode}", [(n, d) for n, d, _ in items],
+            lambda ds: torch.stack([torch.ones_like(ds[0].scale())] + [d.scale() for d in ds]), grad,
+            params=lambda d: (d.ia3_l,))
+        slot = site.routed_slots(index, like.shape[0], like.device)
         return per_row(table.to(like.dtype), slot, like)
 
     @classmethod

@@ -200,15 +200,11 @@ class LoRADelta(LinearDelta):
         if len(items) == 1 or any(d.drop is not None and d.training for _, d, _ in items):
             return super().routed_output(site, items, x, y)
         grad = torch.is_grad_enabled() and any(d.lora_A.requires_grad or d.lora_B.requires_grad for _, d, _ in items)
-        # with autograd only the routed deltas (their gradients); without, every delta of this class here
-        # (kept). Exactly this class: a subclass (DyLoRA, AdaLoRA) is routed by its own call, so its rows
-        # must not be in this table too.
-        named = [(n, d) for n, d, _ in items] if grad else \
-            [(n, d) for n, d in site.unipeft_deltas.items() if type(d) is cls]
-        slot = site.routed_slots({n: i + 1 for i, (n, _) in enumerate(named)}, x.shape[0], x.device)
+        # items hold exactly this class (a subclass, DyLoRA or AdaLoRA, is routed by its own call)
+        (a, b), index = site.routed_table(cls.__name__, [(n, d) for n, d, _ in items], _stack_factors, grad,
+                                          params=lambda d: d.factor_sources())
+        slot = site.routed_slots(index, x.shape[0], x.device)
         n, dt = x.shape[0], y.dtype
-        a, b = site.routed_table(cls.__name__, [d for _, d in named], _stack_factors, grad,
-                                 params=lambda d: d.factor_sources())
         a, b = a.index_select(0, slot).to(dt), b.index_select(0, slot).to(dt)   # (n, R, in), (n, out, R)
         t = torch.bmm(x.to(dt).reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, T, R)
         if not grad and y.is_contiguous():

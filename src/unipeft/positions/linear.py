@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnipeftError
+from .tables import SlotTable
 
 
 # ---------------------------------------------------------------------------
@@ -143,21 +144,22 @@ class LinearSite:
         """(n,) per row: ``index[name of the row's delta]``, 0 for rows whose delta is not in ``index``."""
         return self._unipeft_route.slots(index, n, device)
 
-    def routed_table(self, tag: str, deltas: list, build, grad: bool, params=None):
-        """Tables a class stacks from its deltas at this site (e.g. every LoRA factor), built by
-        ``build(deltas)``. Without autograd they are kept on the site, across routing blocks, until
-        a delta is added or removed or a parameter changes (its version counter moves); with
-        autograd they are built for the call, so gradients reach each delta. ``params(delta)``
-        names the tensors the table is built from (default: all of the delta's parameters)."""
+    def routed_table(self, tag: str, named: list, build, grad: bool, params=None):
+        """Tables a class stacks from the routed deltas ``named`` [(name, delta)] at this site (e.g.
+        every LoRA factor), with row 0 the identity, and {name: row}; ``build(deltas)`` stacks
+        them. With autograd they are built for the call, so gradients reach each delta; without,
+        they are kept in a ``SlotTable`` on the site (see ``tables.py``) that rewrites only new or
+        changed deltas. ``params(delta)`` names the tensors a row is built from (default: all of
+        the delta's parameters)."""
         if grad:
-            return build(deltas)
+            return build([d for _, d in named]), {n: i + 1 for i, (n, _) in enumerate(named)}
         params = params or (lambda d: tuple(d.parameters()))
-        key = (tag, tuple((id(d), *(p._version for p in params(d))) for d in deltas))
-        kept = self.__dict__.get("_unipeft_route_tables", {})
-        if kept.get(tag, (None,))[0] != key:
-            kept = {**kept, tag: (key, build(deltas))}
-            self.__dict__["_unipeft_route_tables"] = kept
-        return kept[tag][1]
+        kept = self.__dict__.setdefault("_unipeft_route_tables", {})
+        table = kept.get(tag)
+        if table is None:
+            table = kept[tag] = SlotTable()
+        return table.lookup(named, build, params, lambda n, d: self.unipeft_deltas[n] is d
+                            if n in self.unipeft_deltas else False)
 
     # --- weights as (out, in), whatever the storage layout -----------------
     def unipeft_weight_out_in(self) -> torch.Tensor:

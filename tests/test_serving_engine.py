@@ -201,3 +201,25 @@ def test_streaming_stop_strings_and_per_row_limits(gpt2):
         assert all(s.result(30)[0]["completion_tokens"] >= 1 for s in sampled)
     finally:
         e.stop()
+
+
+def test_seeded_sampling_depends_on_the_seed_alone_not_on_the_batch(gpt2):
+    """OpenAI's ``seed``: a sampled request with a seed gives the same text alone and in a batch
+    with other (sampled, greedy, other-delta) requests; another seed gives another text."""
+    path, deltas = gpt2
+    e = Engine(path, deltas, cache_mb=64, max_wait_ms=50)
+    try:
+        kw = {"max_tokens": 6, "temperature": 1.5}
+        alone = e.complete("lora0", "the movie was", seed=7, **kw)
+        assert e.complete("lora0", "the movie was", seed=7, **kw) == alone
+        futures = [e.submit_generate(d, [p], seed=s, **kw) for d, p, s in
+                   [("ia30", "good", None), ("lora0", "the movie was", 7), (None, "bad", 3), ("prompt0", "a", 7)]]
+        futures.append(e.submit_generate("lora1", ["hello"], max_tokens=4))  # greedy in a sampling batch
+        together = [f.result(60) for f in futures]
+        assert together[1][0] == alone
+        others = {e.complete("lora0", "the movie was", seed=s, **kw)["text"] for s in range(8, 14)}
+        assert len(others | {alone["text"]}) > 1  # the seed matters
+        with pytest.raises(BadRequest, match="seed"):
+            e.submit_generate("lora0", ["x"], seed=-1)
+    finally:
+        e.stop()

@@ -131,6 +131,16 @@ def test_completions_chat_streaming_and_classify(env):
     assert abs(sum(data[0]["scores"].values()) - 1) < 1e-5 and data[0]["label"] in data[0]["scores"]
     bert = env["server"].engines["tiny-bert"]
     assert data[0]["label"] == bert.classify("b-lora", ["the film was good"])[0]["label"]
+    usage = cls.json()["usage"]
+    assert usage["prompt_tokens"] == usage["total_tokens"] == sum(
+        bert.classify("b-lora", [x])[0]["prompt_tokens"] for x in ["the film was good", ["a", "b c"]]) > 0
+    # seeded sampling through HTTP: the same seed, the same text
+    seeded = [c.post("/v1/completions", json={"model": "g-lora", "prompt": "the movie was", "max_tokens": 5,
+                                              "temperature": 1.5, "seed": 11}, headers=auth(ADMIN)).json()
+              for _ in range(2)]
+    assert seeded[0]["choices"][0]["text"] == seeded[1]["choices"][0]["text"]
+    err(c.post("/v1/completions", json={"model": "g-lora", "prompt": "x", "seed": "7"}, headers=auth(ADMIN)), 400,
+        "seed")
     err(c.post("/v1/classify", json={"model": "g-lora", "input": ["x"]}, headers=auth(ADMIN)), 400, "language model")
     err(c.post("/v1/completions", json={"model": "b-lora", "prompt": "x"}, headers=auth(ADMIN)), 400, "classifier")
 

@@ -26,6 +26,8 @@ from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTun
 from .methods import AdaLoRA, DyLoRA  # noqa: E402
 from .methods import AdapterBias, Compacter  # noqa: E402
 from .methods.dylora import set_rank  # noqa: E402
+from .methods.sparse_ft import SparseFT  # noqa: E402
+from .sparse import finalize  # noqa: E402
 from .methods.adapter_drop import AdapterDrop, set_drop  # noqa: E402
 from .methods.intrinsic import Intrinsic  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
@@ -38,6 +40,7 @@ __all__ = [
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
+    "SparseFT", "finalize",
     "AdapterDrop", "set_drop",
     "Intrinsic",
     "export_peft", "import_peft", "train", "compare",

@@ -73,7 +73,7 @@ def _run_estimate(args) -> int:
 
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
-    from .analysis import inspect_cli, lora_cli
+    from .analysis import inspect_cli, intrinsic_dim_cli, lora_cli
 
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     for name, help_, add, run in (
@@ -83,6 +83,8 @@ def _add_analyze(p: argparse.ArgumentParser) -> None:
          inspect_cli.add_attention_arguments, inspect_cli.run_attention),
         ("probe", "probing with scalar mixing of the layers (seed 003)", inspect_cli.add_probe_arguments,
          inspect_cli.run_probe),
+        ("intrinsic-dim", "d90: subspace training at a sweep of d against full fine-tuning (seeds 000, 002)",
+         intrinsic_dim_cli.add_arguments, intrinsic_dim_cli.run),
     ):
         q = sub.add_parser(name, help=help_, description=help_)
         add(q)
@@ -91,7 +93,8 @@ def _add_analyze(p: argparse.ArgumentParser) -> None:
 
 def _run_analyze(args) -> int:
     if getattr(args, "analysis_run", None) is None:
-        raise UnipeftError("analyze: give an analysis: lora, attention or probe (see unipeft analyze --help)")
+        raise UnipeftError("analyze: give an analysis: lora, attention, probe or intrinsic-dim "
+                           "(see unipeft analyze --help)")
     return args.analysis_run(args)
 
 

@@ -17,5 +17,6 @@ from .intrinsic import Intrinsic
 from .lora import LoRA
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
+from .sparse_ft import SparseFT
 
-__all__ = ["AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

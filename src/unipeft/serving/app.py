@@ -9,7 +9,8 @@ Endpoints (JSON; keys as ``Authorization: Bearer <key>``; every error is
   delta or a base; greedy when ``temperature`` is 0 (the default here); server-sent events
   when ``stream`` is true.
 * ``POST /v1/classify``: ``{"model", "input": [text | [a, b], ...]}`` ->
-  ``{"data": [{"label", "scores": {label: p}}]}``.
+  ``{"data": [{"label", "scores": {label: p}}], "usage": {"prompt_tokens", "total_tokens"}}``.
+* Sampling with ``seed`` is reproducible per request, whatever shares its batch.
 * ``GET /v1/models``: the bases and the deltas this key may use.
 * ``POST /v1/deltas`` (multipart upload, see ``uploads.py``), ``DELETE /v1/deltas/{name}``.
 * ``POST/GET /v1/tenants``, ``DELETE /v1/tenants/{name}``, ``POST /v1/tenants/{name}/keys``: admin.
@@ -306,9 +307,12 @@ def generation_params(body: dict) -> dict:
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise HTTPError(400, "field 'stop' must be a string or a list of strings")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise HTTPError(400, f"field 'seed' must be an integer from 0 to 2**63 - 1 or null; got {seed!r}")
     return {"max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 16, int),
             "temperature": float(_number(body, "temperature", 0.0)), "top_p": float(_number(body, "top_p", 1.0)),
-            "stop": stop}
+            "stop": stop, "seed": seed}
 
 
 # ---------------------------------------------------------------------------
@@ -385,7 +389,9 @@ def create_app(engines: list[Engine] | Engine, deltas_dir, admin_key: str | None
         if not isinstance(inputs, list) or not 0 < len(inputs) <= 256:
             raise HTTPError(400, "field 'input' must be a text or a list of 1-256 texts or [text, text] pairs")
         out = await run(engine.submit_classify(key, inputs))
+        tokens = sum(r.pop("prompt_tokens") for r in out)
         return {"object": "list", "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "data": [{"index": i, **r} for i, r in enumerate(out)]}
 
     def stream(engine, key, prompts, params, model: str, chat: bool):

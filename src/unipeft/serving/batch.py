@@ -34,11 +34,18 @@ def pad(rows: list[dict[str, list[int]]], pad_id: int, left: bool) -> dict[str, 
 
 class RowSampling(LogitsProcessor):
     """Per-row temperature and nucleus (top-p) sampling in one batch; rows at temperature 0 get
-    their argmax only, so a greedy request gives the same tokens in a sampling batch."""
+    their argmax only, so a greedy request gives the same tokens in a sampling batch.
 
-    def __init__(self, temperatures: list[float], top_ps: list[float]):
+    A row with a ``seed`` draws its token here, from a generator of its own, and leaves only that
+    token possible for ``generate``'s draw: its text then depends on its seed alone, never on the
+    requests it happened to share a batch with (OpenAI's ``seed``)."""
+
+    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None] | None = None):
         self.t = torch.tensor(temperatures, dtype=torch.float32)
         self.p = torch.tensor(top_ps, dtype=torch.float32)
+        seeds = seeds or [None] * len(temperatures)
+        self.generators = {i: torch.Generator().manual_seed(s) for i, (s, t) in enumerate(zip(seeds, temperatures))
+                           if s is not None and t > 0}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         t, p = self.t.to(scores.device), self.p.to(scores.device)
@@ -51,7 +58,11 @@ class RowSampling(LogitsProcessor):
         ordered = ordered.masked_fill(drop, float("-inf"))
         warped = torch.full_like(warped, float("-inf")).scatter(1, index, ordered)
         only_max = torch.full_like(scores, float("-inf")).scatter(1, scores.argmax(-1, keepdim=True), 0.0)
-        return torch.where(greedy, only_max, warped)
+        out = torch.where(greedy, only_max, warped)
+        for i, g in self.generators.items():  # seeded rows: their own draw (on the CPU, as generators are)
+            token = torch.multinomial(out[i].float().softmax(-1).cpu(), 1, generator=g).to(out.device)
+            out[i] = torch.full_like(out[i], float("-inf")).scatter(0, token, 0.0)
+        return out
 
 
 class Row:

@@ -87,6 +87,7 @@ class _Job:
     gen: list[B.Row] = dataclasses.field(default_factory=list)   # generation: one per row
     temperature: float = 0.0
     top_p: float = 1.0
+    seed: int | None = None                # sampling: a seeded row draws from its own generator
 
 
 def load_base(base, tokenizer=None):
@@ -314,7 +315,7 @@ class Engine:
 
     def submit_classify(self, delta: str | None, inputs: list) -> concurrent.futures.Future:
         """Classify texts (or [a, b] pairs) with ``delta`` (None: the base); a future of one
-        ``{"label", "scores"}`` per input."""
+        ``{"label", "scores", "prompt_tokens"}`` per input."""
         if self.kind != "classify":
             raise BadRequest(f"{self.name} is a language model: use completions, not classify")
         self._check_delta(delta)
@@ -332,10 +333,13 @@ class Engine:
 
     def submit_generate(self, delta: str | None, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
                         top_p: float = 1.0, stop: list[str] | None = None,
-                        on_text: Callable[[int, str], None] | None = None) -> concurrent.futures.Future:
+                        on_text: Callable[[int, str], None] | None = None,
+                        seed: int | None = None) -> concurrent.futures.Future:
         """Complete each prompt with ``delta`` (None: the base); greedy at temperature 0. A future of
         one ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`` per prompt;
-        ``on_text(i, piece)`` streams prompt i's text as it is generated (from the worker thread)."""
+        ``on_text(i, piece)`` streams prompt i's text as it is generated (from the worker thread).
+        With ``seed``, sampling is reproducible: the same request and seed give the same text,
+        whatever else shares its batch (prompt i of a request draws with seed + i)."""
         if self.kind != "generate":
             raise BadRequest(f"{self.name} is a classifier: use classify, not completions")
         self._check_delta(delta)
@@ -343,6 +347,8 @@ class Engine:
             raise BadRequest(f"max_tokens must be an integer from 1 to {self.max_new_tokens}; got {max_tokens!r}")
         if not 0 <= temperature <= 10 or not 0 < top_p <= 1:
             raise BadRequest(f"temperature must be in [0, 10] and top_p in (0, 1]; got {temperature}, {top_p}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise BadRequest(f"seed must be an integer from 0 to 2**63 - 1; got {seed!r}")
         stop = list(stop or [])
         if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise BadRequest("stop must be a non-empty string or a list of at most 4 of them")
@@ -364,7 +370,7 @@ class Engine:
             cb = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
             gen.append(B.Row(max_tokens, stop, cb))
         return self._put(_Job("generate", delta, rows, concurrent.futures.Future(), time.perf_counter(), gen,
-                              float(temperature), float(top_p)))
+                              float(temperature), float(top_p), seed))
 
     def classify(self, delta: str | None, inputs: list, timeout: float | None = None) -> list[dict]:
         return self.submit_classify(delta, inputs).result(timeout)
@@ -489,7 +495,8 @@ class Engine:
                 probs = self.model(**B.pad(rows, self.pad_id, left=False)).logits.float().softmax(-1).tolist()
                 out, i = [], 0
                 for j in jobs:
-                    out.append([self._label(p) for p in probs[i:i + len(j.rows)]])
+                    out.append([{**self._label(p), "prompt_tokens": len(r["input_ids"])}
+                                for p, r in zip(probs[i:i + len(j.rows)], j.rows)])
                     i += len(j.rows)
                 return out
             return self._generate(jobs, rows)
@@ -510,8 +517,9 @@ class Engine:
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos) or None,
             # sampling is done per row by RowSampling; the library's own warpers stay off
             **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}))
+        seeds = [None if j.seed is None else (j.seed + i) % 2 ** 63 for j in jobs for i in range(len(j.rows))]
         processors = LogitsProcessorList(
-            [B.RowSampling(temps, [j.top_p for j in jobs for _ in j.rows])] if sample else [])
+            [B.RowSampling(temps, [j.top_p for j in jobs for _ in j.rows], seeds)] if sample else [])
         for j in jobs:
             for r in j.gen:
                 # a request whose rows are all done is answered at once, not when the whole batch ends

@@ -29,6 +29,7 @@ from .methods.dylora import set_rank  # noqa: E402
 from .methods.sparse_ft import SparseFT  # noqa: E402
 from .sparse import finalize  # noqa: E402
 from .methods.adapter_drop import AdapterDrop, set_drop  # noqa: E402
+from .methods.p_tuning import PTuning  # noqa: E402
 from .methods.intrinsic import Intrinsic  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
 from .routing import route  # noqa: E402
@@ -41,7 +42,7 @@ __all__ = [
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
     "SparseFT", "finalize",
-    "AdapterDrop", "set_drop",
+    "AdapterDrop", "set_drop", "PTuning",
     "Intrinsic",
     "export_peft", "import_peft", "train", "compare",
 ]

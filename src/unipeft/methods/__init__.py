@@ -15,8 +15,9 @@ from .full import FullFineTune
 from .ia3 import IA3
 from .intrinsic import Intrinsic
 from .lora import LoRA
+from .p_tuning import PTuning
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 from .sparse_ft import SparseFT
 
-__all__ = ["SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["PTuning", SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

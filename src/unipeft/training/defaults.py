@@ -83,6 +83,16 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "Rücklé et al. 2021 (AdapterDrop) drop the lowest 5 of 12 layers; 2 of MiniLM's 6 is that share. The adapters "
         "above are the Pfeiffer adapter's, unchanged, so its screened rate is kept (screen_defaults.py: 3e-3 0.760, "
         "1e-3 0.469, 1e-2 0.648); not screened separately"),
+    "p_tuning": MethodDefaults(
+        "p_tuning", "P-tuning (v1, LSTM encoder)", {"version": 1, "length": 20, "encoder": "lstm"}, {"lr": 1e-3},
+        "Liu et al. 2021 (GPT Understands, Too): bidirectional LSTM + MLP prompt encoder; peft's P-tuning example "
+        "(RoBERTa-large, MRPC) trains it at 1e-3; the encoder, not a raw table, takes the steps, so prompt tuning's "
+        "3e-2 does not carry over. Not screened here"),
+    "p_tuning_v2": MethodDefaults(
+        "p_tuning", "P-tuning v2", {"version": 2, "length": 20}, {"lr": 5e-3},
+        "Liu et al. 2022 (P-Tuning v2) train deep prompts at 5e-3 to 1e-2 in their GLUE/SuperGLUE scripts; 5e-3 is "
+        "also prefix tuning's screened rate here (screen_defaults.py: 5e-3 0.673, 2e-3 0.668, 1e-2 0.610). "
+        "Not screened separately"),
     "prefix": MethodDefaults(
         "prefix_tuning", "Prefix tuning", {"length": 10, "reparam_hidden": 512}, {"lr": 5e-3},
         "Li & Liang 2021: lr 5e-5..8e-5 for GPT-2 over 10 epochs with the MLP reparameterisation; "

@@ -20,4 +20,4 @@ from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 from .sparse_ft import SparseFT
 
-__all__ = ["PTuning", SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -52,10 +52,10 @@ _LAZY = {"train": ("unipeft.training.run", "train"), "compare": ("unipeft.compar
 
 
 def __getattr__(name):
-    if name == "integrations":  # a subpackage: it imports the transformers Trainer stack
+    if name in ("integrations", "prompting"):  # subpackages: integrations imports the Trainer stack
         import importlib
 
-        return importlib.import_module("unipeft.integrations")
+        return importlib.import_module(f"unipeft.{name}")
     if name in _LAZY:
         import importlib
 

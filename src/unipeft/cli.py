@@ -120,6 +120,8 @@ COMMANDS = {
               *_lazy("unipeft.serving.cli", "add_serve", "run_serve")),
     "tenants": ("manage the server's tenants and their API keys: add, list, remove, key",
                 *_lazy("unipeft.serving.cli", "add_tenants", "run_tenants")),
+    "icl": ("in-context learning: zero-, one- and few-shot prompting with a template and a verbalizer",
+            *_lazy("unipeft.prompting.cli", "add_icl", "run_icl")),
 }
 
 

@@ -41,6 +41,7 @@ class Delta:
     module: nn.Module | None = None                                                # model-level parameters
     selected: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)    # param path -> original value
     trained: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)     # values while switched off
+    sparse: object | None = None  # unipeft.sparse.SparseState: indices + values per tensor, for sparse deltas
     head: list[str] = dataclasses.field(default_factory=list)                      # head site paths
     merged: bool = False
 
@@ -117,6 +118,13 @@ class ModelView:
         originals = original_base_tensors(self.model, heads=True)
         for p in paths:
             self.delta.selected[p] = originals[p].detach().clone()
+
+    def select_sparse(self, paths: Iterable[str], state) -> None:
+        """Train some entries of these base parameters in place (``unipeft.sparse``): the originals are
+        kept as for ``select``, the delta's own values live in ``state``, and several sparse deltas
+        on one tensor add up instead of excluding each other."""
+        self.select(paths)
+        self.delta.sparse = state
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
         """Base parameters (no delta parameters, no task head)."""
@@ -300,7 +308,7 @@ def attach(model: nn.Module, method: MethodConfig, name: str = "default", *, act
     if activate:
         set_active(model, [name])
     else:
-        delta.trained = {p: t.clone() for p, t in delta.selected.items()}
+        delta.trained = {} if delta.sparse is not None else {p: t.clone() for p, t in delta.selected.items()}
         set_active(model, [n for n in reg.active])
         _refresh_sites(model, reg, [delta])  # its sites learn of it (switched off)
     return model
@@ -419,7 +427,7 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     seen: dict[str, str] = {}
     for n in names:
         for p in reg.deltas[n].selected:
-            if p in seen:
+            if p in seen and (reg.deltas[seen[p]].sparse is None or reg.deltas[n].sparse is None):
                 raise UnipeftError(f"deltas {seen[p]!r} and {n!r} both train parameter {p!r} in place; "
                                    f"they cannot be active together")
             seen[p] = n
@@ -428,22 +436,26 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     changed = [reg.deltas[n] for n in dict.fromkeys([*reg.active, *names])]
     param = model.get_parameter
     with torch.no_grad():
+        from . import sparse  # sparse deltas keep their own values; their tensors are recomposed below
+        sparse.sync(model, reg)
         # selective deltas: put the originals back for those going off, then the trained values of those going on
         for n in reg.active:
             if n not in names:
                 d = reg.deltas[n]
-                for p, orig in d.selected.items():
+                for p, orig in ({} if d.sparse is not None else d.selected).items():
                     d.trained[p] = param(p).detach().clone()
                     param(p).copy_(orig)
                     param(p).requires_grad_(False)
         for n in names:
             if n not in reg.active:
                 d = reg.deltas[n]
-                for p in d.selected:
+                for p in ({} if d.sparse is not None else d.selected):
                     if p in d.trained:
                         param(p).copy_(d.trained[p])
                 d.trained = {}
     reg.active = names
+    if any(d.sparse is not None for d in reg.deltas.values()):
+        sparse.compose(model, reg)  # original + the active sparse deltas' values, gradients masked
     for d in changed:
         on = d.name in names
         for p in d.parameters():
@@ -451,6 +463,8 @@ def set_active(model: nn.Module, names: list[str]) -> None:
         for p in d.selected:
             param(p).requires_grad_(on and not d.merged)
     _refresh_sites(model, reg, changed)
+    if any(d.sparse is not None for d in reg.deltas.values()):
+        sparse.compose(model, reg)  # original + the active sparse deltas' values, gradients masked
 
 
 def _refresh_sites(model: nn.Module, reg: Registry, changed: list[Delta] | None = None) -> None:
@@ -554,7 +568,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def delta_parameter_count(model: nn.Module, delta: Delta) -> int:
     params = dict(model.named_parameters())
     n = sum(p.numel() for p in delta.parameters())
-    n += sum(params[p].numel() for p in delta.selected)
+    n += delta.sparse.count() if delta.sparse is not None else sum(params[p].numel() for p in delta.selected)
     return n
 
 

@@ -143,6 +143,11 @@ def _check_routable(model: nn.Module, reg, order: list[str]) -> None:
     (layer freezing, full fine-tuning)."""
     for name in order:
         delta = reg.deltas[name]
+        if getattr(type(delta.config), "routable", True) is False:  # sparse deltas (SparseFT, DiffPruning)
+            raise UnipeftError(
+                f"up.route: delta {name!r} ({delta.config.kind}) changes entries of the base model's weights in "
+                f"place; routing it per example would need a copy of those weights for every row. "
+                f"Methods that route: LoRA, adapters, (IA)3, prompt tuning, prefix tuning, BitFit")
         for param in delta.selected:
             if _bias_module(model, param) is None:
                 raise UnipeftError(

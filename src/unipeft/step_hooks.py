@@ -48,6 +48,7 @@ class StepController:
     if they need the length of the training."""
 
     pending = False  # before() ran for a step whose after() has not yet
+    optimizer = None  # a weak reference to the optimizer of the latest step (one that resets its moments)
     steps = 0        # optimizer steps completed (before(): the next is steps + 1; after(): this is steps)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -93,6 +94,7 @@ def _before_step(optimizer, args, kwargs) -> None:
         if any(id(p) in ids for p in params) and any(p.grad is not None for p in params):
             if c.steps == 0:
                 c.steps = _steps_taken(optimizer, params)
+            c.optimizer = weakref.ref(optimizer)
             c.before()       # may raise (a missing total_step): the step then never happens
             c.pending = True
 
@@ -119,6 +121,11 @@ def controllers(model: nn.Module) -> list[StepController]:
     out: list[StepController] = []
     for m in model.modules():
         c = m.__dict__.get(ATTR)
+        if c is not None and c not in out:
+            out.append(c)
+    reg = model.__dict__.get("_unipeft")  # sparse deltas have no modules: their controllers live on the delta
+    for d in (reg.deltas.values() if reg is not None else ()):
+        c = getattr(d.sparse, "controller", None)
         if c is not None and c not in out:
             out.append(c)
     return out

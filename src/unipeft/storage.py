@@ -125,9 +125,13 @@ def delta_tensors(model: nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
             out[f"model:{k}"] = v
     reg = registry(model)
     params = {p: model.get_parameter(p) for p in delta.selected}  # not named_parameters(): O(attached deltas)
-    for p in delta.selected:
+    for p in ({} if delta.sparse is not None else delta.selected):
         value = params[p] if delta.name in reg.active else delta.trained.get(p, params[p])
         out[f"selected:{p}"] = value
+    if delta.sparse is not None:  # indices + values (unipeft.sparse), never the dense tensors
+        from . import sparse
+
+        out.update(sparse.export(model, reg, delta))
     return {k: full_tensor(v.detach()).to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -141,11 +145,12 @@ def _load_tensors(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tenso
             expected[f"model:{k}"] = v
     params = {p: model.get_parameter(p) for p in delta.selected}
     on = delta.name in registry(model).active
-    for p in delta.selected:
+    for p in ({} if delta.sparse is not None else delta.selected):
         # an active selective delta lives in the base parameters; a switched-off one in its stored values
         expected[f"selected:{p}"] = params[p] if on else delta.trained.setdefault(p, delta.selected[p].clone())
     missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(tensors) - set(expected) - ({k for k in tensors if k.startswith("sparse:")}
+                                                   if delta.sparse is not None else set()))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise UnipeftError(f"delta file does not match its method config: {what} "
@@ -155,6 +160,10 @@ def _load_tensors(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tenso
         if tuple(src.shape) != tuple(target.shape):
             raise UnipeftError(f"tensor {k!r} has shape {tuple(src.shape)} in the file but "
                                f"{tuple(target.shape)} in the model")
+    if delta.sparse is not None:  # checks its own tensors (indices inside the base's tensors) before any change
+        from . import sparse
+
+        sparse.restore(model, registry(model), delta, tensors)
     with torch.no_grad():
         for k, target in expected.items():
             target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
@@ -187,6 +196,9 @@ def save(model: nn.Module, directory, name: str | None = None) -> Path:
 
     delta = pick_delta(model, name)
     name = delta.name
+    finalize = getattr(delta.config, "finalize", None)
+    if finalize is not None:  # DiffPruning: projected to its exact budget in the live model too (file == memory)
+        finalize(model, registry(model), delta)
     config = delta.config
     sharded = _sharded(model)
     saved = config.saved_config() if hasattr(config, "saved_config") else config

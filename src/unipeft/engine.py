@@ -454,8 +454,6 @@ def set_active(model: nn.Module, names: list[str]) -> None:
                         param(p).copy_(d.trained[p])
                 d.trained = {}
     reg.active = names
-    if any(d.sparse is not None for d in reg.deltas.values()):
-        sparse.compose(model, reg)  # original + the active sparse deltas' values, gradients masked
     for d in changed:
         on = d.name in names
         for p in d.parameters():

@@ -271,3 +271,72 @@ def test_every_site_is_a_subspace_delta_holding_no_tensor_of_its_own():
     ds = list(up.engine.registry(model).deltas["t"].linear.values())
     assert ds and all(isinstance(d, SubspaceDelta) and d.state_dict() == {} for d in ds)
     assert all(d.space is space(model) for d in ds)  # one theta_d for the whole model
+
+
+# ---------------------------------------------------------------------------
+# unipeft analyze intrinsic-dim: the d90 sweep
+# ---------------------------------------------------------------------------
+
+def test_d90_is_the_smallest_d_reaching_90_percent_of_full():
+    from unipeft.analysis.intrinsic_dim import d_threshold
+
+    metrics = {10: 0.50, 100: 0.79, 1000: 0.82, 10000: 0.80}
+    assert d_threshold(metrics, full=0.90) == 1000        # 0.9 * 0.90 = 0.81: 0.79 misses, 0.82 reaches
+    assert d_threshold(metrics, full=0.87) == 100         # 0.783
+    assert d_threshold(metrics, full=0.99) is None
+    assert d_threshold(metrics, full=0.90, fraction=0.5) == 10
+
+
+def test_sweep_on_a_tiny_model_reports_each_d_against_full_fine_tuning(tmp_path, capsys):
+    """The whole command on a tiny BERT and synthetic sentiment: a run per d and one of full
+    fine-tuning, the JSON report, the table and the log-scale figure."""
+    import json
+
+    from unipeft import cli
+    from unipeft.analysis import intrinsic_dim
+
+    folder = tiny.save(tmp_path / "bert", "bert", "cls", dropout=False)
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(120)]
+    train = tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:100])
+    dev = tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[100:])
+    out = tmp_path / "sweep"
+    rc = cli.main(["analyze", "intrinsic-dim", "--model", folder, "--task", "sent", "--train", train, "--dev", dev,
+                   "--dims", "4,64",
+                   "--max-steps", "60", "--batch-size", "16", "--lr", "3e-2", "--full-lr", "3e-3",
+                   "--out", str(out), "--plot", str(tmp_path / "d90.png"), "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = intrinsic_dim.read_report(out)
+    assert printed["d90"] == report["d90"]
+    assert [r["d"] for r in report["runs"]] == [4, 64]
+    assert report["main_metric"] == "accuracy" and report["full"]["metric"] >= 0.85  # full fine-tuning learns it
+    assert report["full"]["lr"] == 3e-3 and all(r["lr"] == 3e-2 for r in report["runs"])
+    # d counts the subspace; the trained classifier head (32 x 2 + 2) comes on top
+    assert [r["trainable_params"] for r in report["runs"]] == [4 + 66, 64 + 66]
+    model = tiny.make("bert")
+    linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n
+              and "pooler" not in n]
+    assert report["D"] == sum(m.weight.numel() + m.bias.numel() for m in linear)
+    for r in report["runs"]:
+        assert r["fraction_of_full"] == pytest.approx(r["metric"] / report["full"]["metric"])
+    expected = intrinsic_dim.d_threshold({r["d"]: r["metric"] for r in report["runs"]}, report["full"]["metric"])
+    assert report["d90"] == expected
+    assert {"full", "d4", "d64"} <= {p.name for p in out.iterdir()}
+    assert (tmp_path / "d90.png").stat().st_size > 1000
+    text = intrinsic_dim.format_report(report)
+    assert "full" in text and "64" in text and ("d90 = " in text or "d90: not reached" in text)
+    assert cli.main(["analyze", "intrinsic-dim", "--report", str(out)]) == 0
+    assert "d90" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--dims", "10,x"], "--dims must be comma-separated integers"),
+    (["--dims", "0,10"], "--dims must be comma-separated integers >= 1"),
+    (["--report", "/nonexistent/sweep"], "no intrinsic-dim report at"),
+])
+def test_intrinsic_dim_cli_bad_input(argv, match, capsys):
+    from unipeft import cli
+
+    assert cli.main(["analyze", "intrinsic-dim", *argv]) != 0
+    err = capsys.readouterr().err
+    assert match in err

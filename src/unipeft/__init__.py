@@ -27,6 +27,7 @@ from .methods import AdaLoRA, DyLoRA  # noqa: E402
 from .methods import AdapterBias, Compacter  # noqa: E402
 from .methods.dylora import set_rank  # noqa: E402
 from .methods.sparse_ft import SparseFT  # noqa: E402
+from .methods.diff_pruning import DiffPruning  # noqa: E402
 from .sparse import finalize  # noqa: E402
 from .methods.adapter_drop import AdapterDrop, set_drop  # noqa: E402
 from .methods.p_tuning import PTuning  # noqa: E402
@@ -41,7 +42,7 @@ __all__ = [
     "trainable_parameters", "fingerprint", "UnipeftError", "MethodConfig", "METHODS",
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
-    "SparseFT", "finalize",
+    "SparseFT", "DiffPruning", "finalize",
     "AdapterDrop", "set_drop", "PTuning",
     "Intrinsic",
     "export_peft", "import_peft", "train", "compare",

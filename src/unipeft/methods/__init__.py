@@ -19,5 +19,6 @@ from .p_tuning import PTuning
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 from .sparse_ft import SparseFT
+from .diff_pruning import DiffPruning
 
-__all__ = ["PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["DiffPruning", "PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -158,6 +158,7 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
     trainer = Trainer(net, tokenizer, dataset.task, dataset.splits["train"], dataset.splits.get("dev"), cfg, out_dir,
                       accelerator=acc)
     summary = trainer.fit(resume=resume)
+    up.finalize(net, delta_name)  # the delta's final form (DiffPruning's exact budget) is what is scored and saved
     results: dict[str, Any] = {"model": model, "task": dataset.task.name, "method": method,
                                "method_config": method_cfg.to_dict(), "lr": cfg.lr, "train_config": cfg.to_dict(),
                                "trainable_params": trainable, "total_params": total, **summary}

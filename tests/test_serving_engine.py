@@ -223,3 +223,40 @@ def test_seeded_sampling_depends_on_the_seed_alone_not_on_the_batch(gpt2):
             e.submit_generate("lora0", ["x"], seed=-1)
     finally:
         e.stop()
+
+
+@pytest.mark.parametrize("rejoin", [True, False])
+def test_waiting_requests_join_when_rows_finish_and_resumed_rows_are_unchanged(gpt2, rejoin):
+    """max_batch=2: a long request and a short one form the first wave while a third waits. When
+    the short one finishes, the wave is cut; the long one resumes beside the waiting one (which so
+    is answered long before the long one ends); every answer equals the request alone, also for
+    seeded sampling, whose generator carries over. Without rejoin, the third waits for the long."""
+    path, deltas = gpt2
+    # waves of two: [0 seeded, 1] cut -> [0, 2] cut -> [0, 3 greedy] cut when 0 ends -> [3, 4]
+    requests = [("lora0", "the movie was", {"max_tokens": 24, "temperature": 1.3, "seed": 5}),
+                ("ia30", "good", {"max_tokens": 2}), ("prompt0", "a", {"max_tokens": 3}),
+                ("lora1", "once upon", {"max_tokens": 40}), ("bitfit0", "so", {"max_tokens": 3})]
+    ref = Engine(path, deltas, cache_mb=64)
+    try:
+        alone = [ref.complete(d, p, **kw) for d, p, kw in requests]
+    finally:
+        ref.stop()
+    e = Engine(path, deltas, cache_mb=64, max_batch=2, max_wait_ms=0, start=False, rejoin=rejoin)
+    order = []
+    futures = []
+    for i, (d, p, kw) in enumerate(requests):
+        f = e.submit_generate(d, [p], **kw)
+        f.add_done_callback(lambda _, i=i: order.append(i))
+        futures.append(f)
+    e.start()
+    try:
+        together = [f.result(60)[0] for f in futures]
+    finally:
+        e.stop()
+    assert together == alone
+    if rejoin:
+        assert e.waves_cut == 3
+        assert order.index(2) < order.index(0)   # the waiting short requests did not wait for the long ones
+        assert order.index(4) < order.index(3)
+    else:
+        assert e.waves_cut == 0 and order.index(2) > order.index(0)

@@ -36,16 +36,16 @@ class RowSampling(LogitsProcessor):
     """Per-row temperature and nucleus (top-p) sampling in one batch; rows at temperature 0 get
     their argmax only, so a greedy request gives the same tokens in a sampling batch.
 
-    A row with a ``seed`` draws its token here, from a generator of its own, and leaves only that
-    token possible for ``generate``'s draw: its text then depends on its seed alone, never on the
-    requests it happened to share a batch with (OpenAI's ``seed``)."""
+    A row with a generator (a request with a ``seed``) draws its token here, from that generator,
+    and leaves only that token possible for ``generate``'s draw: its text then depends on its seed
+    alone, never on the requests it happened to share a batch with (OpenAI's ``seed``). The
+    generator lives on the row, so a row carried over to the next wave draws on where it was."""
 
-    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None] | None = None):
+    def __init__(self, temperatures: list[float], top_ps: list[float], generators: list | None = None):
         self.t = torch.tensor(temperatures, dtype=torch.float32)
         self.p = torch.tensor(top_ps, dtype=torch.float32)
-        seeds = seeds or [None] * len(temperatures)
-        self.generators = {i: torch.Generator().manual_seed(s) for i, (s, t) in enumerate(zip(seeds, temperatures))
-                           if s is not None and t > 0}
+        generators = generators or [None] * len(temperatures)
+        self.generators = {i: g for i, (g, t) in enumerate(zip(generators, temperatures)) if g is not None and t > 0}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         t, p = self.t.to(scores.device), self.p.to(scores.device)
@@ -68,8 +68,10 @@ class RowSampling(LogitsProcessor):
 class Row:
     """What one generated row needs and has: limits, its tokens so far, and its streaming state."""
 
-    def __init__(self, max_tokens: int, stop: list[str], on_text=None):
+    def __init__(self, max_tokens: int, stop: list[str], on_text=None, seed: int | None = None):
         self.max_tokens, self.stop, self.on_text = max_tokens, stop, on_text
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.prompt: list[int] = []   # the prompt's token ids (a carried row resumes from prompt + ids)
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0              # characters already streamed
@@ -80,13 +82,19 @@ class Row:
 class RowStops(StoppingCriteria):
     """Called by ``generate`` after every step: records each row's new token, finishes rows that
     reached their own end, streams the text that can no longer change, and tells ``generate``
-    which rows are done (it pads those until every row is)."""
+    which rows are done (it pads those until every row is).
 
-    def __init__(self, rows: list[Row], tokenizer, eos: set[int]):
-        self.rows, self.tok, self.eos = rows, tokenizer, eos
+    ``cut(rows)``, asked after a step in which a row finished while others go on, may end
+    the wave there (every row "done"): ``cut_short`` is then True and the unfinished rows, each
+    with its tokens so far, are carried into the next wave with the requests that were waiting."""
+
+    def __init__(self, rows: list[Row], tokenizer, eos: set[int], cut=None):
+        self.rows, self.tok, self.eos, self.cut = rows, tokenizer, eos, cut
+        self.cut_short = False
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
+        finished_now = False
         for row, token in zip(self.rows, new):
             if row.finish is not None:
                 continue  # generate's padding after this row ended
@@ -101,9 +109,15 @@ class RowStops(StoppingCriteria):
                 elif len(row.ids) >= row.max_tokens:
                     row.finish = "length"
             self._stream(row)
-            if row.finish is not None and row.on_done is not None:
-                row.on_done()
-        return torch.tensor([r.finish is not None for r in self.rows], dtype=torch.bool, device=input_ids.device)
+            if row.finish is not None:
+                finished_now = True
+                if row.on_done is not None:
+                    row.on_done()
+        done = [r.finish is not None for r in self.rows]
+        if finished_now and not all(done) and self.cut is not None and self.cut(self.rows):
+            self.cut_short = True
+            done = [True] * len(done)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     @staticmethod
     def _stream(row: Row) -> None:

@@ -18,13 +18,17 @@ removing deltas while serving never fails a request for another delta. Should a 
 whole (a bug, an input one delta cannot take), each of its requests runs again alone, so only
 the request at fault gets the error.
 
-Continuous batching, honestly: generation batches run as *waves*. A wave is formed from the
-queue when the worker is free; rows that finish early (their own ``max_tokens``, a stop string,
-end of sequence) stop producing tokens and their request is answered at once (its stream
-closes then), but their slot is carried as padding until the wave ends, and requests that arrive meanwhile
-join the next wave, not the running one. Joining mid-flight would need KV caches of different
-lengths merged per step and the routed prompt-tuning layout rebuilt per step; waves keep every
-row exactly equal to the request run alone.
+Continuous batching: generation runs as *waves* (one ``generate`` call over a batch). A row that
+finishes (its own ``max_tokens``, a stop string, end of sequence) is answered at once (its stream
+closes then). When rows have finished while requests wait, the wave is cut at that step (at
+least a quarter of its rows done, and more than two tokens left to some row): the unfinished
+rows, each with its tokens so far, go back to the front of the queue and resume in the next
+wave together with the waiting requests, so a request never waits for a long one to end. A
+resumed row runs its prompt and its tokens so far as one prompt (vLLM's "recompute"
+preemption): its next tokens are those it would have produced (a seeded row keeps drawing from
+its own generator), while the KV caches of different rows never have to be merged, which would
+tie the engine to one cache layout and to the routed prompt-tuning layout of each step.
+``rejoin=False`` runs every wave to its end.
 """
 from __future__ import annotations
 
@@ -87,7 +91,7 @@ class _Job:
     gen: list[B.Row] = dataclasses.field(default_factory=list)   # generation: one per row
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None                # sampling: a seeded row draws from its own generator
+    root: "_Job | None" = None             # a resumed wave's job: the request it continues (answered as a whole)
 
 
 def load_base(base, tokenizer=None):
@@ -122,7 +126,7 @@ class Engine:
 
     def __init__(self, base, deltas_dir=None, cache_mb: float = 256, *, tokenizer=None, name: str | None = None,
                  max_batch: int = 32, max_wait_ms: float = 5.0, max_new_tokens: int = 512,
-                 metrics: Metrics | None = None, start: bool = True):
+                 metrics: Metrics | None = None, start: bool = True, rejoin: bool = True):
         model, tok, default_name = load_base(base, tokenizer)
         if cache_mb <= 0 or max_batch < 1 or max_wait_ms < 0:
             raise UnipeftError(f"Engine: cache_mb must be > 0, max_batch >= 1, max_wait_ms >= 0 "
@@ -141,6 +145,8 @@ class Engine:
         self.cache_bytes = int(cache_mb * 2 ** 20)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.max_new_tokens = max_new_tokens
+        self.rejoin = rejoin                   # cut a wave for waiting requests once rows have finished
+        self.waves_cut = 0
         self.max_positions = _max_positions(model, tok)
         self.pad_id = _pad_id(tok, model)
         eos = model.generation_config.eos_token_id if self.kind == "generate" else None
@@ -368,9 +374,10 @@ class Engine:
                                  f"{self.max_positions} positions")
             rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
             cb = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
-            gen.append(B.Row(max_tokens, stop, cb))
+            gen.append(B.Row(max_tokens, stop, cb, None if seed is None else (seed + i) % 2 ** 63))
+            gen[-1].prompt = ids
         return self._put(_Job("generate", delta, rows, concurrent.futures.Future(), time.perf_counter(), gen,
-                              float(temperature), float(top_p), seed))
+                              float(temperature), float(top_p)))
 
     def classify(self, delta: str | None, inputs: list, timeout: float | None = None) -> list[dict]:
         return self.submit_classify(delta, inputs).result(timeout)
@@ -474,8 +481,8 @@ class Engine:
                     self.batch_rows += sum(len(j.rows) for j in ready)
                     answers = self._forward(ready, [names[j.delta] for j in ready])
                     for j, a in zip(ready, answers):
-                        if not j.future.done():
-                            self._answer(j, a)
+                        if a is not None and not j.future.done():   # None: carried into the next wave
+                            self._answer(j.root or j, a)
             except Exception as e:
                 if len(ready) == 1:
                     self._fail(ready[0], e)
@@ -484,12 +491,19 @@ class Engine:
                         if not j.future.done():
                             self._run([j])
             finally:
-                self._evict(set())
+                with self._cv:  # deltas of rows carried into the next wave stay loaded
+                    carried = {j.delta for j in self._queue if j.root is not None and j.delta is not None}
+                self._evict(carried)
 
-    def _forward(self, jobs: list[_Job], internal: list[str | None]) -> list[list[dict]]:
-        routed = [n for j, n in zip(jobs, internal) for _ in j.rows]
+    def _forward(self, jobs: list[_Job], internal: list[str | None]) -> list[list[dict] | None]:
+        """Answers per job (None for a job carried into the next wave)."""
+        if self.kind == "classify":
+            rows = [r for j in jobs for r in j.rows]
+        else:  # a row resumes from its prompt and its tokens so far (none yet in its first wave)
+            rows = [{"input_ids": r.prompt + r.ids, "attention_mask": [1] * (len(r.prompt) + len(r.ids))}
+                    for j in jobs for r in j.gen]
+        routed = [n for j, n in zip(jobs, internal) for _ in (j.rows if self.kind == "classify" else j.gen)]
         ctx = route(self.model, routed) if registry(self.model) is not None else contextlib.nullcontext()
-        rows = [r for j in jobs for r in j.rows]
         with torch.no_grad(), ctx:
             if self.kind == "classify":
                 probs = self.model(**B.pad(rows, self.pad_id, left=False)).logits.float().softmax(-1).tolist()
@@ -505,30 +519,50 @@ class Engine:
         best = max(range(len(probs)), key=probs.__getitem__)
         return {"label": self.labels[best], "scores": {lab: p for lab, p in zip(self.labels, probs)}}
 
-    def _generate(self, jobs: list[_Job], rows: list[dict]) -> list[list[dict]]:
+    def _generate(self, jobs: list[_Job], rows: list[dict]) -> list[list[dict] | None]:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         batch = B.pad(rows, self.pad_id, left=True)
         gen_rows = [r for j in jobs for r in j.gen]
-        temps = [j.temperature for j in jobs for _ in j.rows]
+        temps = [j.temperature for j in jobs for _ in j.gen]
         sample = any(t > 0 for t in temps)
         config = GenerationConfig(
-            max_new_tokens=max(r.max_tokens for r in gen_rows), do_sample=sample, num_beams=1,
+            max_new_tokens=max(r.max_tokens - len(r.ids) for r in gen_rows), do_sample=sample, num_beams=1,
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos) or None,
             # sampling is done per row by RowSampling; the library's own warpers stay off
             **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}))
-        seeds = [None if j.seed is None else (j.seed + i) % 2 ** 63 for j in jobs for i in range(len(j.rows))]
         processors = LogitsProcessorList(
-            [B.RowSampling(temps, [j.top_p for j in jobs for _ in j.rows], seeds)] if sample else [])
+            [B.RowSampling(temps, [j.top_p for j in jobs for _ in j.gen], [r.generator for r in gen_rows])]
+            if sample else [])
         for j in jobs:
+            root = j.root or j
             for r in j.gen:
                 # a request whose rows are all done is answered at once, not when the whole batch ends
-                r.on_done = (lambda j=j: self._answer(j, self._result(j))
-                             if all(x.finish for x in j.gen) and not j.future.done() else None)
-        stops = B.RowStops(gen_rows, self.tokenizer, self.eos)
+                r.on_done = (lambda root=root: self._answer(root, self._result(root))
+                             if all(x.finish for x in root.gen) and not root.future.done() else None)
+        stops = B.RowStops(gen_rows, self.tokenizer, self.eos, cut=self._cut if self.rejoin else None)
         self.model.generate(**batch, generation_config=config, logits_processor=processors,
                             stopping_criteria=StoppingCriteriaList([stops]))
-        return [self._result(j) for j in jobs]
+        if stops.cut_short:
+            self.waves_cut += 1
+            carried = []
+            for j in jobs:
+                root = j.root or j
+                left = [(x, r) for x, r in zip(root.rows, root.gen) if r.finish is None]
+                if left and not root.future.done():
+                    carried.append(_Job("generate", j.delta, [x for x, _ in left], root.future, root.t0,
+                                        [r for _, r in left], j.temperature, j.top_p, root=root))
+            with self._cv:
+                self._queue.extendleft(reversed(carried))   # first in the next wave, in their order
+                self._cv.notify_all()
+        return [self._result(j.root or j) if all(r.finish for r in (j.root or j).gen) else None for j in jobs]
+
+    def _cut(self, rows: list[B.Row]) -> bool:
+        """End the running wave now? When requests wait, at least a quarter of its rows are done
+        and some row has more than two tokens to go (resuming costs a prompt pass per row left)."""
+        done = sum(r.finish is not None for r in rows)
+        return bool(self._queue) and 4 * done >= len(rows) and \
+            max((r.max_tokens - len(r.ids) for r in rows if r.finish is None), default=0) > 2
 
     @staticmethod
     def _result(job: _Job) -> list[dict]:

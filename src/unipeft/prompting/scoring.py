@@ -144,6 +144,8 @@ def masked_word_logprobs(model, inputs: list[list[int]], words: list[list[int]],
     dev = _device(model)
     keys = []
     for x, w in zip(inputs, words):
+        if mask_id is None or mask_id not in x:
+            raise UnipeftError("a masked-LM input holds no mask token where the label goes")
         at = x.index(mask_id)
         keys.append((tuple(x[:at]) + (mask_id,) * len(w) + tuple(x[at + 1:]), at))
     uniq = list(dict.fromkeys(keys))

@@ -156,6 +156,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="a method option, e.g. r=16 or targets=q,k,v (repeatable)")
     p.add_argument("--out", help="run directory: delta/, run.json, results.json, log.jsonl, checkpoints/")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--head", choices=("auto", "verbalizer"), default="auto",
+                   help="verbalizer: prompt-based fine-tuning, the LM scores --verbalizer's words after --template "
+                        "(no new head; classification tasks, any method)")
+    p.add_argument("--template", help="--head verbalizer: e.g. '{text} It was {label}.' (\\n for a new line)")
+    p.add_argument("--verbalizer", help="--head verbalizer: label=word|word,label=word")
+    p.add_argument("--normalize", action="store_true", help="--head verbalizer: length-normalise multi-token words")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress: stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     p.add_argument("--no-test", dest="score_test", action="store_false", default=None,
@@ -169,6 +175,18 @@ def _public(results: dict) -> dict:
     return {k: v for k, v in results.items() if not k.startswith("_")}
 
 
+def _prompt_head(args):
+    """The PromptHead of --head verbalizer (None for the usual new head)."""
+    if args.head != "verbalizer":
+        if args.template or args.verbalizer:
+            raise UnipeftError("--template and --verbalizer need --head verbalizer")
+        return None
+    from ..prompting.head import PromptHead
+    from ..prompting.templates import unescape
+
+    return PromptHead.build(unescape(args.template) if args.template else None, args.verbalizer, args.normalize)
+
+
 def run_train(args) -> int:
     from .defaults import parse_method_options
     from . import run
@@ -179,7 +197,7 @@ def run_train(args) -> int:
     options = parse_method_options(args.method_option, [args.method])[args.method]
     results = run.train(args.model, args.task, args.method, out=args.out, method_options=options,
                         resume=args.resume, data=data_options(args), evaluate_test=score_test(args),
-                        **collect(args, TRAIN_FLAGS))
+                        head=_prompt_head(args), **collect(args, TRAIN_FLAGS))
     if not results["_main"]:
         return 0  # under several processes the main one reports
     results = _public(results)

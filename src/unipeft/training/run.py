@@ -124,8 +124,12 @@ def train_config(method_defaults: dict, overrides: dict) -> TrainConfig:
 
 def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora", *, out: str | os.PathLike | None = None,
           method_options: dict | None = None, resume: bool = False, data: dict | None = None,
-          name: str | None = None, evaluate_test: bool | None = None, accelerator=None, **settings) -> dict:
+          name: str | None = None, evaluate_test: bool | None = None, accelerator=None, head=None,
+          **settings) -> dict:
     """Train ``method`` on ``task`` from the base ``model``; returns the results dict (also saved under ``out``).
+
+    ``head``: a ``unipeft.prompting.head.PromptHead`` for prompt-based fine-tuning (the language model
+    scores the verbalizer's words after the template; no new classification head).
 
     ``evaluate_test``: score the test split at the end; None (the default) scores it for
     classification and regression (one forward pass per example) and skips it for generation
@@ -143,7 +147,10 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
     method_cfg, defaults = resolve(method, method_options)
     cfg = train_config(defaults.train_for(family_of(model)), settings)
     set_seed(cfg.seed)
-    base, tokenizer = load_model(model, dataset.task)
+    if head is None:
+        base, tokenizer = load_model(model, dataset.task)
+    else:  # prompt-based fine-tuning: a language model, the examples as the template's prompts
+        base, tokenizer, dataset = head.setup(model, dataset, cfg.max_length)
     delta_name = name or (dataset.task.name.replace(".", "_").replace(":", "_") or "task")
     net = up.attach(base, method_cfg, name=delta_name, tokenizer=tokenizer)
     trainable, total = up.trainable_parameters(net)
@@ -154,8 +161,10 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
         fileio.write_json(out_dir / "run.json", {
             "model": model, "task": _task_dict(dataset.task), "task_name": task, "data": data,
             "method": method, "method_config": method_cfg.to_dict(), "delta_name": delta_name,
-            "train": cfg.to_dict(), "source": dataset.source}, indent=2, default=str)
-    trainer = Trainer(net, tokenizer, dataset.task, dataset.splits["train"], dataset.splits.get("dev"), cfg, out_dir,
+            "train": cfg.to_dict(), "source": dataset.source, **({"head": head.to_dict()} if head else {})},
+            indent=2, default=str)
+    fit = net if head is None else head.wrap(net, tokenizer)
+    trainer = Trainer(fit, tokenizer, dataset.task, dataset.splits["train"], dataset.splits.get("dev"), cfg, out_dir,
                       accelerator=acc)
     summary = trainer.fit(resume=resume)
     up.finalize(net, delta_name)  # the delta's final form (DiffPruning's exact budget) is what is scored and saved
@@ -171,7 +180,7 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
         progress.note(f"test split not scored: {sources:,} sources to generate for (generation tasks skip it by "
                       f"default; --test scores it, --eval-max-examples N caps it)", trainer.main)
     if test and (evaluate_test or (evaluate_test is None and not gen)):
-        results["test"] = evaluate_split(net, dataset.task, test, tokenizer,
+        results["test"] = evaluate_split(fit, dataset.task, test, tokenizer,
                                          max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
                                          precision=trainer.precision, generation=gen,
                                          max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
@@ -200,10 +209,19 @@ def load_run(run_dir):
 
     info = _read_run(run_dir)
     task = Task(**info["task"])
-    base, tokenizer = load_model(info["model"], task)
+    head = None
+    if info.get("head"):  # prompt-based fine-tuning: the language model and its verbalizer
+        from ..prompting.head import PromptHead
+
+        head = PromptHead.from_dict(info["head"])
+        base, tokenizer = head.load(info["model"])
+    else:
+        base, tokenizer = load_model(info["model"], task)
     delta = Path(run_dir) / "delta"
     if not delta.is_dir():
         raise UnipeftError(f"{run_dir} has no trained delta yet (delta/ is missing): did the run finish?")
+    if head is not None:
+        return head.wrap(up.load(base, delta), tokenizer), tokenizer, task, info
     return up.load(base, delta), tokenizer, task, info
 
 
@@ -213,6 +231,8 @@ def evaluate(run_dir, split: str = "dev", *, data: dict | None = None, batch_siz
     model, tokenizer, task, info = load_run(run_dir)
     opts = {**info.get("data", {}), **(data or {})}
     dataset = data_mod.load_task(info.get("task_name"), **opts)
+    if info.get("head"):
+        dataset = model.prompt_head.prompt_dataset(dataset, tokenizer, info["train"]["max_length"])
     if split not in dataset.splits:
         raise UnipeftError(f"split {split!r} is not in this task's data; available: {choices(dataset.splits)}")
     train = info["train"]
@@ -239,6 +259,8 @@ def predict(run_dir, texts: list[str], pairs: list[str] | None = None, *, batch_
                         num_beams=num_beams or train["num_beams"], batch_size=batch_size)
     examples = [{"text": t, **({"text_pair": p} if task.pair else {}), "target": 0 if task.labels else 0.0}
                 for t, p in zip(texts, pairs or [None] * len(texts))]
+    if info.get("head"):
+        examples = model.prompt_head.prompts(examples, tokenizer, train["max_length"])
     enc = encode(task, examples, tokenizer, train["max_length"], prompts_only=True, cache_dir=None)
     precision = resolve_precision(train.get("precision", "auto"), next(model.parameters()).device)
     out = predict_ids(model, task, enc, tokenizer, batch_size, precision)

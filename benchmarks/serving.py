@@ -9,8 +9,10 @@ Part A: 32 closed-loop clients send requests spread over 50 deltas of mixed meth
   (2) a naive server: one worker that, per request, switches the active delta
       (``up.activate``) and runs a batch of one.
   Both hold every delta in memory before timing (no loading), use the same model, requests and
-  clients, and are driven in-process (no HTTP: the HTTP layer is the same for both and would
-  only add its own cost to each). Goal: engine throughput >= 5x the naive server's.
+  clients, and are driven in-process. With ``--http`` a third arm sends the engine's requests
+  through the real server (``unipeft.serving.app`` under uvicorn on loopback, one HTTP client
+  per client thread), and the report also gives that arm over the in-process naive server: a
+  conservative ratio, as the naive server is spared the HTTP cost. Goal: engine >= 5x naive.
 Part B: the engine's throughput with the requests spread over 5 deltas vs over 500 (the same
   method mix: LoRA, (IA)3, Pfeiffer adapter, BitFit, prompt tuning; every delta loaded before
   timing, so this measures routing over many deltas, not disk). Goal: within 10%.
@@ -169,6 +171,32 @@ def engine_submit(engine: Engine, generate: bool, max_tokens: int):
     return lambda d, x: engine.submit_classify(d, [x])
 
 
+def http_submit(url: str, generate: bool, max_tokens: int):
+    """Requests through the HTTP server: one keep-alive client per thread; a future per request
+    (resolved at once: the client threads are the concurrency)."""
+    import httpx
+
+    local = threading.local()
+
+    def submit(delta: str, x: str) -> concurrent.futures.Future:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(base_url=url, timeout=600)
+        if generate:
+            r = client.post("/v1/completions", json={"model": delta, "prompt": x, "max_tokens": max_tokens,
+                                                     "temperature": 0})
+        else:
+            r = client.post("/v1/classify", json={"model": delta, "input": [x]})
+        f = concurrent.futures.Future()
+        if r.status_code == 200:
+            f.set_result(r.json())
+        else:
+            f.set_exception(RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}"))
+        return f
+
+    return submit
+
+
 def work_for(names: list[str], n: int, generate: bool, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     xs = PROMPTS if generate else TEXTS
@@ -196,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=8, help="smollm2: tokens generated per request")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the engine's batching wait")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    p.add_argument("--http", action="store_true", help="part A: also the engine through the HTTP server")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -218,12 +247,21 @@ def main(argv=None) -> int:
         if "A" in parts:
             use = names[:args.deltas]
             warm(engine, use, generate)
-            naive_rates, engine_rates = [], []
+            naive_rates, engine_rates, http_rates = [], [], []
+            server = None
+            if args.http:
+                from unipeft.serving.app import create_app
+                from unipeft.serving.cli import Background
+
+                server = Background(create_app(engine, tmp))   # no admin key: loopback, no keys
+                via_http = http_submit(server.url, generate, args.max_tokens)
             for r in range(args.rounds):
                 work = work_for(use, args.requests, generate, seed=r)
                 b0, r0 = engine.batches, engine.batch_rows
                 engine_rates.append(drive(submit, work, args.clients))
                 fill = (engine.batch_rows - r0) / max(1, engine.batches - b0)
+                if server is not None:
+                    http_rates.append(drive(via_http, work, args.clients))
                 # the naive server gets the model to itself: the engine's deltas stay attached but off
                 with engine._model_lock:
                     naive = Naive(model, tok, tmp, use, generate, args.max_tokens)
@@ -233,10 +271,16 @@ def main(argv=None) -> int:
                     finally:
                         naive.stop()
                 print(f"A round {r}: engine {engine_rates[-1]:.1f} req/s ({fill:.1f} rows per batch), naive "
-                      f"{naive_rates[-1]:.1f} req/s", file=sys.stderr)
+                      f"{naive_rates[-1]:.1f} req/s" + (f", engine over HTTP {http_rates[-1]:.1f} req/s"
+                                                        if http_rates else ""), file=sys.stderr)
+            if server is not None:
+                server.stop()
             e, n = statistics.median(engine_rates), statistics.median(naive_rates)
             results["A"] = {"deltas": args.deltas, "engine_rps": engine_rates, "naive_rps": naive_rates,
                             "engine_median": e, "naive_median": n, "ratio": e / n}
+            if http_rates:
+                h = statistics.median(http_rates)
+                results["A"].update(http_rps=http_rates, http_median=h, http_ratio_over_naive=h / n)
         if "B" in parts:
             few, many = names[:args.few], names[:args.many]
             t = time.perf_counter()
@@ -262,6 +306,9 @@ def main(argv=None) -> int:
         print(f"\n| {args.model}, {args.clients} clients, {a['deltas']} deltas | requests/s |\n|---|---:|\n"
               f"| engine (batched, routed) | {a['engine_median']:.1f} |\n| naive (switch + batch of one) | "
               f"{a['naive_median']:.1f} |\n| ratio | {a['ratio']:.2f}x |")
+        if "http_median" in a:
+            print(f"| engine through HTTP | {a['http_median']:.1f} |\n| HTTP engine / in-process naive | "
+                  f"{a['http_ratio_over_naive']:.2f}x |")
     if "B" in results:
         b = results["B"]
         print(f"\n| deltas in use | requests/s |\n|---|---:|\n| {b['few']} | {b['few_median']:.1f} |\n"

@@ -3,14 +3,11 @@ deltas of mixed methods moved away from their initial values, and a live uvicorn
 free loopback port that stops by itself."""
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import torch
 
 import tiny
 import unipeft as up
+from unipeft.serving.cli import Background as Live, free_port  # noqa: F401  (the loopback server the tests drive)
 
 # methods that route per example, with small settings for the tiny models
 METHODS = {
@@ -55,31 +52,3 @@ def write_deltas(base_path: str, directory, names_methods: dict[str, str], seed:
         up.detach(model, name)
     return directory
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Live:
-    """A uvicorn server for ``app`` in a thread on a free loopback port; ``stop()`` ends it."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t = time.time()
-        while not self.server.started:
-            if time.time() - t > 30 or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import UnipeftError
@@ -120,3 +123,34 @@ def run_tenants(args) -> int:
     finally:
         store.close()
     return 0
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Background:
+    """A uvicorn server for ``app`` in a thread on a free loopback port (tests and benchmarks
+    drive the real HTTP stack with it); ``stop()`` ends it."""
+
+    def __init__(self, app, timeout: float = 30.0):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t = time.time()
+        while not self.server.started:
+            if time.time() - t > timeout or not self.thread.is_alive():
+                raise UnipeftError(f"the server did not start on {self.url} within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

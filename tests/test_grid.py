@@ -32,6 +32,7 @@ METHODS = {
     "p_tuning_lstm": lambda: up.PTuning(length=3, encoder="lstm", hidden=16),
     "p_tuning_mlp": lambda: up.PTuning(length=3, encoder="mlp", hidden=16),
     "p_tuning_v2": lambda: up.PTuning(version=2, length=3),
+    "pasta": lambda: up.PASTA(tokens=[13, 5]),  # ids that tiny.batch holds
     "adapter_drop_robust": lambda: up.AdapterDrop(n=1, robust=True, style="scaled_parallel", bottleneck=8),
     "intrinsic": lambda: up.Intrinsic(d=64),
     "intrinsic_said": lambda: up.Intrinsic(d=64, projection="dense", said=True),
@@ -45,7 +46,7 @@ METHODS = {
 NO_BIAS = {"llama", "t5"}  # no bias terms: BitFit adds zero-initialised ones (BiasDelta)
 EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full", "houlsby",
                  "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_plus", "adapter_bias"}
-EXACT_AT_INIT |= {"adapter_drop", "adapter_drop_robust"}
+EXACT_AT_INIT |= {"adapter_drop", "adapter_drop_robust", "pasta"}
 MERGEABLE = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full"}
 EXACT_AT_INIT |= {"intrinsic", "intrinsic_said"}  # theta_d starts at zero
 MERGEABLE |= {"intrinsic", "intrinsic_said"}

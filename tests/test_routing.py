@@ -33,6 +33,7 @@ ROUTABLE = {
     "adapter_drop": (lambda: up.AdapterDrop(n=1, bottleneck=8), lambda: up.AdapterDrop(n=0, robust=True, bottleneck=4)),
     "p_tuning": (lambda: up.PTuning(length=3, encoder="mlp", hidden=8), lambda: up.PTuning(length=2)),
     "p_tuning_v2": (lambda: up.PTuning(version=2, length=3), lambda: up.PTuning(version=2, length=5)),
+    "pasta": (lambda: up.PASTA(tokens=[13, 59, 42, 17, 40, 16, 86, 21]), lambda: up.PASTA(tokens=[5, 4], occurrences=2)),
     "intrinsic": (lambda: up.Intrinsic(d=64), lambda: up.Intrinsic(d=48, projection="sparse", said=True, seed=3)),
     "prompt": (lambda: up.PromptTuning(length=4, init="random"), lambda: up.PromptTuning(length=2, init="random")),
     "prefix": (lambda: up.PrefixTuning(length=3, reparam_hidden=16), lambda: up.PrefixTuning(length=5, reparam_hidden=0)),

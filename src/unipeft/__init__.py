@@ -31,6 +31,7 @@ from .methods.diff_pruning import DiffPruning  # noqa: E402
 from .sparse import finalize  # noqa: E402
 from .methods.adapter_drop import AdapterDrop, set_drop  # noqa: E402
 from .methods.p_tuning import PTuning  # noqa: E402
+from .methods.pasta import PASTA  # noqa: E402
 from .methods.intrinsic import Intrinsic  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
 from .routing import route  # noqa: E402
@@ -43,7 +44,7 @@ __all__ = [
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
     "SparseFT", "DiffPruning", "finalize",
-    "AdapterDrop", "set_drop", "PTuning",
+    "AdapterDrop", "set_drop", "PTuning", "PASTA",
     "Intrinsic",
     "export_peft", "import_peft", "train", "compare",
 ]

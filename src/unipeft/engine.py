@@ -38,6 +38,7 @@ class Delta:
     linear: dict[str, pos.LinearDelta] = dataclasses.field(default_factory=dict)   # site path -> delta
     attention: dict[str, pos.KVSource] = dataclasses.field(default_factory=dict)   # attention path -> source
     inputs: dict[str, object] = dataclasses.field(default_factory=dict)            # stack path -> prompt source
+    hidden: dict[str, object] = dataclasses.field(default_factory=dict)            # stack path -> chosen-token source
     module: nn.Module | None = None                                                # model-level parameters
     selected: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)    # param path -> original value
     trained: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)     # values while switched off
@@ -57,6 +58,7 @@ class Registry:
         self.deltas: dict[str, Delta] = {}
         self.active: list[str] = []
         self.input_sites: dict[str, pos.InputSite] = {}
+        self.hidden_sites: dict[str, pos.HiddenSite] = {}
         self.route = None  # the unipeft.routing.Route of an open up.route block
         self.map: ModelMap = map_model(model)
         # requires_grad of every base parameter before the first attach, restored when the last delta goes
@@ -109,6 +111,10 @@ class ModelView:
 
     def add_input(self, stack_path: str, source) -> None:
         self.delta.inputs[stack_path] = source
+
+    def add_hidden(self, stack_path: str, source) -> None:
+        """Vectors at the hidden states of chosen tokens, at every block of an input stack (PASTA)."""
+        self.delta.hidden[stack_path] = source
 
     def set_module(self, module: nn.Module) -> None:
         self.delta.module = module
@@ -343,6 +349,11 @@ def _place(model: nn.Module, reg: Registry, delta: Delta) -> None:
                     site = pos.InputSite(stack, embed, strip, dec)
                     reg.input_sites[path] = site
         site.sources[name] = src
+    for path, src in delta.hidden.items():
+        if path not in reg.hidden_sites:
+            stack, embed = next((s, e) for p, s, e, _, _ in input_stacks(model) if p == path)
+            reg.hidden_sites[path] = pos.HiddenSite(stack, embed, pos.blocks_under(model, reg.map, path))
+        reg.hidden_sites[path].sources[name] = src
 
 
 def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:
@@ -384,6 +395,14 @@ def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:
             if not site.sources:
                 site.remove()
                 del reg.input_sites[path]
+    for path in delta.hidden:
+        site = reg.hidden_sites.get(path)
+        if site is not None:
+            site.sources.pop(name, None)
+            site.refresh([n for n in reg.active if n != name])
+            if not site.sources:
+                site.remove()
+                del reg.hidden_sites[path]
 
 
 def detach(model: nn.Module, name: str) -> nn.Module:
@@ -474,6 +493,8 @@ def _refresh_sites(model: nn.Module, reg: Registry, changed: list[Delta] | None 
     for p in {p for d in changed for p in d.attention}:
         pos.attention_site(model.get_submodule(p)).refresh(reg.active)
     for site in reg.input_sites.values():
+        site.refresh(reg.active)
+    for site in reg.hidden_sites.values():
         site.refresh(reg.active)
 
 

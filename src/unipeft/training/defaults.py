@@ -93,6 +93,11 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "Liu et al. 2022 (P-Tuning v2) train deep prompts at 5e-3 to 1e-2 in their GLUE/SuperGLUE scripts; 5e-3 is "
         "also prefix tuning's screened rate here (screen_defaults.py: 5e-3 0.673, 2e-3 0.668, 1e-2 0.610). "
         "Not screened separately"),
+    "pasta": MethodDefaults(
+        "pasta", "PASTA (special-token vectors)", {}, {"lr": 1e-2},
+        "Yang et al. 2023 (PASTA): one vector per layer and special token, found from the tokenizer; vectors added "
+        "to hidden states, like (IA)3 and BitFit, whose screened rates here are 3e-2 and 2e-3 (screen_defaults.py); "
+        "1e-2 between them. Not screened separately"),
     "prefix": MethodDefaults(
         "prefix_tuning", "Prefix tuning", {"length": 10, "reparam_hidden": 512}, {"lr": 5e-3},
         "Li & Liang 2021: lr 5e-5..8e-5 for GPT-2 over 10 epochs with the MLP reparameterisation; "

@@ -473,7 +473,7 @@ def set_active(model: nn.Module, names: list[str]) -> None:
                         param(p).copy_(d.trained[p])
                 d.trained = {}
     reg.active = names
-    for d in changed:
+    for d in sorted(changed, key=lambda d: d.name in names):  # off first: sparse deltas share tensors
         on = d.name in names
         for p in d.parameters():
             p.requires_grad_(on and not d.merged)

@@ -9,6 +9,8 @@ small products. Variants (each on its own copy of the model, all in one process)
   peft-lora        peft LoraConfig(r, lora_alpha=2r, target_modules=<all linear>, lora_dropout=0)
   unipeft-lora     up.LoRA(r, alpha=2r, targets="all-linear"): the fused LoRALinear path
   unipeft-plain    the same delta with the fused path switched off (unipeft.fused.disabled())
+  unipeft-factored / unipeft-merged   the fused node forced onto one of its two paths
+                   (unipeft-lora chooses per call by the cost model, see unipeft/fused.py)
   peft-ia3 / unipeft-ia3           (IA)3 with each library's defaults (k, v, FFN output)
   unipeft-adapter  a Pfeiffer bottleneck adapter (bottleneck 64) after every FFN
 
@@ -49,7 +51,9 @@ import torch  # noqa: E402
 from bench_lora_minilm import run_interleaved, stats  # noqa: E402  (shared timing methodology)
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("limit", "peft-lora", "unipeft-lora", "unipeft-plain", "peft-ia3", "unipeft-ia3", "unipeft-adapter")
+VARIANTS = ("limit", "peft-lora", "unipeft-lora", "unipeft-plain", "peft-ia3", "unipeft-ia3", "unipeft-adapter",
+            "unipeft-factored", "unipeft-merged")
+DEFAULT_VARIANTS = VARIANTS[:7]
 PEFT_TARGETS = {"all-linear": "all-linear", "q,v": {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}}
 
 
@@ -57,7 +61,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("smollm2", "minilm"), default="smollm2")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--targets", choices=tuple(PEFT_TARGETS), default="all-linear")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -129,13 +133,15 @@ def build(name: str, base, args):
         else:
             cfg = peft.IA3Config(task_type=task)
         return peft.get_peft_model(model, cfg), True, ctx
-    if name in ("unipeft-lora", "unipeft-plain"):
+    if name in ("unipeft-lora", "unipeft-plain", "unipeft-factored", "unipeft-merged"):
+        from unipeft import fused
+
         targets = "all-linear" if args.targets == "all-linear" else ("q", "v")
         up.attach(model, up.LoRA(r=args.r, alpha=2 * args.r, targets=targets))
         if name == "unipeft-plain":
-            from unipeft import fused
-
             ctx = fused.disabled
+        elif name != "unipeft-lora":
+            ctx = lambda: fused.lora_path(name.split("-")[1])  # noqa: E731
         return model, True, ctx
     if name == "unipeft-ia3":
         return up.attach(model, up.IA3()), True, ctx

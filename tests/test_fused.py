@@ -33,8 +33,17 @@ def _run(model, family, plain: bool, autocast=False):
     return out.detach().float(), grads
 
 
+PATHS = ["factored", "merged"]  # the fused node's two ways (fused.lora_path forces one; default: by cost)
+
+
+@pytest.fixture(params=PATHS)
+def lora_path(request):
+    with fused.lora_path(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "t5"])
-def test_fused_lora_matches_plain_path(family):
+def test_fused_lora_matches_plain_path(family, lora_path):
     model = _scrambled(family, up.LoRA(r=4, alpha=8, targets="all-linear")).eval()
     out_f, g_f = _run(model, family, plain=False)
     out_p, g_p = _run(model, family, plain=True)
@@ -44,7 +53,7 @@ def test_fused_lora_matches_plain_path(family):
         torch.testing.assert_close(g_f[n], g_p[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_fused_lora_matches_plain_path_under_bf16_autocast():
+def test_fused_lora_matches_plain_path_under_bf16_autocast(lora_path):
     model = _scrambled("llama", up.LoRA(r=4, alpha=8, targets="all-linear")).eval()
     out_f, g_f = _run(model, "llama", plain=False, autocast=True)
     out_p, g_p = _run(model, "llama", plain=True, autocast=True)
@@ -71,7 +80,7 @@ def test_fused_path_is_taken_only_where_it_applies():
     assert type(q2(x).grad_fn).__name__ != LoRALinear.__name__ + "Backward"
 
 
-def test_fused_lora_trains_under_gradient_checkpointing():
+def test_fused_lora_trains_under_gradient_checkpointing(lora_path):
     model = _scrambled("llama", up.LoRA(r=4, targets="all-linear")).train()
     model.config.use_cache = False
     out_plain, g_plain = _run(model, "llama", plain=True)
@@ -89,7 +98,7 @@ def test_plain_switch_restores_previous_state():
     assert fused.enabled()
 
 
-def test_maps_reading_one_input_share_one_node():
+def test_maps_reading_one_input_share_one_node(lora_path):
     """Llama: q, k, v share one LoRALinear node, gate and up another; o and down are alone."""
     from unipeft.methods import lora
 
@@ -109,7 +118,7 @@ def test_maps_reading_one_input_share_one_node():
     assert sorted(calls) == sorted([3, 1, 2, 1] * 2)  # per layer: qkv, o, gate+up, down
 
 
-def test_shared_input_group_is_right_when_inputs_differ_or_parameters_change():
+def test_shared_input_group_is_right_when_inputs_differ_or_parameters_change(lora_path):
     model = _scrambled("llama", up.LoRA(r=4, targets=("q", "k", "v"))).train()
     attn = model.model.layers[0].self_attn
     x1 = torch.randn(2, 3, 32, requires_grad=True)
@@ -129,3 +138,33 @@ def test_shared_input_group_is_right_when_inputs_differ_or_parameters_change():
     torch.testing.assert_close(attn.v_proj(x1), reference(attn.v_proj, x1))  # kept output, still right
     y.sum().backward()                 # only q's output is used: the others send no gradient
     assert x1.grad is not None and torch.isfinite(x1.grad).all()
+
+
+def test_the_cost_model_picks_merged_for_many_tokens_and_factored_for_few():
+    """Generation and short calls keep the factored path; a training batch of many tokens over a
+    narrow layer forms W_eff; the setting forces either."""
+    layer = [(576, 576, 16)]
+    assert not fused.lora_merged_is_cheaper(1, layer)        # a generation step
+    assert not fused.lora_merged_is_cheaper(64, layer)
+    assert fused.lora_merged_is_cheaper(8 * 512, layer)
+    with fused.lora_path("merged"):
+        assert fused.lora_merged_is_cheaper(1, layer)
+    with fused.lora_path("factored"):
+        assert not fused.lora_merged_is_cheaper(10 ** 6, layer)
+    with pytest.raises(ValueError, match="factored"):
+        with fused.lora_path("fast"):
+            pass
+
+
+def test_merged_path_is_taken_and_keeps_no_copy_of_the_weight():
+    """The merged node saves x, t and references only: no tensor the size of W beyond W itself."""
+    model = _scrambled("llama", up.LoRA(r=4, targets=("o",))).train()
+    o = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    for path in PATHS:
+        with fused.lora_path(path):
+            y = o(x)
+        assert y.grad_fn.merged == (path == "merged")
+        saved = y.grad_fn.saved_tensors
+        assert sum(t.data_ptr() == o.weight.data_ptr() for t in saved) == 1   # W itself, by reference
+        assert not any(t.shape == o.weight.shape and t.data_ptr() != o.weight.data_ptr() for t in saved)

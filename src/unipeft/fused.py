@@ -7,6 +7,19 @@ that compare the two: ``UNIPEFT_FUSED=0`` in the environment, or::
 
     with unipeft.fused.disabled():
         loss = model(**batch).loss
+
+The fused LoRA node has two ways to compute the same thing (issue 23), chosen per call by
+``lora_merged_is_cheaper`` from the call's shape:
+
+  factored   y = x W^T + s (x A^T) B^T; grad_x = g W + s (g B) A: four skinny rank-r products
+             (cheap when the call has few tokens compared with the layer's width: generation,
+             short sequences);
+  merged     y = x W_eff^T with W_eff = W + s B A, formed in the forward and formed again in the
+             backward (never kept: no extra copy of W lives through the backward); grad_x = g W_eff.
+             Two rank-r products of the layer's size replace two of the tokens' size.
+
+``UNIPEFT_LORA_PATH=factored|merged`` (or ``with lora_path("merged"):``) forces one, for tests
+and benchmarks; the default ``auto`` uses the cost model.
 """
 from __future__ import annotations
 
@@ -14,6 +27,14 @@ import contextlib
 import os
 
 _enabled = os.environ.get("UNIPEFT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+LORA_PATHS = ("auto", "factored", "merged")
+_lora_path = os.environ.get("UNIPEFT_LORA_PATH", "auto").strip().lower()
+if _lora_path not in LORA_PATHS:
+    raise ValueError(f"UNIPEFT_LORA_PATH={_lora_path!r}: valid values are {', '.join(LORA_PATHS)}")
+# The merged path pays two products of the layer's size (out x r x in) to save two of the tokens'
+# size (tokens x r x (in + out)); it is taken when the saving is at least this many times the cost.
+# Calibrated with benchmarks/lora_compute_limit.py --lora-path (see benchmarks/README.md).
+MERGED_BREAK_EVEN = 1.0
 
 
 def enabled() -> bool:
@@ -34,3 +55,26 @@ def disabled():
         yield
     finally:
         _enabled = before
+
+
+@contextlib.contextmanager
+def lora_path(mode: str):
+    """Force the fused LoRA node's path inside the block: "factored", "merged" or "auto"."""
+    global _lora_path
+    if mode not in LORA_PATHS:
+        raise ValueError(f"lora_path({mode!r}): valid values are {', '.join(LORA_PATHS)}")
+    before, _lora_path = _lora_path, mode
+    try:
+        yield
+    finally:
+        _lora_path = before
+
+
+def lora_merged_is_cheaper(tokens: int, shapes: list[tuple[int, int, int]]) -> bool:
+    """Whether the fused LoRA node should form W_eff = W + s B A for a call with ``tokens`` rows
+    over maps of ``shapes`` [(out, in, r), ...] (see the module docstring)."""
+    if _lora_path != "auto":
+        return _lora_path == "merged"
+    saved = tokens * sum(r * (o + i) for o, i, r in shapes)      # x A^T B^T's second product and (g B) A
+    paid = 2 * sum(o * i * r for o, i, r in shapes)             # W + s B A, in the forward and the backward
+    return saved >= MERGED_BREAK_EVEN * paid

@@ -241,6 +241,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _effective_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dt) -> torch.Tensor:
+    """W + s B A in the compute dtype ``dt``, summed in float32 or wider and rounded once (a bf16 sum
+    would round the small LoRA term away against W's larger entries)."""
+    wide = torch.promote_types(w.dtype, torch.float32)
+    return torch.addmm(w.to(wide), b.to(wide), a.to(wide), alpha=scale).to(dt)
+
+
 class SharedInput:
     """LoRA maps that read the same input tensor (q, k, v of one attention; gate and up of one FFN).
 
@@ -295,6 +302,11 @@ class LoRALinear(torch.autograd.Function):
     x (in the compute dtype, as autocast would keep it), t = x [A]^T (rank sum_i r_i, small),
     and references to the weights. Under autocast the products run in the autocast dtype and
     the parameters' gradients come back in theirs.
+
+    With many tokens per call the node takes the *merged* path instead (``fused.lora_merged_is_cheaper``):
+    y_i = x W_eff,i^T + b_i with W_eff,i = W_i + s_i B_i A_i, formed in float32 and rounded once to the
+    compute dtype, and formed again in the backward for grad_x = sum_i g_i W_eff,i (so no copy of a
+    weight outlives the forward). The gradients of A and B are the same products in both paths.
     """
 
     @staticmethod
@@ -305,16 +317,24 @@ class LoRALinear(torch.autograd.Function):
         x2 = x.to(dt).reshape(-1, x.shape[-1])
         A = As[0] if n == 1 else torch.cat(As)                          # (sum r, k)
         t = x2 @ A.to(dt).t()                                           # (N, sum r)
-        outs, lo, cast = [], 0, []
-        for w, b, B, s in zip(weights, biases, Bs, scales):
+        merged = fused.lora_merged_is_cheaper(x2.shape[0], [(w.shape[0], w.shape[1], B.shape[1])
+                                                             for w, B in zip(weights, Bs)])
+        outs, lo, kept = [], 0, []
+        for w, b, a, B, s in zip(weights, biases, As, Bs, scales):
             r = B.shape[1]
-            wc = w.to(dt)  # under autocast a bf16 copy, kept for the backward as autocast would keep it
-            cast.append(wc)
-            y = F.linear(x2, wc, None if b is None else b.to(dt))
-            y.addmm_(t[:, lo:lo + r], B.to(dt).t(), alpha=s)
+            bias = None if b is None else b.to(dt)
+            if merged:
+                y = F.linear(x2, _effective_weight(w, a, B, s, dt), bias)
+                kept.append(w)  # a reference: W_eff is formed again in the backward
+            else:
+                wc = w.to(dt)  # under autocast a bf16 copy, kept for the backward as autocast would keep it
+                kept.append(wc)
+                y = F.linear(x2, wc, bias)
+                y.addmm_(t[:, lo:lo + r], B.to(dt).t(), alpha=s)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             lo += r
-        ctx.save_for_backward(x2, t, A, *cast, *Bs)
+        ctx.save_for_backward(x2, t, A, *kept, *Bs)
+        ctx.merged = merged
         ctx.scales, ctx.x_dtype, ctx.x_shape, ctx.ranks = scales, x.dtype, x.shape, [B.shape[1] for B in Bs]
         ctx.A_dtypes = [a.dtype for a in As]
         ctx.set_materialize_grads(False)  # a member whose output was never used sends no gradient
@@ -336,10 +356,16 @@ class LoRALinear(torch.autograd.Function):
                         else (g @ B.to(dt)).mul_(s) for g, B, s, r in zip(gs, Bs, ctx.scales, ctx.ranks)], dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gs[live[0]] @ weights[live[0]]
-            for i in live[1:]:
-                grad_x.addmm_(gs[i], weights[i])
-            grad_x.addmm_(gt, A.to(dt))
+            if ctx.merged:  # sum_i g_i W_eff,i, W_eff formed again (one at a time: one extra weight alive)
+                parts = A.split(ctx.ranks)
+                for k, i in enumerate(live):
+                    w_eff = _effective_weight(weights[i], parts[i], Bs[i], ctx.scales[i], dt)
+                    grad_x = gs[i] @ w_eff if k == 0 else grad_x.addmm_(gs[i], w_eff)
+            else:
+                grad_x = gs[live[0]] @ weights[live[0]]
+                for i in live[1:]:
+                    grad_x.addmm_(gs[i], weights[i])
+                grad_x.addmm_(gt, A.to(dt))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         grad_As, grad_Bs = [None] * n, [None] * n
         if any(ctx.needs_input_grad[2 + 2 * n:2 + 3 * n]):

@@ -144,9 +144,11 @@ def _check_routable(model: nn.Module, reg, order: list[str]) -> None:
     for name in order:
         delta = reg.deltas[name]
         if getattr(type(delta.config), "routable", True) is False:  # sparse deltas (SparseFT, DiffPruning)
+            why = getattr(type(delta.config), "route_refusal", None) or (  # NewTokens says why it cannot
+                "changes entries of the base model's weights in place; routing it per example would need a copy "
+                "of those weights for every row")
             raise UnipeftError(
-                f"up.route: delta {name!r} ({delta.config.kind}) changes entries of the base model's weights in "
-                f"place; routing it per example would need a copy of those weights for every row. "
+                f"up.route: delta {name!r} ({delta.config.kind}) {why}. "
                 f"Methods that route: LoRA, adapters, (IA)3, prompt tuning, prefix tuning, BitFit")
         for param in delta.selected:
             if _bias_module(model, param) is None:

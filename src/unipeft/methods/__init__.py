@@ -15,6 +15,7 @@ from .full import FullFineTune
 from .ia3 import IA3
 from .intrinsic import Intrinsic
 from .lora import LoRA
+from .new_tokens import NewTokens
 from .p_tuning import PTuning
 from .pasta import PASTA
 from .prefix_tuning import PrefixTuning
@@ -22,4 +23,4 @@ from .prompt_tuning import PromptTuning
 from .sparse_ft import SparseFT
 from .diff_pruning import DiffPruning
 
-__all__ = ["PASTA", "DiffPruning", "PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["PASTA", "NewTokens", "DiffPruning", "PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -222,7 +222,7 @@ def load_run(run_dir):
         raise UnipeftError(f"{run_dir} has no trained delta yet (delta/ is missing): did the run finish?")
     if head is not None:
         return head.wrap(up.load(base, delta), tokenizer), tokenizer, task, info
-    return up.load(base, delta), tokenizer, task, info
+    return up.load(base, delta, tokenizer=tokenizer), tokenizer, task, info  # NewTokens extends the tokenizer
 
 
 def evaluate(run_dir, split: str = "dev", *, data: dict | None = None, batch_size: int = 64,

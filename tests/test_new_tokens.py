@@ -1,0 +1,272 @@
+"""Trainable new tokens (up.NewTokens): BPE-learned domain words, new embedding rows only, a small
+delta with its tokens, the tokenizer extended on attach and on load, tied output rows, combination
+with a task delta, the training recipe, and bad input.
+
+The contract grid's rows do not fit this method (its batches hold no new token, so nothing would
+train, and a tied LM head's logits grow by the new tokens): the same promises are checked here on
+every family."""
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+import tiny
+import unipeft as up
+from unipeft.methods.new_tokens import InputRows, OutputRows, learn_tokens
+
+DOMAIN = ["the enzyme kinase binds the protein", "protein kinase enzyme assay", "the assay was good",
+          "kinase protein enzyme binds", "a protein assay"] * 3
+NEW = ("enzyme", "kinase", "protein", "assay", "binds")
+
+
+def base_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def subword_tokenizer():
+    """A small BPE tokenizer trained on general text (no download): domain words come out in pieces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    general = ["the movie was good and the plot was fine", "a film is a story", "it was really quite nice",
+               "the price is high near the centre", "pro tein kin ase en zy me as say bin ds"] * 4
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(general, trainers.BpeTrainer(vocab_size=90, special_tokens=["[PAD]", "[UNK]"],
+                                                         show_progress=False))
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def gpt2_for(tok):
+    """A tiny GPT-2 whose vocabulary is exactly the tokenizer's (new ids lie past the embedding)."""
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+    return tf.GPT2LMHeadModel._from_config(cfg).eval()
+
+
+def test_learn_tokens_keeps_whole_domain_words_the_tokenizer_lacks():
+    tok = tiny.tokenizer("bert")
+    words = learn_tokens(DOMAIN, tok, count=10)
+    assert set(words) == set(NEW)  # 'the', 'good', 'was', 'a' are known; pieces of words are not words
+    assert learn_tokens(DOMAIN, tok, count=2) == words[:2]  # merge order: the first merges first
+    assert learn_tokens(DOMAIN, tok, count=10, min_frequency=100) == []
+
+
+def test_subword_base_rows_start_at_the_mean_of_the_pieces():
+    tok = subword_tokenizer()
+    pieces = {w: tok(w, add_special_tokens=False)["input_ids"] for w in NEW}
+    assert all(len(p) > 1 for p in pieces.values())  # the base cuts each domain word
+    model = gpt2_for(tok)
+    E = model.get_input_embeddings().weight.detach().clone()
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=10), name="tok", tokenizer=tok)
+    cfg = up.deltas(model)["tok"]
+    assert cfg.corpus is None and cfg.first_id == E.shape[0] and set(cfg.tokens) == set(NEW)
+    rows = up.engine.registry(model).deltas["tok"].module.rows
+    for i, w in enumerate(cfg.tokens):
+        assert tok.convert_tokens_to_ids(w) == cfg.first_id + i
+        torch.testing.assert_close(rows[i], E[pieces[w]].mean(0))
+    # the text now encodes to one id per domain word (whole words only: 'proteins' stays in pieces)
+    ids = tok("the protein kinase", add_special_tokens=False)["input_ids"]
+    assert ids[1:] == [tok.convert_tokens_to_ids("protein"), tok.convert_tokens_to_ids("kinase")]
+
+
+def test_tied_lm_head_predicts_the_new_tokens_with_the_same_rows():
+    tok = subword_tokenizer()
+    model = gpt2_for(tok)
+    V = model.config.vocab_size
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=10), name="tok", tokenizer=tok)
+    rows = up.engine.registry(model).deltas["tok"].module.rows
+    ids = torch.tensor([tok("the protein kinase binds", add_special_tokens=False)["input_ids"]])
+    assert ids.max() >= V  # new ids lie past the base embedding: never looked up in it
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    assert out.logits.shape[-1] == V + len(NEW)
+    h = out.hidden_states[-1]
+    torch.testing.assert_close(out.logits[..., V:], h @ rows.T)
+    # trained through the logits (a loss over the extended vocabulary), the input rows move too
+    logits = model(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+    assert up.trainable_parameters(model)[0] == len(NEW) * 32
+    assert model.get_input_embeddings().weight.shape[0] == V  # nothing resized
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_only_the_new_rows_train_and_detach_restores_the_base(family):
+    tok, model = tiny.tokenizer(family), tiny.make(family)
+    before = base_state(model)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    x = tiny.batch(family)
+    first = len(tok)  # the tiny models' vocabulary (96) is padded past the tokenizer's 73 tokens
+    for k in ("input_ids", "decoder_input_ids"):
+        if k in x:
+            x[k] = torch.where(x[k] >= first, x[k] - 30, x[k])  # base tokens only
+    with torch.no_grad():
+        base = unchanged = tiny.logits(model, x)
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=5), name="tok", tokenizer=tok)
+    delta = up.engine.registry(model).deltas["tok"]
+    assert isinstance(next(iter(delta.linear.values())), InputRows)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= {"unipeft_modules.tok.rows", "unipeft_modules.tok.bias"} and trainable
+    with torch.no_grad():  # rows of the base vocabulary are untouched: the batch (old ids) sees the base
+        out = tiny.logits(model, x)
+        assert out.shape == base.shape  # the new ids fill the padded vocabulary's unused columns
+        if out.dim() == 3:  # an LM head tied to the embeddings: columns first .. first + 4 are the new tokens'
+            out, base = torch.cat([out[..., :first], out[..., first + 5:]], -1), \
+                torch.cat([base[..., :first], base[..., first + 5:]], -1)
+        assert torch.equal(out, base)
+    enc = tok(["the protein kinase binds the enzyme"], return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if family in ("t5", "bart"):
+        batch["decoder_input_ids"] = enc["input_ids"][:, :4]
+    rows = delta.module.rows
+    start = rows.detach().clone()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        tiny.logits(model, batch).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(rows.detach(), start)
+    for n, p in model.named_parameters():
+        if "unipeft_" not in n:
+            assert torch.equal(p, before[n]), n
+    up.detach(model, "tok")
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    with torch.no_grad():
+        assert torch.equal(tiny.logits(model, x), unchanged)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "bart"])
+def test_save_holds_rows_and_tokens_and_load_extends_a_fresh_tokenizer(family, tmp_path):
+    tok, model = tiny.tokenizer(family), tiny.make(family)
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=5), name="tok", tokenizer=tok)
+    with torch.no_grad():
+        up.engine.registry(model).deltas["tok"].module.rows.normal_()
+    enc = tok(["the protein kinase binds the enzyme"], return_tensors="pt")
+    batch = dict(enc)
+    batch.pop("token_type_ids", None)
+    if family == "bart":
+        batch["decoder_input_ids"] = enc["input_ids"][:, :4]
+    with torch.no_grad():
+        expected = tiny.logits(model, batch)
+    target = up.save(model, tmp_path / "d", name="tok")
+    meta = json.loads((target / "delta.json").read_text())
+    opts = meta["method"]["options"]
+    assert opts["corpus"] is None and tuple(opts["tokens"]) == up.deltas(model)["tok"].tokens
+    assert set(meta["tensors"]) <= {"model:rows", "model:bias"}
+    assert meta["tensors"]["model:rows"]["shape"] == [5, 32]  # n new rows, never the V x H matrix
+    assert (target / "delta.safetensors").stat().st_size < 5 * 32 * 4 + 5 * 4 + 400
+    fresh_tok, fresh = tiny.tokenizer(family), tiny.make(family)
+    up.load(fresh, target, tokenizer=fresh_tok)
+    assert fresh_tok.get_vocab() == tok.get_vocab()
+    assert fresh_tok(["the protein kinase binds the enzyme"])["input_ids"] == enc["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.equal(tiny.logits(fresh, batch), expected)
+    # without a tokenizer the delta loads; up.extend_tokenizer gives any tokenizer the tokens later
+    later, bare = tiny.tokenizer(family), tiny.make(family)
+    up.load(bare, target)
+    assert up.extend_tokenizer(later, target).get_vocab() == tok.get_vocab()
+    other = tiny.tokenizer(family)
+    assert up.extend_tokenizer(other, bare).get_vocab() == tok.get_vocab()
+    up.extend_tokenizer(other, bare)  # already extended: a no-op
+
+
+def test_two_deltas_new_tokens_and_a_task_lora_active_together(tmp_path):
+    tok, model = tiny.tokenizer("bert"), tiny.make("bert")
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=5), name="tok", tokenizer=tok)
+    up.attach(model, up.LoRA(r=2, init="gaussian"), name="task")
+    up.activate(model, ["tok", "task"])
+    enc = tok(["the protein kinase binds", "a good movie"], return_tensors="pt", padding=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and "unipeft_modules" in n}
+    assert names == {"tok"} and len(params) > 2  # the rows, the LoRA factors and the task head
+    loss = torch.nn.functional.cross_entropy(model(**enc).logits, torch.tensor([1, 0]))
+    loss.backward()
+    rows = up.engine.registry(model).deltas["tok"].module.rows
+    lora_b = [p for n, p in model.named_parameters() if "lora" in n.lower() or "unipeft_deltas.task" in n]
+    assert rows.grad.abs().sum() > 0 and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    with torch.no_grad():
+        both = model(**enc).logits
+    up.save(model, tmp_path / "tok", name="tok")
+    up.save(model, tmp_path / "task", name="task")
+    fresh_tok, fresh = tiny.tokenizer("bert"), tiny.make("bert")
+    up.load(fresh, tmp_path / "tok", tokenizer=fresh_tok)
+    up.load(fresh, tmp_path / "task")
+    up.activate(fresh, ["tok", "task"])
+    with torch.no_grad():
+        assert torch.equal(fresh(**fresh_tok(["the protein kinase binds", "a good movie"], return_tensors="pt",
+                                             padding=True)).logits, both)
+
+
+def test_route_names_new_tokens_in_a_clear_error():
+    tok, model = tiny.tokenizer("gpt2"), tiny.make("gpt2")
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=3), name="tok", tokenizer=tok)
+    with pytest.raises(up.UnipeftError, match=r"delta 'tok' \(new_tokens\) adds tokens to the vocabulary"):
+        with up.route(model, ["tok", None]):
+            pass
+
+
+def test_unipeft_train_with_new_tokens_and_predict_with_the_extended_tokenizer(tmp_path):
+    from unipeft.training import run
+
+    folder = tiny.save(tmp_path / "bert", "bert", "cls")
+    rows = [(t.replace("good", "good enzyme").replace("bad", "bad kinase"), ["neg", "pos"][y])
+            for t, y in tiny.sentiment_rows(60)]
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:50]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[50:])}
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text("\n".join(DOMAIN))
+    res = run.train(folder, "sent", "new_tokens", out=tmp_path / "run", data=data, max_steps=3, batch_size=8,
+                    method_options={"corpus": str(corpus), "count": 5, "train_head": True}, progress=False,
+                    precision="fp32", evaluate_test=False)
+    assert res["trainable_params"] == 5 * 32 + (32 * 2 + 2)
+    saved = json.loads((tmp_path / "run" / "delta" / "delta.json").read_text())["method"]["options"]
+    assert saved["corpus"] is None and len(saved["tokens"]) == 5
+    model, tokenizer, _, _ = run.load_run(tmp_path / "run")
+    assert len(tokenizer) == saved["first_id"] + 5  # unipeft eval / predict encode with the new tokens
+    assert len(run.predict(tmp_path / "run", ["a good enzyme movie", "a bad kinase film"])) == 2
+
+
+@pytest.mark.parametrize("corpus,match", [
+    ([], "the corpus is empty"),
+    (["", "   "], "the corpus is empty"),
+    ("/nonexistent/domain.txt", "is not a file"),
+    (42, "corpus must be a text file path or a list of strings"),
+])
+def test_bad_corpus_one_line_error(corpus, match):
+    with pytest.raises(up.UnipeftError, match=match) as e:
+        up.NewTokens(corpus=corpus)
+    assert "\n" not in str(e.value)
+
+
+def test_empty_corpus_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(up.UnipeftError, match="the corpus is empty"):
+        up.NewTokens(corpus=str(tmp_path / "empty.txt"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"corpus": DOMAIN, "count": 0}, "count must be an integer >= 1"),
+    ({"tokens": ["a", "a"], "first_id": 5}, "tokens must be a list of distinct non-empty strings"),
+    ({"tokens": ["alpha"]}, "first_id must be an integer >= 0"),
+    ({"corpus": DOMAIN, "first_id": 3}, "first_id comes with tokens"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(up.UnipeftError, match=match):
+        up.NewTokens(**kwargs)
+
+
+def test_attach_errors_leave_model_and_tokenizer_unchanged():
+    tok, model = tiny.tokenizer("gpt2"), tiny.make("gpt2")
+    vocab = tok.get_vocab()
+    before = base_state(model)
+    with pytest.raises(up.UnipeftError, match="needs the tokenizer they extend"):
+        up.attach(model, up.NewTokens(corpus=DOMAIN), name="tok")
+    with pytest.raises(up.UnipeftError, match="no word .* that the tokenizer lacks"):
+        up.attach(model, up.NewTokens(corpus=["the movie was good"] * 3), name="tok", tokenizer=tok)
+    with pytest.raises(up.UnipeftError, match="past the 96 rows of the model's embeddings"):
+        up.attach(model, up.NewTokens(tokens=["alpha"], first_id=200), name="tok", tokenizer=tok)
+    assert up.engine.registry(model) is None and tok.get_vocab() == vocab
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    assert not any(isinstance(m, (InputRows, OutputRows)) for m in model.modules())

@@ -42,12 +42,18 @@ METHODS = {
     "bitfit": lambda: up.BitFit(),
     "freeze": lambda: up.Freeze(train_last=1),
     "full": lambda: up.FullFineTune(),
+    "sparse_ft": lambda: up.SparseFT(select="magnitude", density=0.05),
+    "lt_sft": lambda: up.SparseFT(select="lt-sft", density=0.05, select_after=1),
+    "diff_pruning": lambda: up.DiffPruning(sparsity=0.9),
 }
 NO_BIAS = {"llama", "t5"}  # no bias terms: BitFit adds zero-initialised ones (BiasDelta)
 EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full", "houlsby",
                  "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_plus", "adapter_bias"}
 EXACT_AT_INIT |= {"adapter_drop", "adapter_drop_robust", "pasta"}
 MERGEABLE = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full"}
+EXACT_AT_INIT |= {"sparse_ft", "lt_sft", "diff_pruning"}  # zero values, zero diffs
+MERGEABLE |= {"sparse_ft", "lt_sft", "diff_pruning"}
+FINALIZED_BY_SAVE = {"diff_pruning"}  # up.save projects it to its exact budget in the live model too
 EXACT_AT_INIT |= {"intrinsic", "intrinsic_said"}  # theta_d starts at zero
 MERGEABLE |= {"intrinsic", "intrinsic_said"}
 
@@ -186,6 +192,8 @@ def test_save_fresh_base_load(family, method, tmp_path):
     train_steps(model, x, steps=2)
     expected = run(model, x)
     target = up.save(model, tmp_path / "d", name="t")
+    if method in FINALIZED_BY_SAVE:
+        expected = run(model, x)
     meta = json.loads((target / "delta.json").read_text())
     assert meta["library_version"] == up.__version__
     assert meta["method"]["kind"] == METHODS[method]().kind

@@ -14,12 +14,13 @@ in place, keep the pretrained values for detach) instead of adding a parallel pa
 * the tensor in memory is always ``original + the values of each active sparse delta``
   (``compose``), recomputed from the kept original, so switching a delta off or detaching it
   leaves the others bit-exact;
-* training changes the tensor in place; ``sync`` moves that change back into the values (an
-  entry's change goes to the last active delta whose mask holds it) and ``compose`` writes the
-  tensor again from them, so what ``up.save`` writes is exactly the model in memory;
+* training changes the tensor in place; after each optimizer step ``SparseController`` moves
+  that change into the values (``settle``: an entry's change goes to the last active delta whose
+  mask holds it, a change outside every mask, such as AdamW's decoupled weight decay, is
+  dropped) and writes the tensor again from them, so what ``up.save`` writes is exactly the
+  model in memory, bit for bit;
 * a tensor hook zeroes gradients outside the active masks (so gradient clipping sees only what
-  trains), and after each optimizer step ``SparseController`` puts back the entries outside
-  them (AdamW's decoupled weight decay moves every entry, whatever its gradient). When a mask is
+  trains). When a mask is
   chosen from a training signal (LT-SFT, movement, FISH), the same controller does it at step
   ``select_after`` of any training loop (``step_hooks``).
 
@@ -93,13 +94,13 @@ def _composed(reg, p: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sync(model: nn.Module, reg) -> None:
-    """Move what training did to the tensors into the values of the active sparse deltas."""
-    live = [d for d in (reg.deltas[n] for n in reg.active) if d.sparse is not None and not d.merged]
-    for p in dict.fromkeys(p for d in live for p in d.sparse.values):
-        rest = model.get_parameter(p).detach().reshape(-1) - _composed(reg, p)
-        if not rest.any():
-            continue
+def settle(model: nn.Module, reg, p: str) -> None:
+    """Move what training did to tensor ``p`` into the values of the active sparse deltas on it (an
+    entry's change goes to the last of them whose mask holds it; a change outside every mask is
+    dropped), then write ``p`` again as original + those values, so memory is what a file holds."""
+    param = model.get_parameter(p)
+    rest = param.detach().reshape(-1) - _composed(reg, p)
+    if rest.any():
         for d in reversed([d for d in _on(reg, p) if not d.merged]):
             idx = d.sparse.indices[p]
             if idx is None:
@@ -107,6 +108,15 @@ def sync(model: nn.Module, reg) -> None:
                 break
             d.sparse.values[p] += rest[idx]
             rest[idx] = 0
+        param.copy_(_composed(reg, p).view_as(param))
+
+
+@torch.no_grad()
+def sync(model: nn.Module, reg) -> None:
+    """``settle`` every tensor an active, unmerged sparse delta holds."""
+    live = [d for d in (reg.deltas[n] for n in reg.active) if d.sparse is not None and not d.merged]
+    for p in dict.fromkeys(p for d in live for p in d.sparse.values):
+        settle(model, reg, p)
 
 
 def _mask_grad(idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -229,14 +239,8 @@ class SparseController(step_hooks.StepController):
         if self.select is not None and self.steps >= self.select_at:
             choose(model, reg, delta, self)
             return
-        for p, param in self._params.items():
-            idx = _mask(reg, p)
-            if idx is None:
-                continue
-            flat = param.data.view(-1)
-            keep = flat[idx].clone()
-            flat.copy_(_original(reg, p).reshape(-1))
-            flat[idx] = keep
+        for p in self._params:  # entries outside the masks back (weight decay), memory = original + values
+            settle(model, reg, p)
 
 
 @torch.no_grad()

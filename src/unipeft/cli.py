@@ -122,6 +122,8 @@ COMMANDS = {
                 *_lazy("unipeft.serving.cli", "add_tenants", "run_tenants")),
     "icl": ("in-context learning: zero-, one- and few-shot prompting with a template and a verbalizer",
             *_lazy("unipeft.prompting.cli", "add_icl", "run_icl")),
+    "pet": ("PET and iPET: pattern-verbalizer models on a few labels, soft labels, a distilled classifier",
+            *_lazy("unipeft.prompting.cli", "add_pet", "run_pet")),
 }
 
 

@@ -9,7 +9,8 @@ once, then ``up.Intrinsic(d)`` (FastFood by default) at each d of the sweep, eve
 same data, budget and seed; each run's dev metric against full fine-tuning's, d90 (the smallest d
 reaching 90% of it), D (the parameters the subspace projects onto: every linear map of the blocks)
 and MiniLM's parameter count. The notes' claim to compare with: d90 is a tiny fraction of the
-parameter count (Aghajanyan et al.: 200 of RoBERTa-base's 125M reach 90% on MRPC).
+parameter count (Aghajanyan et al.: about 200 parameters reach 90% of full fine-tuning for RoBERTa
+on MRPC).
 
 Writes <out>/intrinsic_dim.json, <out>/d90.png (metric against d, log x) and <out>/summary.md.
 """

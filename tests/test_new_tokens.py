@@ -260,6 +260,8 @@ def test_attach_errors_leave_model_and_tokenizer_unchanged():
     tok, model = tiny.tokenizer("gpt2"), tiny.make("gpt2")
     vocab = tok.get_vocab()
     before = base_state(model)
+    with pytest.raises(up.UnipeftError, match=r"give corpus= \(a text file"):
+        up.attach(model, up.NewTokens(), name="tok", tokenizer=tok)
     with pytest.raises(up.UnipeftError, match="needs the tokenizer they extend"):
         up.attach(model, up.NewTokens(corpus=DOMAIN), name="tok")
     with pytest.raises(up.UnipeftError, match="no word .* that the tokenizer lacks"):

@@ -78,12 +78,16 @@ class NewTokens(MethodConfig):
             return
         if self.first_id is not None:
             raise UnipeftError("NewTokens: first_id comes with tokens (a saved delta); give corpus= instead")
-        _read_corpus(self.corpus)  # an empty or missing corpus fails here, before any model is touched
+        if self.corpus is not None:  # None: not given yet (a recipe's default); attach asks for it
+            _read_corpus(self.corpus)  # an empty or missing corpus fails here, before any model is touched
 
     def install(self, view, name):
         tok = view.tokenizer
         config = self
         if self.tokens is None:
+            if self.corpus is None:
+                raise UnipeftError("NewTokens: give corpus= (a text file, one document per line, or a list of "
+                                   "texts) to learn the new tokens from")
             if tok is None:
                 raise UnipeftError("NewTokens: learning new tokens needs the tokenizer they extend: "
                                    "up.attach(model, up.NewTokens(...), tokenizer=tokenizer)")

@@ -144,6 +144,22 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "Zhang et al. 2023 (AdaLoRA): init_r 12 -> target_r 8, as peft's example; budget schedule as fractions of "
         "the run; benchmarks/lora_family_sst2.py (SST-2, 2,000 sentences, one seed): 2e-2 0.762 (peft's AdaLoRA "
         "0.794), 2e-3 stays at chance for both (lambda starts at zero)"),
+    "intrinsic": MethodDefaults(
+        "intrinsic", "Intrinsic dimension (FastFood, d=1000)", {"d": 1000, "projection": "fastfood"}, {"lr": 2e-3},
+        "Li et al. 2018, Aghajanyan et al. 2021: theta = theta_0 + P(theta_d), d swept over 10..10^5 (about 200 "
+        "parameters reach 90% of full fine-tuning for RoBERTa on MRPC); not screened yet: P has (about) unit-norm columns per matrix, so "
+        "an Adam step moves each matrix by up to lr x sqrt(d), and 2e-3 at d=1000 matches full fine-tuning's 2e-4 "
+        "step per weight on a 384 x 384 matrix; benchmarks/intrinsic_dim.py sweeps d at this rate"),
+    "said": MethodDefaults(
+        "intrinsic", "Intrinsic dimension, SAID (d=1000)", {"d": 1000, "projection": "fastfood", "said": True},
+        {"lr": 2e-3},
+        "Aghajanyan et al. 2021 (structure-aware: one lambda per weight matrix within d); the rate of 'intrinsic' "
+        "(not screened yet)"),
+    "new_tokens": MethodDefaults(
+        "new_tokens", "New tokens (BPE, 1000) + head", {"count": 1000, "train_head": True}, {"lr": 5e-3},
+        "seed 003 (BPE); needs --method-option new_tokens.corpus=FILE; not screened yet: the new rows are input "
+        "embeddings like a soft prompt's (3e-2 screened for prompt tuning) but start at a trained point, the mean "
+        "of their pieces, and the head trains with them (adapters: 3e-3); 5e-3 between the two"),
     "freeze": MethodDefaults(
         "freeze", "Freeze (train last 2 layers)", {"train_last": 2}, {"lr": 3e-4, "weight_decay": 0.01},
         "Lee et al. 2019 (what would Elsa do): tuning only the top layers; screen_defaults.py (README: 'Defaults "

@@ -108,7 +108,12 @@ def load_lm(model: str, dtype=None):
         raise UnipeftError(f"cannot load {model} as a language model: {_first_line(e)}") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return lm.eval(), tokenizer
+    return lm.to(default_device()).eval(), tokenizer
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one (prompting and PET run their own loops, not the trainer's accelerator)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _label_names(task) -> list[str]:

@@ -254,7 +254,7 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     from ..training.defaults import resolve
     from ..training.metrics import compute
     from ..training.run import family_of, load_model
-    from .icl import load_lm, sample_demonstrations
+    from .icl import default_device, load_lm, sample_demonstrations
 
     t0 = time.perf_counter()
     cfg = config or PETConfig()
@@ -341,6 +341,7 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     if rec is None:
         torch.manual_seed(cfg.seed)
         clf, ctok = load_model(model, t)
+        clf.to(default_device())
         up.attach(clf, method_cfg, name="pet", tokenizer=ctok)
         _fit(clf, ctok, _inputs(t, unlabelled), soft, cfg, cfg.final_steps, lr, cfg.seed, label="PET final classifier")
         preds = _scores(clf, ctok, _inputs(t, dev), cfg.max_length).argmax(-1).tolist()

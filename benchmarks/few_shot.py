@@ -1,0 +1,160 @@
+"""Few-shot table in the shape of the notes' PET table (seed 004): accuracy against the number of labels |T|.
+
+    python benchmarks/few_shot.py --task sst2 --data-dir ../shared/data/glue/SST-2 --out results/few_shot_sst2.json
+    python benchmarks/few_shot.py --task bbc --out results/few_shot_bbc.json
+    python benchmarks/few_shot.py --tiny            # smoke run: tiny random GPT-2, synthetic sentences (< 1 min)
+
+Rows (SmolLM2-135M unless --model): zero-shot (template + verbalizer, contextual calibration),
+ICL (k = min(|T|, --shots) demonstrations from the |T| labelled examples, seeded, balanced,
+calibrated), supervised head (LoRA + a new classification head, `unipeft train`), prompt-based
+fine-tuning (LoRA, `--head verbalizer`), PET and iPET (`unipeft pet`: LoRA per pattern, |D| unlabelled
+texts from the rest of train). Columns |T| = --sizes (default 0, 10, 50, 100, 1000; the rows that
+train need |T| > 0). Each cell: dev accuracy, mean ± std over --seeds (the labelled set, the
+demonstrations and the initialisation change with the seed), and the row's wall time per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import unipeft as up  # noqa: E402
+from unipeft.prompting import icl, pet  # noqa: E402
+from unipeft.prompting.head import PromptHead  # noqa: E402
+
+# task -> (patterns: [(template, verbalizer)], description)
+PROMPTS = {
+    "sst2": ([("{text} It was {label}.", "positive=great|good,negative=terrible|bad"),
+              ("Review: {text}\nSentiment: {label}", "positive=positive,negative=negative")],
+             "Classify the sentiment of each movie review."),
+    "bbc": ([("{text}\nTopic: {label}", "business=business,entertainment=entertainment,politics=politics,"
+                                        "sport=sport,tech=technology"),
+             ("News: {text}\nThis article is about {label}", "business=business|economy,entertainment=film|music,"
+                                                             "politics=politics,sport=sport,tech=technology")],
+            "Classify each BBC News article by its topic."),
+    "tiny": ([("{text} . it was {label} .", "pos=good|very nice,neg=bad"),
+              ("{text} . {label} movie .", "pos=great,neg=awful")], ""),
+}
+ROWS = ("zero-shot", "icl", "head-lora", "prompt-ft", "pet", "ipet")
+
+
+def cell(row: str, size: int, seed: int, args, model: str, task: str, data: dict, lm) -> float:
+    patterns, description = PROMPTS[args.prompts]
+    template, verbalizer = patterns[0]
+    labelled = {**data, "train_size": size} if size else data
+    with tempfile.TemporaryDirectory(prefix=f"few_shot_{row}_") as work:
+        return _cell(row, size, seed, args, model, task, data, lm, Path(work), template, verbalizer, patterns,
+                     description, labelled)
+
+
+def _cell(row, size, seed, args, model, task, data, lm, work, template, verbalizer, patterns, description,
+          labelled) -> float:
+    if row in ("zero-shot", "icl"):
+        r = icl.run(model, task, shots=0 if row == "zero-shot" else min(size, args.shots), template=template,
+                    verbalizer=verbalizer, description=description, seed=seed, balanced=True, calibrate=True,
+                    data=labelled, limit=args.dev_limit, max_text_tokens=args.max_text_tokens, lm=lm,
+                    batch_size=args.batch_size)
+        return r["accuracy"]
+    settings = dict(max_steps=args.steps, batch_size=min(args.train_batch, size), seed=seed, progress=False,
+                    max_length=args.max_length, eval_max_examples=args.dev_limit, eval_every=0)
+    if row == "head-lora":
+        r = up.train(model=model, task=task, method="lora", data=labelled, out=work, evaluate_test=False, **settings)
+        return r["dev"]["accuracy"]
+    if row == "prompt-ft":
+        r = up.train(model=model, task=task, method="lora", data=labelled, out=work, evaluate_test=False,
+                     head=PromptHead.build(template, verbalizer), **settings)
+        return r["dev"]["accuracy"]
+    cfg = pet.PETConfig(method="lora", steps=args.steps, final_steps=args.final_steps, seed=seed,
+                        batch_size=min(args.train_batch, size), max_length=args.max_length,
+                        generations=args.ipet_generations if row == "ipet" else 0)
+    r = pet.run(model, task, patterns, cfg, out=work, data=data, train_size=size, unlabelled_size=args.unlabelled,
+                dev_limit=args.dev_limit)
+    return r["dev"]["accuracy"]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="sst2", choices=("sst2", "bbc"))
+    ap.add_argument("--data-dir", default="../shared/data/glue/SST-2", help="SST-2 folder (bbc: not needed)")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--sizes", default="0,10,50,100,1000")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--shots", type=int, default=4, help="most ICL demonstrations")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps of every trained model")
+    ap.add_argument("--final-steps", type=int, default=200, help="PET's distilled classifier")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="ICL examples per forward pass")
+    ap.add_argument("--unlabelled", type=int, default=1000, help="PET's |D|")
+    ap.add_argument("--ipet-generations", type=int, default=2)
+    ap.add_argument("--dev-limit", type=int, help="first N dev examples")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-text-tokens", type=int, default=None, help="ICL: cut texts (BBC articles) to N tokens")
+    ap.add_argument("--tiny", action="store_true", help="smoke run on a tiny random GPT-2 and synthetic data")
+    ap.add_argument("--out", help="JSON results")
+    args = ap.parse_args(argv)
+    args.prompts = args.task
+    from unipeft.training.cli import setup_runtime
+
+    setup_runtime(quiet=True)  # one JSON line per cell and the table; no loading reports
+    sizes, seeds, rows = ([int(x) for x in args.sizes.split(",")], [int(x) for x in args.seeds.split(",")],
+                          args.rows.split(","))
+    if args.tiny:
+        import tiny
+
+        root = Path(tempfile.mkdtemp(prefix="few_shot_tiny_"))
+        model = tiny.save(root / "gpt2", "gpt2", "lm", dropout=False)
+        rows_ = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(160)]
+        data = {"train": tiny.write_csv(root / "train.csv", ["text", "label"], rows_[:120]),
+                "dev": tiny.write_csv(root / "dev.csv", ["text", "label"], rows_[120:])}
+        task, args.prompts = "sent", "tiny"
+    else:
+        model, task = args.model, args.task
+        data = {"data_dir": args.data_dir} if task == "sst2" else {}
+    lm = icl.load_lm(model)
+    results = {"model": model, "task": task, "sizes": sizes, "seeds": seeds, "settings": vars(args), "cells": []}
+    for row in rows:
+        for size in sizes:
+            if (row == "zero-shot") != (size == 0):
+                continue  # zero-shot is the |T| = 0 column; every other row needs labels
+            accs, secs = [], []
+            for seed in (seeds[:1] if row == "zero-shot" else seeds):  # zero-shot has nothing to draw
+                t0 = time.perf_counter()
+                accs.append(cell(row, size, seed, args, model, task, data, lm))
+                secs.append(time.perf_counter() - t0)
+            rec = {"row": row, "size": size, "accuracy": accs, "mean": statistics.mean(accs),
+                   "std": statistics.pstdev(accs), "seconds_per_run": statistics.mean(secs)}
+            results["cells"].append(rec)
+            print(json.dumps(rec), flush=True)
+    print(table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def table(results: dict) -> str:
+    sizes = results["sizes"]
+    head = "| row | " + " | ".join(f"|T| = {s}" for s in sizes) + " | s / run |\n|---|" + "---|" * (len(sizes) + 1)
+    lines = [head]
+    for row in dict.fromkeys(c["row"] for c in results["cells"]):
+        cells = {c["size"]: c for c in results["cells"] if c["row"] == row}
+        vals = [f"{100 * cells[s]['mean']:.1f} ± {100 * cells[s]['std']:.1f}" if s in cells else "" for s in sizes]
+        secs = statistics.mean(c["seconds_per_run"] for c in cells.values())
+        lines.append(f"| {row} | " + " | ".join(vals) + f" | {secs:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -533,3 +533,25 @@ def test_a_target_that_matches_nothing_leaves_the_model_unchanged():
     with pytest.raises(UnipeftError, match="matches no linear module"):
         up.attach(model, up.SparseFT(targets="nothing_here"), name="t")
     assert up.engine.registry(model) is None and torch.equal(run(model, x), out)
+
+
+@pytest.mark.parametrize("method", ["sparse_ft", "diff_pruning"])
+def test_unipeft_train_recipe_saves_the_final_sparse_delta(tmp_path, method):
+    """`unipeft train` with the defaults: LT-SFT's two phases (select_after a fraction of the run),
+    DiffPruning finalized before it is scored and saved; the saved delta is indices + values."""
+    from unipeft.training import run as recipes
+
+    folder = tiny.save(tmp_path / "bert", "bert", "cls")
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(60)]
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:50]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[50:])}
+    res = recipes.train(folder, "sent", method, out=tmp_path / "run", data=data, max_steps=4, batch_size=8,
+                        progress=False, precision="fp32", evaluate_test=False,
+                        method_options={"density": 0.05} if method == "sparse_ft" else {"sparsity": 0.95})
+    model = res["_model"]
+    delta = record(model, up.active(model)[0])
+    assert delta.sparse is not None and delta.sparse.fixed()
+    n = total(model, list(delta.sparse.values))
+    assert delta.sparse.count() == round(0.05 * n)
+    saved = load_file(str(tmp_path / "run" / "delta" / "delta.safetensors"))
+    assert sum(t.numel() for k, t in saved.items() if k.endswith(".indices")) == delta.sparse.count()

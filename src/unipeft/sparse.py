@@ -85,6 +85,17 @@ def _original(reg, p: str) -> torch.Tensor:
     return next(d.selected[p] for d in reg.deltas.values() if d.sparse is not None and p in d.selected)
 
 
+def _follow(reg, p: str, device: torch.device) -> None:
+    """Keep a tensor's original and every sparse delta's indices and values on the tensor's device
+    (the model may have been moved after the deltas were attached)."""
+    for d in reg.deltas.values():
+        s = d.sparse
+        if s is not None and p in s.values and s.values[p].device != device:
+            s.values[p] = s.values[p].to(device)
+            s.indices[p] = None if s.indices[p] is None else s.indices[p].to(device)
+            d.selected[p] = d.selected[p].to(device)
+
+
 def _composed(reg, p: str) -> torch.Tensor:
     """original + the values of every active sparse delta on ``p`` (flat, a new tensor)."""
     flat = _original(reg, p).reshape(-1).clone()
@@ -99,6 +110,7 @@ def settle(model: nn.Module, reg, p: str) -> None:
     entry's change goes to the last of them whose mask holds it; a change outside every mask is
     dropped), then write ``p`` again as original + those values, so memory is what a file holds."""
     param = model.get_parameter(p)
+    _follow(reg, p, param.device)
     rest = param.detach().reshape(-1) - _composed(reg, p)
     if rest.any():
         for d in reversed([d for d in _on(reg, p) if not d.merged]):
@@ -144,6 +156,7 @@ def compose(model: nn.Module, reg) -> None:
     touched = dict.fromkeys(p for d in reg.deltas.values() if d.sparse is not None for p in d.sparse.values)
     for p in touched:
         param = model.get_parameter(p)
+        _follow(reg, p, param.device)
         param.copy_(_composed(reg, p).view_as(param))
         training = [d for d in _on(reg, p) if not d.merged]
         if training and not any(d.sparse.collecting for d in training):

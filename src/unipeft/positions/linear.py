@@ -124,8 +124,11 @@ class LinearSite:
         for name, d in self._unipeft_routed:
             rows = route.rows(name, x.shape[0], x.device, where=self)
             if rows.numel():
-                kind = "input" if d.rewrites_input else "replace" if d.replaces_base else "output"
-                groups.setdefault((kind, type(d)), []).append((name, d, rows))
+                if d.rewrites_input:  # a delta may rewrite both (a composition's Stacked deltas)
+                    groups.setdefault(("input", type(d)), []).append((name, d, rows))
+                if d.replaces_base or d.rewrites_output or not d.rewrites_input:
+                    kind = "replace" if d.replaces_base else "output"
+                    groups.setdefault((kind, type(d)), []).append((name, d, rows))
         h = x
         for (kind, cls), items in groups.items():
             if kind == "input":

@@ -98,6 +98,18 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "Yang et al. 2023 (PASTA): one vector per layer and special token, found from the tokenizer; vectors added "
         "to hidden states, like (IA)3 and BitFit, whose screened rates here are 3e-2 and 2e-3 (screen_defaults.py); "
         "1e-2 between them. Not screened separately"),
+    "mam": MethodDefaults(
+        "mam", "MAM adapter", {"prefix_length": 30, "reparam_hidden": 512, "bottleneck": 512, "scale": 4.0},
+        {"lr": 1e-3},
+        "He et al. 2022 (unified view): prefix l=30 at the attention, scaled parallel adapter r=512, s=4 at the FFN. "
+        "The adapter holds most of the parameters, so the scaled parallel adapter's screened rate is used "
+        "(screen_defaults.py: 1e-3 0.750, 3e-3 0.720; prefix tuning alone 5e-3). Not screened as MAM"),
+    "unipelt": MethodDefaults(
+        "unipelt", "UniPELT (adapter + prefix + LoRA, gated)",
+        {"bottleneck": 48, "prefix_length": 10, "reparam_hidden": 512, "r": 8, "alpha": 16.0}, {"lr": 2e-3},
+        "Mao et al. 2022 (UniPELT): adapter bottleneck 48, prefix length 10, LoRA r=8 on W_q, W_v. The parts' "
+        "screened rates here are 3e-3 (Pfeiffer adapter), 5e-3 (prefix) and 2e-3 (LoRA); the lowest is used, as "
+        "the gates multiply each part's step. Not screened as UniPELT"),
     "prefix": MethodDefaults(
         "prefix_tuning", "Prefix tuning", {"length": 10, "reparam_hidden": 512}, {"lr": 5e-3},
         "Li & Liang 2021: lr 5e-5..8e-5 for GPT-2 over 10 epochs with the MLP reparameterisation; "

@@ -159,6 +159,19 @@ def test_scores_with_a_lora_delta_attached():
     assert not torch.allclose(after, before, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", [up.PromptTuning(length=3, init="random"), up.PrefixTuning(length=3), up.IA3()],
+                         ids=["prompt", "prefix", "ia3"])
+def test_cache_reuse_is_exact_with_input_and_attention_deltas(method):
+    model, tok = lm("llama")
+    up.attach(model, method, name="d")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    s = Scorer(model, tok, Template(PATTERN), Verbalizer(WORDS), DEMOS, batch_size=2)
+    assert torch.allclose(s.scores(EXAMPLES), s.naive(EXAMPLES), atol=1e-4)
+
+
 def test_masked_lm_scores_multi_token_words_at_expanded_masks():
     model, tok = lm("bert")
     t, v = Template(PATTERN), Verbalizer(WORDS)

@@ -220,10 +220,8 @@ class Scorer:
                                    "place); the example or the template contains another")
         else:
             ids = self.tokenizer(self.template.prompt(text, pair), add_special_tokens=False)["input_ids"]
-            if not self.prefix and not ids:
+            if not self.prefix and not ids:  # a word needs at least one token before it
                 raise UnipeftError(f"example {text[:40]!r} tokenises to nothing and there is no prefix to continue")
-            if not self.prefix:  # a word needs at least one token before it
-                ids = ids or [self.pad_id]
         longest = len(self.prefix) + len(ids) + max(self.lengths) - (0 if self.kind == "causal" else 1)
         if self.context is not None and longest > self.context:
             raise UnipeftError(f"prompt of {longest} tokens is longer than the model's context ({self.context}): "

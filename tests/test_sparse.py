@@ -492,9 +492,12 @@ def test_diff_pruning_projection_keeps_the_largest_diffs():
 def test_route_names_sparse_deltas_in_a_clear_error(config):
     model, x = tiny.make(FAMILY), tiny.batch(FAMILY)
     up.attach(model, config(), name="s")
+    steps(model, x, 1)
+    out = run(model, x)
     with pytest.raises(UnipeftError, match=r"delta 's' \((sparse_ft|diff_pruning)\) changes entries of the base"):
         with up.route(model, ["s", None]):
             pass
+    assert up.active(model) == ["s"] and torch.equal(run(model, x), out)
 
 
 @pytest.mark.parametrize("options,match", [
@@ -555,3 +558,13 @@ def test_unipeft_train_recipe_saves_the_final_sparse_delta(tmp_path, method):
     assert delta.sparse.count() == round(0.05 * n)
     saved = load_file(str(tmp_path / "run" / "delta" / "delta.safetensors"))
     assert sum(t.numel() for k, t in saved.items() if k.endswith(".indices")) == delta.sparse.count()
+
+
+def test_fish_finalized_before_any_batch_still_keeps_k_entries_of_the_right_tensors():
+    model = tiny.make(FAMILY)
+    up.attach(model, up.SparseFT(select="fish", density=0.02, select_after=10, train_head=False), name="t")
+    up.finalize(model, "t")
+    state = record(model).sparse
+    assert state.fixed() and state.count() == round(0.02 * total(model, targets(model)))
+    for p, idx in state.indices.items():
+        assert idx.numel() == 0 or int(idx.max()) < model.get_parameter(p).numel()

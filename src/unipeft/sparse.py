@@ -267,7 +267,8 @@ def choose(model: nn.Module, reg, delta, controller: SparseController) -> None:
     if select == "lt-sft":
         scores = {p: v.abs() for p, v in state.values.items()}
     else:
-        scores = {p: controller.scores.get(p, torch.zeros_like(v)).reshape(-1) for p, v in state.values.items()}
+        scores = {p: controller.scores[p].reshape(-1) if p in controller.scores  # no gradient yet: score 0
+                  else torch.zeros(state.numel[p], device=v.device) for p, v in state.values.items()}
     chosen = top_k(scores, budget(controller.density, sum(state.numel.values())))
     for p, idx in chosen.items():
         old = state.values[p]
@@ -337,7 +338,8 @@ def restore(model: nn.Module, reg, delta, tensors: dict[str, torch.Tensor]) -> N
         if idx.dim() != 1 or val.dim() != 1 or idx.numel() != val.numel() or idx.is_floating_point() \
                 or not val.is_floating_point():
             raise UnipeftError(f"sparse delta file is corrupted: {p!r} needs 1-D integer indices and as many "
-                               f"floating values, got {tuple(idx.shape)} {idx.dtype} and {tuple(val.shape)} {val.dtype}")
+                               f"floating values, got {tuple(idx.shape)} {idx.dtype} and "
+                               f"{tuple(val.shape)} {val.dtype}")
         idx = idx.long()
         n = state.numel[p]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):

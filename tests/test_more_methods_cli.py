@@ -1,0 +1,47 @@
+"""AdapterDrop, P-tuning v1/v2, PASTA, MAM and UniPELT through `unipeft train` and `unipeft compare` (tiny BERT)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tiny
+from unipeft.cli import main
+
+METHODS = ("adapter_drop", "p_tuning", "p_tuning_v2", "pasta", "mam", "unipelt")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(80)]
+    return {"model": tiny.save(root / "bert", "bert", "cls"),
+            "train": tiny.write_csv(root / "train.csv", ["text", "label"], rows[:64]),
+            "dev": tiny.write_csv(root / "dev.csv", ["text", "label"], rows[64:])}
+
+
+def common(s, out):
+    return ["--model", s["model"], "--task", "sent", "--train", s["train"], "--dev", s["dev"], "--out", str(out),
+            "--precision", "fp32", "--threads", "1", "--batch-size", "8"]
+
+
+def test_compare_runs_every_new_method_and_reports_its_latency(setup, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    # tiny BERT has 2 layers: AdapterDrop's default (the lowest 2 of MiniLM's 6) would leave none
+    assert main(["compare", *common(setup, out), "--methods", ",".join(METHODS), "--max-steps", "2",
+                 "--method-option", "adapter_drop.drop=1", "--in-process"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    got = {m["method"]: m for m in report["methods"]}
+    assert set(got) == set(METHODS)
+    for m in got.values():
+        assert m["trainable_params"] > 0 and m["delta_bytes"] > 0 and m["latency_ms"]["unmerged"] > 0
+        assert 0 <= m["metrics"]["accuracy"] <= 1
+
+
+def test_train_a_robust_adapter_drop_and_predict(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *common(setup, out), "--method", "adapter_drop", "--method-option", "drop=1",
+                 "--method-option", "drop_robust=true", "--max-steps", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps"] == 3
+    assert main(["eval", str(out), "--json"]) == 0

@@ -568,3 +568,18 @@ def test_fish_finalized_before_any_batch_still_keeps_k_entries_of_the_right_tens
     assert state.fixed() and state.count() == round(0.02 * total(model, targets(model)))
     for p, idx in state.indices.items():
         assert idx.numel() == 0 or int(idx.max()) < model.get_parameter(p).numel()
+
+
+def test_unipeft_compare_measures_both_sparse_methods(tmp_path):
+    from unipeft.comparison import compare
+
+    folder = tiny.save(tmp_path / "bert", "bert", "cls")
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(60)]
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:50]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[50:])}
+    report = compare(str(folder), "sent", ["sparse_ft", "diff_pruning"], out=tmp_path / "cmp", data=data,
+                     in_process=True, quiet=True, max_steps=2, batch_size=8, precision="fp32")
+    got = {m["method"]: m for m in report["methods"]}
+    assert set(got) == {"sparse_ft", "diff_pruning"}
+    for m in got.values():
+        assert m["delta_bytes"] > 0 and m["latency_ms"]["merged"] > 0 and 0 <= m["metrics"]["accuracy"] <= 1

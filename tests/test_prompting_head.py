@@ -119,3 +119,24 @@ def test_head_options_need_each_other(files, capsys, tmp_path):
         reg = tiny.write_csv(tmp_path / "reg.csv", ["text", "label"], [("a good film", 0.5)] * 20)
         up.train(model=files["gpt2"], task="reg", method="bitfit", head=PromptHead.build(PATTERN, VERB),
                  data={"train": reg, "dev": reg, "kind": "regression"})
+
+
+def test_sentence_pairs_go_into_the_template(tmp_path, capsys):
+    model = tiny.save(tmp_path / "gpt2", "gpt2", "lm", dropout=False)
+    rows = [(t, "it was", ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(60)]
+    train = tiny.write_csv(tmp_path / "train.csv", ["a", "b", "label"], rows[:48])
+    dev = tiny.write_csv(tmp_path / "dev.csv", ["a", "b", "label"], rows[48:])
+    out = tmp_path / "run"
+    assert cli("train", "--model", model, "--task", "pairs", "--train", train, "--dev", dev, "--text-column", "a",
+               "--text-pair-column", "b", "--head", "verbalizer", "--template", "{text} . {text_pair} {label} .",
+               "--verbalizer", VERB, "--method", "bitfit", "--max-steps", "2", "--precision", "fp32", "--quiet",
+               "--json", "--out", out) == 0
+    capsys.readouterr()
+    inp = tmp_path / "in.txt"
+    inp.write_text("a great film\tit was\nan awful movie\tit was\n")
+    assert cli("predict", out, "--input", inp, "--quiet") == 0
+    preds = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
+    assert len(preds) == 2 and set(preds) <= {"pos", "neg"}
+    with pytest.raises(UnipeftError, match="has {text_pair}: give every input's second text"):
+        PromptHead.build("{text} . {text_pair} {label} .", VERB).prompts([{"text": "a", "target": 0}],
+                                                                         tiny.tokenizer("gpt2"), 32)

@@ -119,7 +119,10 @@ class PromptHead:
         out = []
         for e in examples:
             text = _cut(tokenizer, e["text"], per_text)
-            pair = _cut(tokenizer, e["text_pair"], per_text) if self.template.pair else None
+            pair = _cut(tokenizer, e.get("text_pair") or "", per_text) if self.template.pair else None
+            if self.template.pair and not e.get("text_pair"):
+                raise UnipeftError(f"template {self.template.pattern!r} has {{text_pair}}: give every input's "
+                                   "second text")
             out.append({"text": self._fill(text, pair, masked), "target": e["target"]})
         return out
 

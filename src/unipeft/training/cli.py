@@ -268,7 +268,7 @@ def run_predict(args) -> int:
         lines = sys.stdin.read().splitlines()
     lines = [ln for ln in lines if ln.strip()]
     info = run._read_run(args.run_dir)
-    pair = info["task"].get("pair")
+    pair = info["task"].get("pair") or "{text_pair}" in info.get("head", {}).get("template", "")  # pairs in a prompt
     texts, pairs = lines, None
     if pair:
         split = [ln.split("\t", 1) for ln in lines]

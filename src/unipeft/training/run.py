@@ -257,7 +257,7 @@ def predict(run_dir, texts: list[str], pairs: list[str] | None = None, *, batch_
                         precision=resolve_precision(train.get("precision", "auto"), next(model.parameters()).device),
                         max_new_tokens=max_new_tokens or train["max_new_tokens"],
                         num_beams=num_beams or train["num_beams"], batch_size=batch_size)
-    examples = [{"text": t, **({"text_pair": p} if task.pair else {}), "target": 0 if task.labels else 0.0}
+    examples = [{"text": t, **({"text_pair": p} if pairs is not None else {}), "target": 0 if task.labels else 0.0}
                 for t, p in zip(texts, pairs or [None] * len(texts))]
     if info.get("head"):
         examples = model.prompt_head.prompts(examples, tokenizer, train["max_length"])

@@ -269,7 +269,8 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
         h.check(t)
     train = dataset.splits["train"]
     labelled = sample_demonstrations(train, train_size, cfg.seed, balanced=True)
-    rest = [e for e in train if e not in labelled]
+    chosen = {id(e) for e in labelled}
+    rest = [e for e in train if id(e) not in chosen]
     if not rest:
         raise UnipeftError(f"no unlabelled texts left: the training split has {len(train)} examples and "
                            f"train_size is {train_size}")

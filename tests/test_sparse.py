@@ -583,3 +583,36 @@ def test_unipeft_compare_measures_both_sparse_methods(tmp_path):
     assert set(got) == {"sparse_ft", "diff_pruning"}
     for m in got.values():
         assert m["delta_bytes"] > 0 and m["latency_ms"]["merged"] > 0 and 0 <= m["metrics"]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("select", ["lt-sft", "fish"])
+def test_a_run_resumed_after_the_selection_continues_on_the_same_mask(tmp_path, select):
+    """A checkpoint holds the weights, not the mask: the resumed run reads the mask back from the
+    entries that changed, and ends where the uninterrupted run ends."""
+    from unipeft.training import TrainConfig, Trainer
+    from unipeft.training import run as recipes
+    from unipeft.training.tasks import Task
+
+    path = tiny.save(tmp_path / "bert", "bert", "cls")
+    task = Task("sent", "classification", labels=("neg", "pos"))
+    exs = [{"text": t, "target": y} for t, y in tiny.sentiment_rows(40)]
+    cfg = dict(lr=1e-2, batch_size=8, epochs=2, save_every=3, precision="fp32", progress=False)
+
+    def trainer(out):
+        torch.manual_seed(0)
+        model, tok = recipes.load_model(path, task)
+        up.attach(model, up.SparseFT(select=select, density=0.05, select_after=2), name="t", tokenizer=tok)
+        return model, Trainer(model, tok, task, exs, None, TrainConfig(**cfg), out, cache=False)
+
+    ref, t = trainer(tmp_path / "ref")
+    t.fit()
+    model, t1 = trainer(tmp_path / "run")
+    t1.total_steps = 4  # stops after 4 steps (a crash); the checkpoint at step 4 is past the selection at 2
+    t1.fit()
+    model, t2 = trainer(tmp_path / "run")
+    assert t2.fit(resume=True)["resumed_from"].endswith("step-0000004")
+    a, b = record(ref).sparse, record(model).sparse
+    assert b.fixed() and b.count() <= a.count()
+    for p in a.values:
+        assert set(b.indices[p].tolist()) <= set(a.indices[p].tolist())
+        torch.testing.assert_close(model.get_parameter(p), ref.get_parameter(p), rtol=0, atol=1e-6)

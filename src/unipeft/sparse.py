@@ -233,6 +233,10 @@ class SparseController(step_hooks.StepController):
             raise UnipeftError(f"SparseFT: select_after={self.select_after!r} is a fraction of the run, but the run's "
                                f"length is unknown: pass select_after as a number of steps in a plain loop "
                                f"(unipeft train and up.integrations.SaveDeltaCallback give the length)")
+        if self.steps >= self.select_at:  # a run resumed past its selection: the checkpoint's weights hold the mask
+            model, reg, delta = self._delta()
+            recover(model, reg, delta, self)
+            return
         if self.select not in ("movement", "fish"):
             return
         for p, param in self._params.items():
@@ -285,6 +289,23 @@ def choose(model: nn.Module, reg, delta, controller: SparseController) -> None:
                     value.zero_()
     if delta.name in reg.active:
         compose(model, reg)
+
+
+@torch.no_grad()
+def recover(model: nn.Module, reg, delta, controller: SparseController) -> None:
+    """The mask of a run resumed from a checkpoint written after the selection (a checkpoint holds
+    the weights, not the mask): the entries that differ from the pretrained values, with those
+    differences as values. Gradients of the step under way are masked to them too."""
+    state = delta.sparse
+    for p, param in controller._params.items():
+        diff = (param.detach() - delta.selected[p].to(param.device)).reshape(-1)
+        idx = diff.nonzero().view(-1)
+        state.set(p, idx, diff[idx], like=param)
+        if param.grad is not None:
+            param.grad.copy_(_mask_grad(idx, param.grad))
+    state.collecting = False
+    controller.done()
+    compose(model, reg)
 
 
 def finalize(model: nn.Module, name: str) -> nn.Module:

@@ -48,6 +48,7 @@ class Encoded:
     labels: torch.Tensor | None = None
     label_offsets: torch.Tensor | None = None
     types: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # packed rows (chat.pack): position ids restarting per example
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -64,6 +65,8 @@ class Encoded:
         out = {"input_ids": self.ids[a:b]}
         if self.types is not None:
             out["token_type_ids"] = self.types[a:b]
+        if self.positions is not None:
+            out["position_ids"] = self.positions[a:b]
         if self.labels is not None:
             if self.label_offsets is None:
                 out["labels"] = self.labels[i]
@@ -107,6 +110,10 @@ def eos_id(tokenizer) -> int:
 
 
 def _encode_uncached(task: Task, examples: list[dict], tokenizer, max_length: int, prompts_only: bool) -> Encoded:
+    if task.kind == "chat":
+        from . import chat
+
+        return chat.encode(task, examples, tokenizer, max_length, prompts_only)
     texts = [e["text"] for e in examples]
     if task.kind in ("classification", "regression"):
         pairs = [e["text_pair"] for e in examples] if task.pair else None
@@ -148,12 +155,14 @@ def _encode_uncached(task: Task, examples: list[dict], tokenizer, max_length: in
 def _tokenizer_signature(tokenizer) -> str:
     probe = tokenizer("unipeft: the quick brown fox, 1234 jumps!", add_special_tokens=True)["input_ids"]
     return json.dumps([type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-                       tokenizer.eos_token_id, tokenizer.pad_token_id, probe])
+                       tokenizer.eos_token_id, tokenizer.pad_token_id, probe]
+                      + ([tokenizer.chat_template] if getattr(tokenizer, "chat_template", None) else []))
 
 
 def cache_key(task: Task, examples: list[dict], tokenizer, max_length: int, prompts_only: bool) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, task.kind, task.pair, task.prompt_template, max_length, prompts_only]).encode())
+    h.update(json.dumps([CACHE_VERSION, task.kind, task.pair, task.prompt_template, max_length, prompts_only]
+                        + ([task.chat_template] if task.chat_template else [])).encode())
     h.update(_tokenizer_signature(tokenizer).encode())
     for e in examples:
         h.update(json.dumps([e.get("text"), e.get("text_pair"), e.get("target")]).encode())
@@ -254,6 +263,14 @@ class Collator:
                  "attention_mask": self._pad([torch.ones(len(s), dtype=torch.int64) for s in ids], 0, n)}
         if "token_type_ids" in items[0]:
             batch["token_type_ids"] = self._pad([it["token_type_ids"] for it in items], 0, n)
+        if "position_ids" in items[0]:
+            # packed rows (chat.pack): no attention mask, so transformers masks by the position ids; the
+            # padding of a shorter row counts from 0 again, a segment of its own that no real token sees
+            pos = [it["position_ids"] for it in items]
+            batch["position_ids"] = self._pad(pos, 0, n)
+            for i, p in enumerate(pos):
+                batch["position_ids"][i, len(p):] = torch.arange(n - len(p))
+            del batch["attention_mask"]
         if "labels" in items[0]:
             labels = [it["labels"] for it in items]
             if labels[0].dim() == 0:

@@ -21,7 +21,7 @@ TRAIN_FLAGS = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_
                "max_grad_norm", "precision", "gradient_checkpointing", "seed", "eval_every", "eval_batch_size",
                "eval_generate", "save_every", "keep_checkpoints", "early_stopping", "aux_lm_weight",
                "group_by_length", "max_length", "max_new_tokens", "num_beams", "log_every", "progress", "tensorboard",
-               "eval_max_examples")
+               "eval_max_examples", "packing")
 DATA_FLAGS = ("data_dir", "train", "dev", "test", "kind", "text_column", "text_pair_column", "target_column",
               "labels", "train_size", "dev_size")
 
@@ -43,8 +43,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test", nargs="?", const=True, metavar="FILE",
                    help="test file (`unipeft train`: --test alone, or a test file, also scores the test split at "
                         "the end; --no-test skips it)")
-    g.add_argument("--kind", choices=("classification", "regression", "causal_lm", "seq2seq"),
-                   help="task kind for your own files (default classification)")
+    g.add_argument("--kind", choices=("classification", "regression", "causal_lm", "seq2seq", "chat"),
+                   help="task kind for your own files (default classification); chat: JSONL of {\"messages\": "
+                        "[...]} in the model's chat template (or --template), the loss on assistant turns")
     g.add_argument("--text-column", help="input column (name, or 0-based index for headerless files)")
     g.add_argument("--text-pair-column", help="second input column for sentence-pair tasks")
     g.add_argument("--target-column", help="label / target column")
@@ -95,6 +96,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--progress", type=_bool, nargs="?", const=True,
                    help="progress: a bar on a terminal, a plain line per phase elsewhere (default); false: none")
     g.add_argument("--tensorboard", type=_bool, nargs="?", const=True, help="also log to <out>/tensorboard")
+    g.add_argument("--packing", type=_bool, nargs="?", const=True,
+                   help="causal_lm/chat: pack short examples into rows of --max-length (attention stays per example)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -159,7 +162,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", choices=("auto", "verbalizer"), default="auto",
                    help="verbalizer: prompt-based fine-tuning, the LM scores --verbalizer's words after --template "
                         "(no new head; classification tasks, any method)")
-    p.add_argument("--template", help="--head verbalizer: e.g. '{text} It was {label}.' (\\n for a new line)")
+    p.add_argument("--template", help="--head verbalizer: e.g. '{text} It was {label}.' (\\n for a new line); "
+                                      "--kind chat: a Jinja chat template or its file (default: the tokenizer's)")
     p.add_argument("--verbalizer", help="--head verbalizer: label=word|word,label=word")
     p.add_argument("--normalize", action="store_true", help="--head verbalizer: length-normalise multi-token words")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress: stderr)")
@@ -178,8 +182,8 @@ def _public(results: dict) -> dict:
 def _prompt_head(args):
     """The PromptHead of --head verbalizer (None for the usual new head)."""
     if args.head != "verbalizer":
-        if args.template or args.verbalizer:
-            raise UnipeftError("--template and --verbalizer need --head verbalizer")
+        if args.verbalizer or (args.template and getattr(args, "kind", None) != "chat"):
+            raise UnipeftError("--template and --verbalizer need --head verbalizer (--template also serves --kind chat)")
         return None
     from ..prompting.head import PromptHead
     from ..prompting.templates import unescape
@@ -197,7 +201,8 @@ def run_train(args) -> int:
     options = parse_method_options(args.method_option, [args.method])[args.method]
     results = run.train(args.model, args.task, args.method, out=args.out, method_options=options,
                         resume=args.resume, data=data_options(args), evaluate_test=score_test(args),
-                        head=_prompt_head(args), **collect(args, TRAIN_FLAGS))
+                        head=_prompt_head(args), **collect(args, TRAIN_FLAGS),
+                        **({"chat_template": args.template} if args.kind == "chat" and args.template else {}))
     if not results["_main"]:
         return 0  # under several processes the main one reports
     results = _public(results)

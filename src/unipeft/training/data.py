@@ -101,7 +101,12 @@ def load_task(task: str | None = None, *, data_dir=None, train=None, dev=None, t
         if builtin is None:
             if not train:
                 raise UnipeftError("no train split given: pass train= (--train) as well as dev=/test=")
-            ds = _load_files(task or "custom", files, kind or "classification", columns, labels, seed)
+            if kind == "chat":
+                from . import chat
+
+                ds = chat.load_files(task or "chat", files, seed)
+            else:
+                ds = _load_files(task or "custom", files, kind or "classification", columns, labels, seed)
         else:
             _check_builtin_options(builtin, kind, columns, labels)
             if builtin == "bbc":
@@ -110,7 +115,11 @@ def load_task(task: str | None = None, *, data_dir=None, train=None, dev=None, t
                                        "<topic>/*.txt) or leave it out, not train=/dev=/test=")
                 ds = _load_bbc(data_dir, seed)
             elif builtin == "e2e":
-                ds = _load_e2e(data_dir, files, kind or "causal_lm", seed)
+                ds = _load_e2e(data_dir, files, "causal_lm" if kind in (None, "chat") else kind, seed)
+                if kind == "chat":  # E2E as single-turn instructions: the meaning representation is the user's turn
+                    from . import chat
+
+                    ds = chat.from_pairs(ds)
             else:
                 ds = _load_glue(builtin, data_dir, files)
 

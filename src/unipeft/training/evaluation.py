@@ -139,7 +139,7 @@ def generate(model, task: Task, sources: list[str], tokenizer, *, max_length: in
     KV cache (``generate``'s default), so a batch pads little and every step reuses the cache."""
     enc = encode(task, [{"text": s} for s in sources], tokenizer, max_length, prompts_only=True, cache_dir=None,
                  quiet=True)
-    causal = task.kind == "causal_lm"
+    causal = task.causal
     collate = Collator(pad_id(tokenizer), padding_side="left" if causal else "right")
     dev = _device(model)
     local: list = []

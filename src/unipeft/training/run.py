@@ -94,7 +94,7 @@ def load_model(model: str, task: Task, dtype: torch.dtype | None = None):
         if task.labels:
             kw["id2label"] = dict(enumerate(task.labels))
             kw["label2id"] = {v: k for k, v in enumerate(task.labels)}
-    elif task.kind == "causal_lm":
+    elif task.causal:
         cls = tf.AutoModelForCausalLM
     else:
         cls = tf.AutoModelForSeq2SeqLM
@@ -125,11 +125,13 @@ def train_config(method_defaults: dict, overrides: dict) -> TrainConfig:
 def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora", *, out: str | os.PathLike | None = None,
           method_options: dict | None = None, resume: bool = False, data: dict | None = None,
           name: str | None = None, evaluate_test: bool | None = None, accelerator=None, head=None,
-          **settings) -> dict:
+          chat_template: str | None = None, **settings) -> dict:
     """Train ``method`` on ``task`` from the base ``model``; returns the results dict (also saved under ``out``).
 
     ``head``: a ``unipeft.prompting.head.PromptHead`` for prompt-based fine-tuning (the language model
     scores the verbalizer's words after the template; no new classification head).
+
+    ``chat_template``: chat tasks: a Jinja chat template (or a file holding one) instead of the tokenizer's.
 
     ``evaluate_test``: score the test split at the end; None (the default) scores it for
     classification and regression (one forward pass per example) and skips it for generation
@@ -144,6 +146,10 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
 
     data = dict(data or {})
     dataset = data_mod.load_task(task, seed=settings.get("seed") or 0, **data)
+    if chat_template is not None or dataset.task.kind == "chat":
+        from . import chat
+
+        dataset = chat.with_template(dataset, chat_template)
     method_cfg, defaults = resolve(method, method_options)
     cfg = train_config(defaults.train_for(family_of(model)), settings)
     set_seed(cfg.seed)
@@ -151,6 +157,8 @@ def train(model: str = "minilm", task: str | None = "bbc", method: str = "lora",
         base, tokenizer = load_model(model, dataset.task)
     else:  # prompt-based fine-tuning: a language model, the examples as the template's prompts
         base, tokenizer, dataset = head.setup(model, dataset, cfg.max_length)
+    if dataset.task.kind == "chat":
+        chat.check_template(tokenizer, dataset.task, model)
     delta_name = name or (dataset.task.name.replace(".", "_").replace(":", "_") or "task")
     net = up.attach(base, method_cfg, name=delta_name, tokenizer=tokenizer)
     trainable, total = up.trainable_parameters(net)
@@ -252,6 +260,10 @@ def predict(run_dir, texts: list[str], pairs: list[str] | None = None, *, batch_
         return []
     if task.pair and (pairs is None or len(pairs) != len(texts)):
         raise UnipeftError(f"task {task.name!r} takes sentence pairs: give a second text for every input")
+    if task.kind == "chat":  # a line is a user message, or a JSON list of messages
+        from .chat import prompt_text
+
+        texts = [prompt_text(t) for t in texts]
     if task.generative:
         return generate(model, task, texts, tokenizer, max_length=train["max_length"],
                         precision=resolve_precision(train.get("precision", "auto"), next(model.parameters()).device),

@@ -7,6 +7,7 @@ A ``Task`` is plain data shared by the data readers (``data.py``), the encoder
 * ``regression``     -- one sentence or a pair -> a number (STS-B)
 * ``causal_lm``      -- a decoder continues ``source`` with ``target`` (instructions, E2E table-to-text)
 * ``seq2seq``        -- an encoder reads ``source``, the decoder writes ``target`` (T5, BART)
+* ``chat``           -- conversations in the model's chat template, the loss on assistant turns (``chat.py``)
 
 An example is a dict with the keys ``text`` (str), optionally ``text_pair`` (str), and
 ``target``: the label id (int) for classification, a float for regression, the target
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 
 from ..errors import UnipeftError, choices
 
-KINDS = ("classification", "regression", "causal_lm", "seq2seq")
-GENERATION_KINDS = ("causal_lm", "seq2seq")
+KINDS = ("classification", "regression", "causal_lm", "seq2seq", "chat")
+GENERATION_KINDS = ("causal_lm", "seq2seq", "chat")
+DECODER_KINDS = ("causal_lm", "chat")  # a decoder-only LM reads the prompt and writes the target after it
 
 # metric -> True when larger is better
 METRICS = {
@@ -37,6 +39,7 @@ class Task:
     main_metric: str = ""
     pair: bool = False                          # classification/regression: two input sentences
     prompt_template: str = "{source}\n"         # causal_lm: how the source is shown to the decoder
+    chat_template: str | None = None            # chat: a Jinja template (None: the tokenizer's own)
     description: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -65,6 +68,11 @@ class Task:
     @property
     def generative(self) -> bool:
         return self.kind in GENERATION_KINDS
+
+    @property
+    def causal(self) -> bool:
+        """A decoder-only language model's task: the target follows the prompt in one sequence."""
+        return self.kind in DECODER_KINDS
 
     def higher_is_better(self, metric: str | None = None) -> bool:
         return METRICS[metric or self.main_metric]

@@ -88,6 +88,7 @@ class TrainConfig:
     progress: bool | None = None          # None: a bar on a terminal, plain lines elsewhere; False: nothing
     eval_max_examples: int | None = None  # cap every evaluation (generation tasks: distinct sources)
     tensorboard: bool = False
+    packing: bool = False                 # causal_lm/chat: short examples share a row, attention kept apart (chat.pack)
 
     def __post_init__(self):
         def need(ok, msg):
@@ -159,7 +160,7 @@ def loss_units(task: Task, enc: Encoded, aux: bool = False) -> torch.Tensor:
     counts = enc.label_offsets[1:] - enc.label_offsets[:-1]
     units = torch.zeros(len(enc), dtype=torch.float64).index_add_(
         0, torch.repeat_interleave(torch.arange(len(enc)), counts), valid)
-    if task.kind == "causal_lm":
+    if task.causal:
         has = counts > 0
         units[has] -= valid[enc.label_offsets[:-1][has]]
         if aux:
@@ -197,12 +198,12 @@ class AuxLM:
                 or mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
             raise UnipeftError(f"aux_lm_weight needs a decoder-only language model (GPT-2, Llama, OPT, ...); "
                                f"{mt!r} is not one")
-        if task.kind not in ("classification", "regression", "causal_lm"):
-            raise UnipeftError(f"aux_lm_weight applies to classification, regression and causal_lm tasks, "
+        if task.kind not in ("classification", "regression", "causal_lm", "chat"):
+            raise UnipeftError(f"aux_lm_weight applies to classification, regression, causal_lm and chat tasks, "
                                f"not {task.kind!r}")
         self.weight, self.task, self.hidden = weight, task, None
         self.hook = None
-        if task.kind != "causal_lm":
+        if not task.causal:
             stack = model.base_model
             self.embeddings = model.get_input_embeddings()
             self.hook = stack.register_forward_hook(self._capture)
@@ -213,7 +214,7 @@ class AuxLM:
     def loss(self, batch, outputs) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         targets = ids.masked_fill(mask == 0, IGNORE)
-        if self.task.kind == "causal_lm":
+        if self.task.causal:
             logits = outputs.logits
             targets = targets.masked_fill(batch["labels"] != IGNORE, IGNORE)  # the prompt only
         else:
@@ -254,7 +255,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, acc.device)
         if not train:
             raise UnipeftError("no training examples")
-        self.train_enc: Encoded = encode(task, train, tokenizer, cfg.max_length, cache_dir=cache)
+        self.train_enc: Encoded = self.encode_train(train, cache)
         self.dev_enc: Encoded | None = (encode(task, self.dev_examples, tokenizer, cfg.max_length, cache_dir=cache)
                                         if self.dev_examples else None)
         self.collate = Collator(pad_id(tokenizer))
@@ -270,6 +271,10 @@ class Trainer:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not params:
             raise UnipeftError("the model has no trainable parameters: attach a delta first (up.attach)")
+        if cfg.packing:
+            from .chat import check_packing
+
+            check_packing(model, self.train_enc)
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise UnipeftError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -297,6 +302,25 @@ class Trainer:
         self._tb = None                       # TensorBoard writer while fit() runs
         self._best_params: dict[str, torch.Tensor] | None = None
         self.train_seconds, self.examples_seen, self.tokens_seen = 0.0, 0, 0
+
+    # -- data (multitask.MultiTaskTrainer overrides these two) ---------------------------
+
+    def encode_train(self, train: list[dict], cache) -> Encoded:
+        """The training examples as token ids; with ``packing``, short examples share rows."""
+        cfg = self.config
+        enc = encode(self.task, train, self.tokenizer, cfg.max_length, cache_dir=cache)
+        if cfg.packing:
+            from . import chat
+
+            if not self.task.causal:
+                raise UnipeftError(f"packing applies to causal_lm and chat tasks, not {self.task.kind!r}")
+            enc = chat.pack(enc, cfg.max_length)
+        return enc
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of ``epoch`` as lists of example indices (a pure function of seed and epoch)."""
+        return batch_order(self.lengths, self.config.batch_size, self.config.seed, epoch,
+                           group_by_length=self.config.group_by_length)
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -504,8 +528,7 @@ class Trainer:
         run_loss, run_n, t_log, ex_log = 0.0, 0, time.perf_counter(), 0
         try:
             while self.step < self.total_steps and stop_reason == "completed":
-                batches = batch_order(self.lengths, cfg.batch_size, cfg.seed, self.epoch,
-                                      group_by_length=cfg.group_by_length)
+                batches = self.epoch_batches(self.epoch)
                 while self.batch_pos < len(batches) and self.step < self.total_steps:
                     t0 = time.perf_counter()
                     group = batches[self.batch_pos:self.batch_pos + cfg.grad_accum]

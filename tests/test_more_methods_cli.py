@@ -1,4 +1,4 @@
-"""AdapterDrop, P-tuning v1/v2, PASTA, MAM and UniPELT through `unipeft train` and `unipeft compare` (tiny BERT)."""
+"""AdapterDrop, P-tuning v1/v2, PASTA, MAM, UniPELT and AdaMix through `unipeft train` and `unipeft compare` (tiny BERT)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import tiny
 from unipeft.cli import main
 
-METHODS = ("adapter_drop", "p_tuning", "p_tuning_v2", "pasta", "mam", "unipelt")
+METHODS = ("adapter_drop", "p_tuning", "p_tuning_v2", "pasta", "mam", "unipelt", "adamix")
 
 
 @pytest.fixture(scope="module")

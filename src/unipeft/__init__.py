@@ -33,7 +33,7 @@ from .methods.adapter_drop import AdapterDrop, set_drop  # noqa: E402
 from .methods.p_tuning import PTuning  # noqa: E402
 from .methods.pasta import PASTA  # noqa: E402
 from .methods import MAM, Compose, UniPELT  # noqa: E402
-from .methods import AdapterFusion  # noqa: E402
+from .methods import AdaMix, AdapterFusion  # noqa: E402
 from .methods.intrinsic import Intrinsic  # noqa: E402
 from .methods.new_tokens import NewTokens, extend_tokenizer  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
@@ -47,7 +47,7 @@ __all__ = [
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
     "SparseFT", "DiffPruning", "finalize",
-    "AdapterDrop", "set_drop", "PTuning", "PASTA", "Compose", "MAM", "UniPELT", "AdapterFusion",
+    "AdapterDrop", "set_drop", "PTuning", "PASTA", "Compose", "MAM", "UniPELT", "AdapterFusion", "AdaMix",
     "Intrinsic", "NewTokens", "extend_tokenizer",
     "export_peft", "import_peft", "train", "compare",
 ]

@@ -39,6 +39,7 @@ class Delta:
     attention: dict[str, pos.KVSource] = dataclasses.field(default_factory=dict)   # attention path -> source
     inputs: dict[str, object] = dataclasses.field(default_factory=dict)            # stack path -> prompt source
     hidden: dict[str, object] = dataclasses.field(default_factory=dict)            # stack path -> chosen-token source
+    loss: object | None = None                                                     # a term added to the training loss
     module: nn.Module | None = None                                                # model-level parameters
     selected: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)    # param path -> original value
     trained: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)     # values while switched off
@@ -59,6 +60,7 @@ class Registry:
         self.active: list[str] = []
         self.input_sites: dict[str, pos.InputSite] = {}
         self.hidden_sites: dict[str, pos.HiddenSite] = {}
+        self.loss_site: pos.LossSite | None = None
         self.route = None  # the unipeft.routing.Route of an open up.route block
         self.map: ModelMap = map_model(model)
         # requires_grad of every base parameter before the first attach, restored when the last delta goes
@@ -115,6 +117,10 @@ class ModelView:
     def add_hidden(self, stack_path: str, source) -> None:
         """Vectors at the hidden states of chosen tokens, at every block of an input stack (PASTA)."""
         self.delta.hidden[stack_path] = source
+
+    def add_loss_term(self, term) -> None:
+        """A term added to the loss the model returns in training (``positions.LossSite``: AdaMix)."""
+        self.delta.loss = term
 
     def set_module(self, module: nn.Module) -> None:
         self.delta.module = module
@@ -354,6 +360,10 @@ def _place(model: nn.Module, reg: Registry, delta: Delta) -> None:
             stack, embed = next((s, e) for p, s, e, _, _ in input_stacks(model) if p == path)
             reg.hidden_sites[path] = pos.HiddenSite(stack, embed, pos.blocks_under(model, reg.map, path))
         reg.hidden_sites[path].sources[name] = src
+    if delta.loss is not None:
+        if reg.loss_site is None:
+            reg.loss_site = pos.LossSite(model)
+        reg.loss_site.sources[name] = delta.loss
 
 
 def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:
@@ -403,6 +413,12 @@ def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:
             if not site.sources:
                 site.remove()
                 del reg.hidden_sites[path]
+    if delta.loss is not None and reg.loss_site is not None:
+        reg.loss_site.sources.pop(name, None)
+        reg.loss_site.refresh([n for n in reg.active if n != name])
+        if not reg.loss_site.sources:
+            reg.loss_site.remove()
+            reg.loss_site = None
 
 
 def detach(model: nn.Module, name: str) -> nn.Module:
@@ -496,6 +512,8 @@ def _refresh_sites(model: nn.Module, reg: Registry, changed: list[Delta] | None 
         site.refresh(reg.active)
     for site in reg.hidden_sites.values():
         site.refresh(reg.active)
+    if reg.loss_site is not None:
+        reg.loss_site.refresh(reg.active)
 
 
 def active(model: nn.Module) -> list[str]:

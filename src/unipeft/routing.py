@@ -96,7 +96,8 @@ def _sites(model: nn.Module, reg, route: Route) -> list:
     sites = [model.get_submodule(p) for p in sorted({p for d in deltas for p in d.linear})]
     for p in sorted({p for d in deltas for p in d.attention}):
         sites.append(pos.attention_site(model.get_submodule(p)))
-    return sites + list(reg.input_sites.values()) + list(reg.hidden_sites.values())
+    return sites + list(reg.input_sites.values()) + list(reg.hidden_sites.values()) + \
+        ([reg.loss_site] if reg.loss_site is not None else [])
 
 
 # ---------------------------------------------------------------------------

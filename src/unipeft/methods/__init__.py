@@ -19,6 +19,7 @@ from .new_tokens import NewTokens
 from .p_tuning import PTuning
 from .pasta import PASTA
 from .adapter_fusion import AdapterFusion
+from .adamix import AdaMix
 from .compose import Compose
 from .mam import MAM
 from .unipelt import UniPELT
@@ -27,4 +28,4 @@ from .prompt_tuning import PromptTuning
 from .sparse_ft import SparseFT
 from .diff_pruning import DiffPruning
 
-__all__ = ["AdapterFusion", "Compose", "MAM", "UniPELT", "PASTA", "NewTokens", "DiffPruning", "PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["AdaMix", "AdapterFusion", "Compose", "MAM", "UniPELT", "PASTA", "NewTokens", "DiffPruning", "PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -1,7 +1,7 @@
 """Insertion points: where a delta meets the base model. Each is implemented once, in its own module.
 
 He et al. (seed 002) show every PEFT method is a function inserted at a
-position and composed sequentially, in parallel or scaled. unipeft has four
+position and composed sequentially, in parallel or scaled. unipeft has five
 kinds of position and every method uses one or more of them:
 
 * ``LinearSite`` -- a linear map of the base model (``nn.Linear`` or GPT-2's
@@ -17,6 +17,8 @@ kinds of position and every method uses one or more of them:
   concat(P, E(x)), with the attention mask extended to match).
 * ``HiddenSite`` -- the hidden states of chosen tokens at the input of every
   block of a stack (PASTA: h_t + v_l at the special tokens).
+* ``LossSite`` -- the training loss the model returns (AdaMix: a consistency
+  term between two passes).
 
 A site holds any number of named deltas; the active ones are applied in the
 order they were activated. Sites do not know which method put a delta there.
@@ -27,10 +29,11 @@ batch gets the delta named for it; see ``routing.py`` for how a new position sup
 from .attention import (KVSource, AttentionSite, attention_site, attention_with_prefix, current_attention,
                         disable_attention_sites, enable_attention_sites)
 from .hidden import HiddenSite, TokenSource, blocks_under
+from .loss import LossSite
 from .inputs import InputSite
 from .linear import LinearDelta, LinearSite, install_linear_site, linear_shape, uninstall_linear_site
 
 __all__ = ["LinearDelta", "LinearSite", "install_linear_site", "uninstall_linear_site", "linear_shape",
            "KVSource", "AttentionSite", "attention_site", "attention_with_prefix", "current_attention",
            "enable_attention_sites", "disable_attention_sites", "InputSite",
-           "HiddenSite", "TokenSource", "blocks_under"]
+           "HiddenSite", "TokenSource", "blocks_under", "LossSite"]

@@ -98,6 +98,11 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "Yang et al. 2023 (PASTA): one vector per layer and special token, found from the tokenizer; vectors added "
         "to hidden states, like (IA)3 and BitFit, whose screened rates here are 3e-2 and 2e-3 (screen_defaults.py); "
         "1e-2 between them. Not screened separately"),
+    "adamix": MethodDefaults(
+        "adamix", "AdaMix (4 adapter copies)", {"experts": 4, "bottleneck": 64}, {"lr": 3e-3},
+        "Wang et al. 2022 (AdaMix): M=4 copies of each projection, consistency weight 1; Houlsby placement, so the "
+        "Houlsby adapter's rate is kept (screen_defaults.py: zero-initialised sequential adapters need 3e-3). Each "
+        "step runs the batch twice. Not screened as AdaMix"),
     "mam": MethodDefaults(
         "mam", "MAM adapter", {"prefix_length": 30, "reparam_hidden": 512, "bottleneck": 512, "scale": 4.0},
         {"lr": 1e-3},

@@ -30,6 +30,7 @@ ROUTABLE = {
     "compacter": (lambda: up.Compacter(n=4, bottleneck=8), lambda: up.Compacter(n=2, bottleneck=4, rank=2)),
     "compacter_plus": (lambda: up.Compacter(n=4, bottleneck=8, plus=True), lambda: up.Compacter(n=4, bottleneck=4)),
     "adapter_bias": (lambda: up.AdapterBias(), lambda: up.AdapterBias(locations="ffn")),
+    "intrinsic": (lambda: up.Intrinsic(d=64), lambda: up.Intrinsic(d=48, projection="sparse", said=True, seed=3)),
     "adapter_drop": (lambda: up.AdapterDrop(n=1, bottleneck=8), lambda: up.AdapterDrop(n=0, robust=True, bottleneck=4)),
     "p_tuning": (lambda: up.PTuning(length=3, encoder="mlp", hidden=8), lambda: up.PTuning(length=2)),
     "p_tuning_v2": (lambda: up.PTuning(version=2, length=3), lambda: up.PTuning(version=2, length=5)),
@@ -41,7 +42,6 @@ ROUTABLE = {
                 lambda: up.UniPELT(components=("adapter", "lora"), bottleneck=4, r=4)),
     "compose": (lambda: up.Compose([up.LoRA(r=2, targets="all-linear"), up.Adapter(style="parallel", bottleneck=4)]),
                 lambda: up.Compose([up.PrefixTuning(length=2, reparam_hidden=0), up.IA3()])),
-    "intrinsic": (lambda: up.Intrinsic(d=64), lambda: up.Intrinsic(d=48, projection="sparse", said=True, seed=3)),
     "prompt": (lambda: up.PromptTuning(length=4, init="random"), lambda: up.PromptTuning(length=2, init="random")),
     "prefix": (lambda: up.PrefixTuning(length=3, reparam_hidden=16), lambda: up.PrefixTuning(length=5, reparam_hidden=0)),
     "bitfit": (lambda: up.BitFit(), lambda: up.BitFit(targets=("ffn_in", "ffn_out"))),
@@ -272,7 +272,7 @@ def test_errors_name_the_problem_and_the_choices():
     with pytest.raises(UnipeftError, match=r"no delta named 'x'; attached deltas: 'a' or 'f'"):
         with up.route(model, ["a", "x"]):
             pass
-    with pytest.raises(UnipeftError, match=r"'f' \(freeze\) trains the base model's own weights.*Methods that route"):
+    with pytest.raises(UnipeftError, match=r"'f' \(freeze\) changes the base model's own weights.*Methods that route: .*lora"):
         with up.route(model, ["f", "a"]):
             pass
     with pytest.raises(UnipeftError, match="non-empty list"):

@@ -260,3 +260,14 @@ def test_waiting_requests_join_when_rows_finish_and_resumed_rows_are_unchanged(g
         assert order.index(4) < order.index(3)
     else:
         assert e.waves_cut == 0 and order.index(2) > order.index(0)
+
+
+def test_the_server_refuses_exactly_the_methods_that_cannot_route():
+    """Read from each method's own ``routable``, so a new method is served or refused without an edit here."""
+    import unipeft as up
+    from unipeft.serving.engine import unroutable_kinds
+
+    kinds = set(unroutable_kinds())
+    assert {"freeze", "full", "sparse_ft", "diff_pruning", "new_tokens"} <= kinds
+    assert not kinds & {"lora", "ia3", "adapter", "prompt_tuning", "prefix_tuning", "bitfit"}
+    assert kinds == {k for k, c in up.METHODS.items() if not c.routable}

@@ -25,12 +25,15 @@ class MethodConfig:
       kind         -- the name stored on disk ("lora", "adapter", ...)
       method_type  -- "additive", "selective" or "reparameterization" (the notes' taxonomy)
       mergeable    -- whether ``up.merge`` can fold the delta into the base weights
+      routable     -- whether ``up.route`` can give it to some rows of a batch only (False for
+                      methods that change the base's own weights in place, or its vocabulary)
     and implement ``install(view, name)`` (see ``engine.ModelView``).
     """
 
     kind: ClassVar[str] = ""
     method_type: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    routable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

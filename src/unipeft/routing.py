@@ -144,19 +144,23 @@ def _check_routable(model: nn.Module, reg, order: list[str]) -> None:
     (layer freezing, full fine-tuning)."""
     for name in order:
         delta = reg.deltas[name]
-        if getattr(type(delta.config), "routable", True) is False:  # sparse deltas (SparseFT, DiffPruning)
+        if not type(delta.config).routable:  # freezing, full fine-tuning, sparse deltas, new tokens
             why = getattr(type(delta.config), "route_refusal", None) or (  # NewTokens says why it cannot
-                "changes entries of the base model's weights in place; routing it per example would need a copy "
+                "changes the base model's own weights in place; routing it per example would need a copy "
                 "of those weights for every row")
-            raise UnipeftError(
-                f"up.route: delta {name!r} ({delta.config.kind}) {why}. "
-                f"Methods that route: LoRA, adapters, (IA)3, prompt tuning, prefix tuning, BitFit")
+            raise UnipeftError(f"up.route: delta {name!r} ({delta.config.kind}) {why}. {_routable_methods()}")
         for param in delta.selected:
             if _bias_module(model, param) is None:
                 raise UnipeftError(
                     f"up.route: delta {name!r} ({delta.config.kind}) trains the base model's own weights in place "
                     f"({param!r}); routing it per example would need a copy of those weights for every row. "
-                    f"Methods that route: LoRA, adapters, (IA)3, prompt tuning, prefix tuning, BitFit")
+                    f"{_routable_methods()}")
+
+
+def _routable_methods() -> str:
+    from .config import METHODS
+
+    return f"Methods that route: {choices(sorted(k for k, c in METHODS.items() if c.routable))}"
 
 
 def _bias_routes(model: nn.Module, reg, route: Route) -> list[_BiasRoute]:

@@ -22,6 +22,7 @@ class Freeze(MethodConfig):
     kind: ClassVar[str] = "freeze"
     method_type: ClassVar[str] = "selective"
     mergeable: ClassVar[bool] = True
+    routable: ClassVar[bool] = False  # trains the base's own weights in place: a copy per row to route
 
     def validate(self):
         check_positive_int("Freeze", "train_last", self.train_last, allow_zero=True)

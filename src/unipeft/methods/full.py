@@ -21,6 +21,7 @@ class FullFineTune(MethodConfig):
     kind: ClassVar[str] = "full"
     method_type: ClassVar[str] = "selective"
     mergeable: ClassVar[bool] = True
+    routable: ClassVar[bool] = False  # trains the base's own weights in place: a copy per row to route
 
     def install(self, view, name):
         view.select(view.base_parameters())

@@ -56,8 +56,14 @@ from .metrics import Metrics
 # a delta's name, optionally "tenant/name": letters, digits, '_' and '-', never a path
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 KEY = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-# methods that train base weights in place (other than bias terms) cannot route per example
-UNROUTABLE = ("freeze", "full")
+
+
+def unroutable_kinds() -> list[str]:
+    """Methods that cannot route per example (they change the base's own weights in place, or its
+    vocabulary): the server refuses them at upload, as the method itself declares."""
+    from ..config import METHODS
+
+    return sorted(k for k, c in METHODS.items() if not c.routable)
 
 
 class DeltaNotFound(UnipeftError):
@@ -303,7 +309,7 @@ class Engine:
     def changes_output(self, internal: str, meta: dict) -> bool:
         """Whether an attached delta changes the model's output on a probe input (routed, as it
         would be served): a delta that changes nothing is refused at upload."""
-        if meta["method"].get("kind") in UNROUTABLE:
+        if meta["method"].get("kind") in unroutable_kinds():
             raise BadRequest(f"method {meta['method'].get('kind')!r} trains the base model's own weights in place, "
                              f"so it cannot be served per request beside other deltas; servable methods: LoRA, "
                              f"(IA)3, adapters, prompt tuning, prefix tuning, BitFit")

@@ -28,7 +28,7 @@ from pathlib import Path
 from .. import storage
 from ..config import METHODS
 from ..errors import UnipeftError, choices
-from .engine import NAME, UNROUTABLE, BadRequest
+from .engine import NAME, BadRequest, unroutable_kinds
 
 UNIPEFT_FILES = (storage.JSON_NAME, storage.TENSORS_NAME)
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -159,10 +159,10 @@ def prepare(files: dict[str, bytes], fields: dict[str, str], engines: dict) -> d
         kind = m.get("kind")
         if kind not in METHODS:
             raise HTTPError(400, f"delta.json: unknown method {kind!r}; known methods: {choices(sorted(METHODS))}")
-        if kind in UNROUTABLE:
+        if kind in unroutable_kinds():
             raise HTTPError(400, f"method {kind!r} trains the base model's own weights in place and cannot be "
                                  f"served beside other deltas; servable: "
-                                 f"{choices(sorted(k for k in METHODS if k not in UNROUTABLE))}")
+                                 f"{choices(sorted(k for k in METHODS if k not in unroutable_kinds()))}")
         tensors = parse_safetensors(storage.TENSORS_NAME, files[storage.TENSORS_NAME])
         listed = meta.get("tensors")
         if not isinstance(listed, dict) or set(listed) != set(tensors):

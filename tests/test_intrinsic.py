@@ -93,15 +93,49 @@ def test_starts_at_the_base_and_trains_only_theta_d():
             assert torch.equal(p, before[n]), n
 
 
-def test_every_linear_map_of_the_blocks_by_default_weights_and_biases():
+def test_every_linear_map_and_embedding_table_by_default():
     model = tiny.make("bert")
     up.attach(model, up.Intrinsic(d=100, train_head=False), name="t")
     reg = up.engine.registry(model)
-    sites = {p: d for p, d in reg.deltas["t"].linear.items()}
-    assert set(sites) == set(reg.map.roles)
+    sites = reg.deltas["t"].linear
+    tables = {"bert.embeddings.word_embeddings"}
+    assert set(sites) == set(reg.map.roles) | tables
     for path, d in sites.items():
         m = model.get_submodule(path)
-        assert d.proj.D == m.weight.numel() + m.bias.numel()
+        assert d.proj.D == m.weight.numel() + (m.bias.numel() if path not in tables else 0)
+    base_numel = sum(p.numel() for n, p in model.named_parameters() if "unipeft_" not in n)
+    left_out = sum(p.numel() for n, p in model.named_parameters()  # LayerNorms, position tables, the head
+                   if "LayerNorm" in n or "position" in n or "token_type" in n
+                   or n.startswith(("classifier", "bert.pooler")))
+    assert sum(d.proj.D for d in sites.values()) == base_numel - left_out
+
+
+def test_a_tied_lm_head_sees_the_embedding_change_and_merging_adds_it_once():
+    model, x = tiny.make("gpt2"), tiny.batch("gpt2")
+    before = base_state(model)
+    up.attach(model, up.Intrinsic(d=100), name="t")
+    sites = up.engine.registry(model).deltas["t"].linear
+    assert sites["lm_head"].proj is sites["transformer.wte"].proj and sites["lm_head"].follower
+    assert list(sites).index("lm_head") < list(sites).index("transformer.wte")  # merges (as a no-op) first
+    with torch.no_grad():
+        space(model).theta.normal_()
+        unmerged = tiny.logits(model, x)
+        up.merge(model, "t")
+        torch.testing.assert_close(tiny.logits(model, x), unmerged, rtol=1e-4, atol=1e-4)
+        dw = sites["transformer.wte"].change()[0]
+        torch.testing.assert_close(model.lm_head.weight, before["transformer.wte.weight"] + dw)
+        up.unmerge(model, "t")
+        assert torch.equal(tiny.logits(model, x), unmerged)
+    up.detach(model, "t")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_embeddings_false_projects_the_linear_maps_only():
+    model = tiny.make("bert")
+    up.attach(model, up.Intrinsic(d=100, embeddings=False, train_head=False), name="t")
+    reg = up.engine.registry(model)
+    assert set(reg.deltas["t"].linear) == set(reg.map.roles)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -158,8 +192,7 @@ def test_no_D_by_d_tensor_is_ever_built(kind):
         space(model).theta.data.normal_()
         tiny.logits(model, x).float().pow(2).mean().backward()
         up.merge(model, "t")
-    largest_site = max(m.weight.numel() + m.bias.numel() for m in
-                       (model.get_submodule(p) for p in up.engine.registry(model).deltas["t"].linear))
+    largest_site = max(d.proj.D for d in up.engine.registry(model).deltas["t"].linear.values())
     assert largest_site * d > 2_000_000
     bound = 4 * 4096 if kind == "fastfood" else 2 * d * int(largest_site ** 0.5 + 1)
     assert seen.largest <= bound, (seen.largest, bound)
@@ -188,7 +221,7 @@ def test_said_one_scale_per_matrix_within_d():
 
 def test_targets_restrict_the_projected_maps():
     model = tiny.make("bert")
-    up.attach(model, up.Intrinsic(d=50, targets=["query", "value"], train_head=False), name="t")
+    up.attach(model, up.Intrinsic(d=50, targets=["query", "value"], embeddings=False, train_head=False), name="t")
     paths = list(up.engine.registry(model).deltas["t"].linear)
     assert len(paths) == 4 and all(p.endswith(("query", "value")) for p in paths)
 
@@ -256,6 +289,7 @@ def test_dense_refuses_a_projection_too_large(monkeypatch):
     ({"d": 0}, r"d must be an integer >= 1"),
     ({"d": 2.5}, r"d must be an integer >= 1"),
     ({"said": "yes"}, r"said must be True or False"),
+    ({"embeddings": 1}, r"embeddings must be True or False"),
     ({"seed": "x"}, r"seed must be an integer"),
     ({"dim": 3}, r"unknown option 'dim'"),
 ])
@@ -314,9 +348,9 @@ def test_sweep_on_a_tiny_model_reports_each_d_against_full_fine_tuning(tmp_path,
     # d counts the subspace; the trained classifier head (32 x 2 + 2) comes on top
     assert [r["trainable_params"] for r in report["runs"]] == [4 + 66, 64 + 66]
     model = tiny.make("bert")
-    linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n
-              and "pooler" not in n]
-    assert report["D"] == sum(m.weight.numel() + m.bias.numel() for m in linear)
+    assert report["D"] == sum(p.numel() for n, p in model.named_parameters()  # no LayerNorm, position table, head
+                              if "LayerNorm" not in n and "position" not in n and "token_type" not in n
+                              and not n.startswith(("classifier", "bert.pooler")))
     for r in report["runs"]:
         assert r["fraction_of_full"] == pytest.approx(r["metric"] / report["full"]["metric"])
     expected = intrinsic_dim.d_threshold({r["d"]: r["metric"] for r in report["runs"]}, report["full"]["metric"])
@@ -340,3 +374,20 @@ def test_intrinsic_dim_cli_bad_input(argv, match, capsys):
     assert cli.main(["analyze", "intrinsic-dim", *argv]) != 0
     err = capsys.readouterr().err
     assert match in err
+
+
+def test_without_autograd_the_change_is_computed_once_until_theta_moves():
+    model = tiny.make("bert")
+    up.attach(model, up.Intrinsic(d=64, said=True, train_head=False), name="t")
+    site = next(iter(up.engine.registry(model).deltas["t"].linear.values()))
+    s = space(model)
+    with torch.no_grad():
+        first = site.change()[0]
+        assert site.change()[0] is first  # evaluation and generation reuse it
+        s.theta.add_(0.1)
+        moved = site.change()[0]
+        assert moved is not first and not torch.equal(moved, first)
+        s.scales.mul_(2)
+        torch.testing.assert_close(site.change()[0], 2 * moved)
+    with_grad = site.change()[0]
+    assert with_grad is not moved and with_grad.requires_grad  # training recomputes, for the gradient

@@ -546,9 +546,9 @@ def merge(model: nn.Module, name: str) -> nn.Module:
     added = 0
     for path in delta.linear:
         site = model.get_submodule(path)
-        had_bias = site.bias is not None
+        had_bias = getattr(site, "bias", None) is not None  # embeddings are sites without a bias
         site.unipeft_merge(name)
-        added += site.bias is not None and not had_bias
+        added += getattr(site, "bias", None) is not None and not had_bias
     if added:
         import warnings
 

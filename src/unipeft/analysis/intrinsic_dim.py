@@ -83,7 +83,7 @@ def sweep(model: str = "minilm", task: str = "sst2", dims=(10, 100, 1000, 10000)
         res = train("intrinsic", f"d{d}", {"d": d, "projection": projection, "said": said}, intrinsic_settings)
         value = _metric(res, main, f"d={d}")
         delta = next(iter(registry(res["_model"]).deltas.values()))
-        projected = sum(s.proj.D for s in delta.linear.values() if hasattr(s, "proj"))
+        projected = sum({id(s.proj): s.proj.D for s in delta.linear.values() if hasattr(s, "proj")}.values())
         report["D"] = projected
         report["runs"].append({"d": d, "metric": value, "fraction_of_full": value / full if full else None,
                                "trainable_params": res["trainable_params"], "delta_bytes": res.get("delta_bytes"),
@@ -118,7 +118,7 @@ def format_report(report: dict) -> str:
         lines.append(f"d{pct}: not reached in this sweep (no d gets {pct}% of full fine-tuning)")
     else:
         lines.append(f"d{pct} = {report['d90']:,} of D = {report.get('D', 0):,} projected parameters "
-                     f"({100 * report.get('d90_over_D', 0):.4f}%)")
+                     f"({100 * report.get('d90_over_D', 0):.3g}%)")
     return "\n".join(lines)
 
 

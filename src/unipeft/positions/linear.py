@@ -172,7 +172,7 @@ class LinearSite:
         if name in self._unipeft_merged:
             return
         delta = self.unipeft_deltas[name]
-        w, b = self.unipeft_weight_out_in(), self.bias
+        w, b = self.unipeft_weight_out_in(), getattr(self, "bias", None)  # an embedding (a site too) has none
         with torch.no_grad():
             new_w, new_b = delta.merged(w.detach(), None if b is None else b.detach())
             # keep the exact originals so unmerge restores the base bit for bit
@@ -194,7 +194,7 @@ class LinearSite:
                 self.weight.copy_(w)
                 if b is not None:
                     self.bias.copy_(b)
-                elif self.bias is not None:  # a bias the merge added: the map goes back to having none
+                elif getattr(self, "bias", None) is not None:  # a bias the merge added: the map goes back to none
                     self.bias = None
         for n in later[1:]:
             self.unipeft_merge(n)

@@ -29,13 +29,15 @@ from .methods.dylora import set_rank  # noqa: E402
 from .methods.sparse_ft import SparseFT  # noqa: E402
 from .methods.diff_pruning import DiffPruning  # noqa: E402
 from .sparse import finalize  # noqa: E402
+from .methods.intrinsic import Intrinsic  # noqa: E402
+from .methods.new_tokens import NewTokens, extend_tokenizer  # noqa: E402
 from .methods.adapter_drop import AdapterDrop, set_drop  # noqa: E402
 from .methods.p_tuning import PTuning  # noqa: E402
 from .methods.pasta import PASTA  # noqa: E402
+from .methods.qlora import QLoRA  # noqa: E402
+from .quantization import quantize  # noqa: E402
 from .methods import MAM, Compose, UniPELT  # noqa: E402
 from .methods import AdaMix, AdapterFusion  # noqa: E402
-from .methods.intrinsic import Intrinsic  # noqa: E402
-from .methods.new_tokens import NewTokens, extend_tokenizer  # noqa: E402
 from .peft_format import export_peft, import_peft  # noqa: E402
 from .routing import route  # noqa: E402
 from .hub import push  # noqa: E402
@@ -47,8 +49,8 @@ __all__ = [
     "LoRA", "Adapter", "PromptTuning", "PrefixTuning", "BitFit", "IA3", "Freeze", "FullFineTune",
     "DyLoRA", "AdaLoRA", "set_rank", "Compacter", "AdapterBias",
     "SparseFT", "DiffPruning", "finalize",
-    "AdapterDrop", "set_drop", "PTuning", "PASTA", "Compose", "MAM", "UniPELT", "AdapterFusion", "AdaMix",
     "Intrinsic", "NewTokens", "extend_tokenizer",
+    "AdapterDrop", "set_drop", "PTuning", "PASTA", "QLoRA", "quantize", "Compose", "MAM", "UniPELT", "AdapterFusion", "AdaMix",
     "export_peft", "import_peft", "train", "compare",
 ]
 

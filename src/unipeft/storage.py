@@ -90,21 +90,45 @@ def _sharded(model: nn.Module) -> bool:
 # fingerprint of the base model
 # ---------------------------------------------------------------------------
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: nn.Module, loose: bool = False) -> str:
     """A hash of the base model's parameter names, shapes and a sample of values.
 
     Sampling (up to 1,024 evenly spaced values per tensor) keeps this cheap on
     large models while any realistic difference in weights changes it. Task
     heads are left out: a fresh head is random by design.
+
+    ``loose``: the weights of linear maps count by name and (out, in) shape only, every other tensor
+    (embeddings, norms, biases) by value as above. It is the same for a base and for that base
+    quantized (``unipeft.quantization``), so a delta trained on either loads onto the other.
     """
+    linear = {}
+    if loose:
+        from .architectures import is_linear_like
+        from .quantization import bits_of, logical_shape
+
+        for path, m in model.named_modules():
+            if is_linear_like(m):
+                w = m.weight  # (out, in), or (in, out) for a Conv1D
+                shape = logical_shape(m) if bits_of(m) else tuple(w.shape[::1 if isinstance(m, nn.Linear) else -1])
+                linear[f"{path}.weight" if path else "weight"] = shape
     h = hashlib.sha256()
     for name, t in sorted(original_base_tensors(model).items()):
+        if name in linear:
+            h.update(f"{name}:linear{tuple(linear[name])}".encode())
+            continue
         flat = full_tensor(t.detach()).reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].to(device="cpu", dtype=torch.float32)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def quantized_bits(model: nn.Module) -> list[int] | None:
+    """The widths of the model's quantized linear maps (sorted), None for a float model."""
+    from .quantization import quantized_modules
+
+    return sorted(set(quantized_modules(model).values())) or None
 
 
 # ---------------------------------------------------------------------------
@@ -214,6 +238,8 @@ def save(model: nn.Module, directory, name: str | None = None) -> Path:
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
             "class": type(model).__name__,
             "fingerprint": fingerprint(model),
+            "loose_fingerprint": fingerprint(model, loose=True),  # quantized <-> float bases (fingerprint())
+            "quantized": quantized_bits(model),
         },
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                     for k, v in tensors.items()},
@@ -339,6 +365,11 @@ def load(model: nn.Module, directory, name: str | None = None, *, check_base: bo
     if check_base:
         want = meta["base"].get("fingerprint")
         have = fingerprint(model)
+        # a quantized base and its float original differ in their linear weights only: either way
+        # round, the loose fingerprint (the rest by value, linear weights by name and shape) decides
+        if want != have and (meta["base"].get("quantized") or quantized_bits(model)):
+            if meta["base"].get("loose_fingerprint") == fingerprint(model, loose=True):
+                want = have
         if want != have:
             raise UnipeftError(
                 f"{str(d)!r} was trained on a different base model ({meta['base'].get('model_type')} "

@@ -27,5 +27,6 @@ from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 from .sparse_ft import SparseFT
 from .diff_pruning import DiffPruning
+from .qlora import QLoRA
 
-__all__ = ["AdaMix", "AdapterFusion", "Compose", "MAM", "UniPELT", "PASTA", "NewTokens", "DiffPruning", "PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]
+__all__ = ["AdaMix", "QLoRA", "AdapterFusion", "Compose", "MAM", "UniPELT", "NewTokens", "PASTA", "DiffPruning", "PTuning", "SparseFT", "AdapterDrop", "Intrinsic", "AdaLoRA", "Adapter", "AdapterBias", "BitFit", "Compacter", "DyLoRA", "Freeze", "FullFineTune", "IA3", "LoRA", "PrefixTuning", "PromptTuning"]

@@ -142,8 +142,13 @@ class LoRADelta(LinearDelta):
     group = None  # the SharedInput this delta belongs to, if any
 
     def fusable(self, site) -> bool:
-        """Whether the fused path computes this site: no dropout mask to keep, frozen base weights."""
+        """Whether the fused path computes this site: no dropout mask to keep, frozen base weights, a
+        float base weight (on a quantized map the plain path runs: the quantized module's own product
+        dequantises W in its forward and backward and keeps only the packed weight, where the fused
+        node would keep a float copy of W for the backward)."""
         if self.drop is not None and self.training:
+            return False
+        if site._unipeft_quantized:
             return False
         weight, bias = site.weight, site.bias
         return not (weight.requires_grad or (bias is not None and bias.requires_grad))

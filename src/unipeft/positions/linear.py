@@ -6,8 +6,10 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import UnipeftError
+from ..quantization import dequantize, prepare_site
 from .tables import SlotTable
 
 
@@ -82,6 +84,14 @@ class LinearSite:
 
     unipeft_deltas: nn.ModuleDict
 
+    def _unipeft_base(self, x):
+        """The base map: the module's own forward, or, on a quantized map with merged deltas, the
+        dequantised merged weight (see ``unipeft_merge``)."""
+        dense = self._unipeft_dense
+        if dense is not None:
+            return F.linear(x, dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return super().forward(x)
+
     def unipeft_refresh(self, active: list[str]) -> None:
         ds = [self.unipeft_deltas[n] for n in active if n in self.unipeft_deltas and n not in self._unipeft_merged]
         self._unipeft_pre = tuple(d for d in ds if d.rewrites_input)
@@ -104,7 +114,7 @@ class LinearSite:
             if y is not None:
                 post = post[1:]
         if y is None:
-            y = self._unipeft_replace.replace(h) if self._unipeft_replace is not None else super().forward(h)
+            y = self._unipeft_replace.replace(h) if self._unipeft_replace is not None else self._unipeft_base(h)
         for d in post:
             y = d.output(x, y)
         return y
@@ -133,7 +143,7 @@ class LinearSite:
         for (kind, cls), items in groups.items():
             if kind == "input":
                 h = cls.routed_input(self, items, h)
-        y = super().forward(h)
+        y = self._unipeft_base(h)
         for (kind, cls), items in groups.items():
             if kind == "replace":
                 for _, d, rows in items:
@@ -166,12 +176,18 @@ class LinearSite:
 
     # --- weights as (out, in), whatever the storage layout -----------------
     def unipeft_weight_out_in(self) -> torch.Tensor:
+        """The weight the map computes with, (out, in); for a quantized map a dequantised float copy
+        (made on each call: nothing keeps it)."""
+        if self._unipeft_quantized:
+            return self._unipeft_dense if self._unipeft_dense is not None else dequantize(self)
         return self.weight.T if self._unipeft_transposed else self.weight
 
     def unipeft_merge(self, name: str) -> None:
         if name in self._unipeft_merged:
             return
         delta = self.unipeft_deltas[name]
+        if self._unipeft_quantized:
+            return self._merge_quantized(name, delta)
         w, b = self.unipeft_weight_out_in(), getattr(self, "bias", None)  # an embedding (a site too) has none
         with torch.no_grad():
             new_w, new_b = delta.merged(w.detach(), None if b is None else b.detach())
@@ -183,6 +199,30 @@ class LinearSite:
             elif new_b is not None:  # the delta needs a bias this map never had (BitFit on a bias-free model)
                 self.bias = nn.Parameter(new_b.detach().clone(), requires_grad=False)
 
+    def _merge_quantized(self, name: str, delta) -> None:
+        """Merging into a quantized map: W + ΔW cannot go back into the packed weight without a second
+        rounding, so the map computes from then on with a dequantised float weight W_deq + ΔW (the
+        memory of an unquantized layer; ``_unipeft_base``) and says so; the packed weight stays as it is,
+        so unmerge (and detach) go back to it exactly."""
+        import warnings
+
+        w, b = self.unipeft_weight_out_in(), self.bias
+        with torch.no_grad():
+            new_w, new_b = delta.merged(w.detach(), None if b is None else b.detach())
+        # the originals: the packed weight itself (a reference, it is never written) before the first merge
+        before = self.weight if self._unipeft_dense is None else self._unipeft_dense
+        self._unipeft_merged[name] = (before, None if b is None else b.detach().clone())
+        self._unipeft_dense = new_w.detach()
+        with torch.no_grad():
+            if b is not None and new_b is not None:
+                b.copy_(new_b)
+            elif new_b is not None:
+                self.bias = nn.Parameter(new_b.detach().clone(), requires_grad=False)
+        warnings.warn(f"up.merge: delta {name!r} merged into {self._unipeft_quantized}-bit quantized linear maps: "
+                      f"each now computes with a dequantised float weight (W_deq + delta, the memory of an "
+                      f"unquantized layer); the quantized weights are kept, and up.unmerge goes back to them",
+                      stacklevel=3)
+
     def unipeft_unmerge(self, name: str) -> None:
         if name not in self._unipeft_merged:
             return
@@ -191,7 +231,10 @@ class LinearSite:
         for n in reversed(later):
             w, b = self._unipeft_merged.pop(n)
             with torch.no_grad():
-                self.weight.copy_(w)
+                if self._unipeft_quantized:
+                    self._unipeft_dense = None if w is self.weight else w
+                else:
+                    self.weight.copy_(w)
                 if b is not None:
                     self.bias.copy_(b)
                 elif getattr(self, "bias", None) is not None:  # a bias the merge added: the map goes back to none
@@ -224,6 +267,8 @@ def install_linear_site(module: nn.Module) -> nn.Module:
     module.__class__ = _site_class(type(module))
     module.unipeft_deltas = nn.ModuleDict()
     module._unipeft_transposed = transposed
+    module._unipeft_quantized = prepare_site(module)  # 2, 4, 8 or None
+    module._unipeft_dense = None  # a quantized map's dequantised merged weight (unipeft_merge)
     module._unipeft_merged = {}
     module._unipeft_pre = ()
     module._unipeft_post = ()
@@ -239,7 +284,8 @@ def uninstall_linear_site(module: nn.Module) -> None:
         return
     base = [c for c in type(module).__mro__[1:] if c is not LinearSite and issubclass(c, nn.Module)][0]
     del module.unipeft_deltas
-    for attr in ("_unipeft_transposed", "_unipeft_merged", "_unipeft_pre", "_unipeft_post", "_unipeft_replace",
+    for attr in ("_unipeft_transposed", "_unipeft_quantized", "_unipeft_dense", "_unipeft_merged", "_unipeft_pre",
+                 "_unipeft_post", "_unipeft_replace",
                  "_unipeft_route", "_unipeft_routed", "_unipeft_route_tables"):
         module.__dict__.pop(attr, None)
     module.__class__ = base

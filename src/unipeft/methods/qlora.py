@@ -1,0 +1,65 @@
+"""QLoRA (Dettmers et al. 2023; seeds 000 and 001): LoRA trained on a base whose frozen linear maps
+are stored quantized (4-bit NF4 with double quantisation, 8-bit, or the project's packed 2-bit),
+gradients flowing through the dequantised weights:
+
+    h = dequant(W_q) x + (alpha / r) * B A x
+
+``up.QLoRA(bits=4, **lora_options)`` is ``up.quantize(model, bits, targets)`` followed by
+``up.LoRA(**lora_options)``, in one attach. Quantization belongs to the base, not to the delta:
+
+* the delta is a LoRA delta; ``up.save`` writes it as one (kind "lora"), so it loads onto the
+  float base or onto a quantized one alike (the base check compares quantized and float bases by
+  everything but their linear weights' values, ``storage.fingerprint(loose=True)``);
+* ``up.detach`` removes the LoRA factors only: **the base stays quantized** (the float weights
+  are gone, which is what saves the memory); start from the float model to get them back;
+* ``up.merge`` gives dequantised merged maps (W_deq + sBA in floats, with a warning); unmerge
+  returns to the quantized ones.
+
+Targets already quantized at ``bits`` (a model loaded with transformers' ``BitsAndBytesConfig``)
+are used as they are; at another width they are refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from ..config import check_number, method
+from ..errors import UnipeftError
+from ..quantization import check_bits, restore, swap
+from .lora import LoRA
+
+
+@method
+class QLoRA(LoRA):
+    """LoRA on a quantized base. bits: 4 (NF4 + double quantisation, bitsandbytes), 8 (LLM.int8(),
+    bitsandbytes) or 2 (packed, pure torch); group_size: inputs per scale and zero point at 2 bits;
+    int8_threshold: LLM.int8()'s outlier threshold at 8 bits (0: none). Every LoRA option applies
+    (r, alpha, dropout, targets, init, ...); the targets are both what is quantized and where LoRA goes.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    int8_threshold: float = 0.0
+
+    kind: ClassVar[str] = "qlora"
+
+    def validate(self):
+        super().validate()
+        check_bits("QLoRA", self.bits)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 4 \
+                or self.group_size % 4:
+            raise UnipeftError(f"QLoRA: group_size must be a multiple of 4 (>= 4), got {self.group_size!r}")
+        check_number("QLoRA", "int8_threshold", self.int8_threshold, lo=0)
+
+    def install(self, view, name):
+        swapped = swap(view.model, self.bits, self.targets or self.default_targets, owner="QLoRA",
+                       group_size=self.group_size, int8_threshold=self.int8_threshold, reuse=True)
+        try:
+            super().install(view, name)
+        except BaseException:
+            restore(view.model, swapped)  # the model as it was: float maps back
+            raise
+
+    def saved_config(self) -> LoRA:
+        """A plain LoRA config: the file holds a LoRA delta, whatever the base's width."""
+        return LoRA(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoRA)})

@@ -1,0 +1,475 @@
+"""Quantized bases (up.quantize, up.QLoRA; unipeft.quantization): 4-bit NF4 and 8-bit through
+bitsandbytes, 2-bit through the project's packed format.
+
+Checked here: the packed 2-bit format (4 codes a byte, scale and zero point per group, its error
+against plain min-max rounding and NF4), that its autograd function keeps nothing for the backward
+but the packed tensors, that every linear map of the blocks (never the head or the embeddings) is
+swapped, that LoRA on a quantized base computes exactly what LoRA on the dequantised float weights
+computes (outputs and gradients, fused switch on or off), that other methods using linear sites
+(IA3, adapters, BitFit) train on it with the packed base untouched, that merge gives dequantised
+merged maps and says so, that deltas move between quantized and float bases, that a model loaded
+with transformers' BitsAndBytesConfig works, and that bad input is one line with the model unchanged.
+"""
+import logging
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tiny
+import unipeft as up
+from unipeft import fused
+from unipeft.architectures import map_model
+from unipeft.errors import UnipeftError
+from unipeft.positions import LinearSite
+from unipeft.quantization import dequantize, quantized_modules
+from unipeft.quantization.packed2bit import Dequantized2bitMatmul, Packed2bitLinear, dequantize_2bit, quantize_2bit
+from unipeft.targets import resolve
+
+bnb = pytest.importorskip("bitsandbytes")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # LLM.int8() logs its fp16 cast on every call
+
+BITS = (2, 4, 8)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "unipeft_" not in k}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def float_copy(model):
+    """The model with every quantized map replaced by an nn.Linear holding its dequantised weight:
+    the reference a quantized base must compute exactly."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    for path in quantized_modules(ref):
+        q = ref.get_submodule(path)
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        lin.weight.data = dequantize(q).float()
+        if q.bias is not None:
+            lin.bias.data = q.bias.detach().float().clone()
+        parent, _, child = path.rpartition(".")
+        setattr(ref.get_submodule(parent), child, lin)
+    return ref
+
+
+def rel_error(w, w_hat):
+    return ((w - w_hat).norm() / w.norm()).item()
+
+
+# ---------------------------------------------------------------------------
+# the packed 2-bit format
+# ---------------------------------------------------------------------------
+
+def test_packed_2bit_layout_and_error():
+    torch.manual_seed(0)
+    w = torch.randn(48, 200)  # 200 inputs: 4 groups of 64, the last padded
+    packed, scale, zero = quantize_2bit(w, 64)
+    assert packed.dtype == torch.int8 and packed.shape == (48, 256 // 4)  # four codes a byte
+    assert scale.shape == zero.shape == (48, 4) and scale.dtype == torch.float16
+    w_hat = dequantize_2bit(packed, scale, zero, 200)
+    assert w_hat.shape == w.shape
+    # every weight is one of the four levels of its group
+    g0 = (w_hat[:, :64] / scale[:, :1].float() + zero[:, :1].float())
+    torch.testing.assert_close(g0, g0.round(), atol=1e-3, rtol=0)
+    assert g0.round().min() >= 0 and g0.round().max() <= 3
+    # the clipping search beats plain min-max rounding, and 2 bits lose more than NF4
+    lo, hi = w[:, :192].view(48, 3, 64).aminmax(dim=-1)
+    s = ((hi - lo) / 3).unsqueeze(-1)
+    plain = ((w[:, :192].view(48, 3, 64) - lo.unsqueeze(-1)) / s).round().clamp(0, 3) * s + lo.unsqueeze(-1)
+    err2 = rel_error(w[:, :192], w_hat[:, :192])
+    assert err2 < rel_error(w[:, :192], plain.view(48, 192))
+    nf4 = bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(w[:, :192].contiguous(), quant_type="nf4"))
+    assert rel_error(w[:, :192], nf4) < err2 < 0.5
+
+
+def test_packed_2bit_matmul_gradients_and_nothing_kept_for_backward():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    q = Packed2bitLinear.from_weight(lin.weight, lin.bias, group_size=32)
+    q.bias.requires_grad_(True)
+    w = q.dequantize()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    # only the packed codes, scales and zero points: no float copy of W, no copy of x
+    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in (q.weight, q.scale, q.zero))
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = q.bias.detach().clone().requires_grad_(True)
+    y2 = torch.nn.functional.linear(x2, w, b2)
+    y2.backward(g)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(q.bias.grad, b2.grad)
+    assert not q.weight.requires_grad and q.weight.grad is None
+    # under bf16 autocast the product runs in bf16, the input gradient comes back in x's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = Dequantized2bitMatmul.apply(x, q.weight, q.scale, q.zero, q.bias, 64)
+    assert yb.dtype == torch.bfloat16
+    x.grad = None
+    yb.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------
+# up.quantize
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "t5"])
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_swaps_the_linear_maps_of_the_blocks_only(family, bits):
+    model, x = tiny.make(family), tiny.batch(family)
+    float_out = tiny.logits(model, x).detach()
+    linear = resolve(model, map_model(model), ("all-linear",), "t")
+    head_and_embeddings = {n: p.detach().clone() for n, p in model.named_parameters()
+                           if not any(n.startswith(p_ + ".") for p_ in linear)}
+    assert up.quantize(model, bits=bits) is model
+    assert quantized_modules(model) == {p: bits for p in linear}
+    kinds = {2: Packed2bitLinear, 4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}
+    assert all(isinstance(model.get_submodule(p), kinds[bits]) for p in linear)
+    for n, p in model.named_parameters():
+        if n in head_and_embeddings:
+            assert torch.equal(p, head_and_embeddings[n]), n
+    out = tiny.logits(model, x).detach()
+    # tiny random models: a loose sanity bound on the logits' relative error (8 < 4 < 2 bits)
+    assert rel_error(float_out, out) < {2: 0.8, 4: 0.4, 8: 0.05}[bits]
+    if bits != 8:  # LLM.int8() also rounds the activations; 2 and 4 bits compute exactly with W_deq
+        torch.testing.assert_close(out, tiny.logits(float_copy(model), x).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_quantize_targets_and_bytes_per_weight():
+    model = tiny.make("llama")
+    up.quantize(model, bits=2, targets=["q", "v"], group_size=32)
+    assert sorted(quantized_modules(model)) == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]
+    q = model.model.layers[0].self_attn.q_proj
+    stored = q.weight.numel() * 1 + (q.scale.numel() + q.zero.numel()) * 2
+    assert stored / (q.in_features * q.out_features) == 0.25 + 4 / 32
+    assert "bits=2, group_size=32" in repr(q)
+
+
+# ---------------------------------------------------------------------------
+# LoRA (and the other linear-site methods) on a quantized base
+# ---------------------------------------------------------------------------
+
+def _train_grads(model, x):
+    model.zero_grad()
+    loss = tiny.logits(model, x).float().pow(2).mean()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_on_a_quantized_base_is_lora_on_the_dequantised_weights(family, bits):
+    """Outputs and gradients equal those of the float model holding W_deq, with the fused switch on
+    and off (a quantized site takes the plain path: the quantized module's own product)."""
+    model, x = tiny.make(family), tiny.batch(family)
+    up.quantize(model, bits=bits)
+    ref = float_copy(model)
+    for m in (model, ref):
+        torch.manual_seed(3)
+        up.attach(m, up.LoRA(r=4, targets="all-linear"), name="t")
+        torch.manual_seed(4)
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.2)  # B != 0: the LoRA path and its gradients are all non-trivial
+    for enabled in (True, False):
+        fused.set_enabled(enabled)
+        try:
+            g, g_ref = _train_grads(model, x), _train_grads(ref, x)
+        finally:
+            fused.set_enabled(True)
+        assert g.keys() == g_ref.keys() and len(g) == 2 * len(quantized_modules(model))
+        for k in g:
+            torch.testing.assert_close(g[k], g_ref[k], atol=1e-5, rtol=1e-4)
+    # the site wraps the quantized module as it wraps nn.Linear
+    site = model.get_submodule(next(iter(quantized_modules(model))))
+    assert isinstance(site, LinearSite) and site._unipeft_quantized == bits
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_a_lora_site_on_a_quantized_map_keeps_no_float_weight_for_the_backward(bits):
+    model = tiny.make("llama")
+    up.quantize(model, bits=bits)
+    up.attach(model, up.LoRA(r=4, targets=["q"]), name="t")
+    site = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, site.in_features, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = site(x)
+    weight_size = site.in_features * site.out_features
+    assert saved and not [t for t in saved if t.is_floating_point() and t.numel() >= weight_size]
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in site.unipeft_deltas["t"].parameters())
+
+
+def test_lora_on_8bit_trains_and_the_base_stays_packed():
+    model, x = tiny.make("llama"), tiny.batch("llama")
+    up.quantize(model, bits=8)
+    before = state(model)
+    up.attach(model, up.LoRA(r=4), name="t")
+    x_emb = model.get_input_embeddings()(x["input_ids"]).detach().requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(inputs_embeds=x_emb, attention_mask=x["attention_mask"]).logits.float().pow(2).mean()
+        loss.backward()
+        assert x_emb.grad is not None and x_emb.grad.abs().sum() > 0  # through the int8 weights to the input
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    up.detach(model, "t")
+    assert same_state(state(model), before)
+
+
+@pytest.mark.parametrize("method", ["ia3", "adapter", "bitfit"])
+@pytest.mark.parametrize("bits", BITS)
+def test_other_linear_site_methods_train_on_a_quantized_base(method, bits, tmp_path):
+    make = {"ia3": lambda: up.IA3(), "adapter": lambda: up.Adapter(style="pfeiffer", bottleneck=8),
+            "bitfit": lambda: up.BitFit()}[method]
+    family = "bert"  # biases everywhere: BitFit trains the quantized maps' own (float) biases in place
+    model, x = tiny.make(family), tiny.batch(family)
+    up.quantize(model, bits=bits)
+    packed = {n: p.clone() for n, p in model.named_parameters() if not p.is_floating_point()}
+    base = state(model)
+    up.attach(model, make(), name="t")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        tiny.logits(model, x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    for n, p in model.named_parameters():
+        if n in packed:
+            assert torch.equal(p, packed[n]) and not p.requires_grad, n
+    out = tiny.logits(model, x).detach()
+    up.save(model, tmp_path / "d", name="t")
+    fresh = tiny.make(family)
+    up.quantize(fresh, bits=bits)
+    up.load(fresh, tmp_path / "d")
+    torch.testing.assert_close(tiny.logits(fresh, x).detach(), out)
+    up.detach(model, "t")
+    assert same_state(state(model), base)
+
+
+def test_routing_two_lora_deltas_on_a_quantized_base():
+    model, x = tiny.make("llama"), tiny.batch("llama")
+    up.quantize(model, bits=4)
+    for name in ("a", "b"):
+        up.attach(model, up.LoRA(r=2), name=name)
+        for p in up.engine.registry(model).deltas[name].parameters():
+            p.data.normal_(0, 0.2)
+    alone = {}
+    for name in ("a", "b"):
+        up.activate(model, [name])
+        alone[name] = tiny.logits(model, x).detach()
+    with torch.no_grad(), up.route(model, ["a", "b"]):
+        routed = tiny.logits(model, x)
+    torch.testing.assert_close(routed[0], alone["a"][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(routed[1], alone["b"][1], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# merge, and deltas between quantized and float bases
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", BITS)
+def test_merge_on_a_quantized_base_gives_dequantised_merged_maps(bits):
+    model, x = tiny.make("llama"), tiny.batch("llama")
+    up.quantize(model, bits=bits)
+    base = state(model)
+    up.attach(model, up.LoRA(r=4), name="t")
+    for p in up.engine.registry(model).deltas["t"].parameters():
+        p.data.normal_(0, 0.2)
+    out = tiny.logits(model, x).detach()
+    with pytest.warns(UserWarning, match=f"{bits}-bit quantized linear maps: each now computes with a dequantised"):
+        up.merge(model, "t")
+    site = model.model.layers[0].self_attn.q_proj
+    delta = up.engine.registry(model).deltas["t"].linear["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(site.unipeft_weight_out_in(), dequantize(site) + delta.delta_weight().detach())
+    merged = tiny.logits(model, x).detach()
+    # 8 bits: the quantized map also rounds the activations (LLM.int8()); the merged float map does not
+    tol = dict(atol=1e-5, rtol=1e-4) if bits != 8 else dict(atol=2e-2, rtol=0)
+    torch.testing.assert_close(merged, out, **tol)
+    assert same_state(state(model), base)  # the packed weights are kept as they are
+    up.unmerge(model, "t")
+    assert site._unipeft_dense is None
+    torch.testing.assert_close(tiny.logits(model, x).detach(), out)
+    with pytest.warns(UserWarning):
+        up.merge(model, "t")
+    up.detach(model, "t")  # detach unmerges first
+    assert same_state(state(model), base) and quantized_modules(model)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_a_delta_moves_between_the_quantized_and_the_float_base(bits, tmp_path):
+    family = "gpt2"  # Conv1D: (in, out) float weights against (out, in) quantized ones
+    x = tiny.batch(family)
+    q = up.quantize(tiny.make(family), bits=bits)
+    up.attach(q, up.LoRA(r=4), name="t")
+    for p in up.engine.registry(q).deltas["t"].parameters():
+        p.data.normal_(0, 0.2)
+    up.save(q, tmp_path / "from_q", name="t")
+    f = up.load(tiny.make(family), tmp_path / "from_q")  # accepted by the float base
+    assert up.storage.read_meta(tmp_path / "from_q")["base"]["quantized"] == [bits]
+    state_q = up.storage.delta_tensors(q, up.engine.registry(q).deltas["t"])
+    state_f = up.storage.delta_tensors(f, up.engine.registry(f).deltas["t"])
+    assert all(torch.equal(state_q[k], state_f[k]) for k in state_q)
+    up.save(f, tmp_path / "from_f", name="t")
+    q2 = up.load(up.quantize(tiny.make(family), bits=bits), tmp_path / "from_f")  # and the reverse
+    torch.testing.assert_close(tiny.logits(q2, x).detach(), tiny.logits(q, x).detach())
+    # another base (other weights) is still refused, quantized or not
+    with pytest.raises(UnipeftError, match="different base model"):
+        up.load(up.quantize(tiny.make(family, seed=5), bits=bits), tmp_path / "from_f")
+    with pytest.raises(UnipeftError, match="different base model"):
+        up.load(tiny.make(family, seed=5), tmp_path / "from_q")
+
+
+# ---------------------------------------------------------------------------
+# up.QLoRA
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", BITS)
+def test_qlora_quantizes_and_attaches_lora_in_one_call(bits, tmp_path):
+    model, x = tiny.make("llama"), tiny.batch("llama")
+    up.attach(model, up.QLoRA(bits=bits, r=4, alpha=8), name="t")
+    assert set(quantized_modules(model).values()) == {bits} and len(quantized_modules(model)) == 14
+    assert up.deltas(model)["t"].kind == "qlora"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".unipeft_deltas.t.lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        tiny.logits(model, x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    up.save(model, tmp_path / "d", name="t")
+    meta = up.storage.read_meta(tmp_path / "d")
+    assert meta["method"]["kind"] == "lora" and "bits" not in meta["method"]["options"]
+    loaded = up.load(tiny.make("llama"), tmp_path / "d")  # a plain LoRA on the float base: nothing quantized
+    assert not quantized_modules(loaded) and up.deltas(loaded)["t"].kind == "lora"
+    # a second QLoRA at the same width reuses the quantized maps; detach leaves the base quantized
+    up.attach(model, up.QLoRA(bits=bits, r=2), name="u")
+    up.detach(model, "t")
+    up.detach(model, "u")
+    assert len(quantized_modules(model)) == 14 and up.engine.registry(model) is None
+    assert not any(p.requires_grad for p in model.parameters() if not p.is_floating_point())
+
+
+def test_qlora_with_a_rank_range_saves_the_drawn_ranks(tmp_path):
+    model = tiny.make("llama")
+    up.attach(model, up.QLoRA(bits=2, r=(1, 6), seed=2), name="t")
+    up.save(model, tmp_path / "d", name="t")
+    options = up.storage.read_meta(tmp_path / "d")["method"]["options"]
+    assert isinstance(options["rank_pattern"], dict) and len(options["rank_pattern"]) == 14
+    up.load(up.quantize(tiny.make("llama"), bits=4), tmp_path / "d")
+
+
+# ---------------------------------------------------------------------------
+# a model quantized by transformers (BitsAndBytesConfig)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_model_loaded_with_bitsandbytes_config(bits, tmp_path):
+    import transformers as tf
+
+    # 64-wide maps: bitsandbytes repacks 4-bit weights for its CPU kernel in inference mode (on
+    # AVX512-BF16 CPUs), which needs at least one 64-input block
+    cfg = tf.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    qcfg = (tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32) if bits == 4
+            else tf.BitsAndBytesConfig(load_in_8bit=True))
+    model = tf.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=qcfg, device_map="cpu").eval()
+    x = tiny.batch("llama")
+    assert set(quantized_modules(model).values()) == {bits}
+    with torch.no_grad():
+        model(**x)  # an inference call first (the 4-bit weight may be repacked for the CPU kernel)
+    up.attach(model, up.QLoRA(bits=bits, r=4), name="t")  # the loaded maps are used as they are
+    for p in up.engine.registry(model).deltas["t"].parameters():
+        p.data.normal_(0, 0.1)
+    model.train()
+    tiny.logits(model, x).float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in up.engine.registry(model).deltas["t"].parameters())
+    model.eval()
+    with torch.no_grad():
+        out = tiny.logits(model, x)
+    with pytest.warns(UserWarning, match="dequantised"):
+        up.merge(model, "t")
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.logits(model, x), out, atol=2e-2 if bits == 8 else 1e-4, rtol=0)
+    up.unmerge(model, "t")
+    up.save(model, tmp_path / "d", name="t")
+    up.load(tf.LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "d")  # onto the float base
+    with pytest.raises(UnipeftError, match=f"already quantized \\({bits}-bit\\)"):
+        up.attach(model, up.QLoRA(bits=2), name="u")
+
+
+# ---------------------------------------------------------------------------
+# bad input: one line, the model unchanged
+# ---------------------------------------------------------------------------
+
+def test_bad_input_is_one_line_and_leaves_the_model_unchanged(monkeypatch):
+    model = tiny.make("llama")
+    before = state(model)
+    cases = [
+        (lambda: up.quantize(model, bits=3), "up.quantize: bits must be 2, 4 or 8, got 3"),
+        (lambda: up.quantize(model, bits=2, targets="nothing_here"), "matches no linear module"),
+        (lambda: up.quantize(model, bits=2, group_size=6), "group_size must be a multiple of 4"),
+        (lambda: up.QLoRA(bits=16), "QLoRA: bits must be 2, 4 or 8, got 16"),
+        (lambda: up.attach(model, up.QLoRA(bits=2, rank_pattern={"x": 2})), "rank_pattern"),
+        (lambda: up.quantize(nn.Linear(4, 4).weight, bits=2), "expects a torch.nn.Module"),
+    ]
+    for call, match in cases:
+        with pytest.raises(UnipeftError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
+        assert same_state(state(model), before) and not quantized_modules(model)
+        assert up.engine.registry(model) is None
+    # twice
+    up.quantize(model, bits=4, targets=["q"])
+    once = state(model)
+    with pytest.raises(UnipeftError, match="already quantized \\(4-bit\\); a model is quantized once"):
+        up.quantize(model, bits=2)  # all-linear: q is among the targets
+    assert same_state(state(model), once)
+    with pytest.raises(UnipeftError, match="already quantized"):
+        up.attach(model, up.QLoRA(bits=8), name="t")
+    assert same_state(state(model), once) and up.engine.registry(model) is None
+    # a map that holds a delta
+    up.attach(model, up.LoRA(r=2, targets=["v"]), name="t")
+    with pytest.raises(UnipeftError, match="holds deltas \\('t'\\); quantize the base before attaching"):
+        up.quantize(model, bits=2, targets=["v"])
+    assert "bits=2" not in repr(model)
+    up.detach(model, "t")
+    # bitsandbytes missing: the message says how to install it
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    fresh = tiny.make("llama")
+    fresh_state = state(fresh)
+    for bits in (4, 8):
+        with pytest.raises(UnipeftError, match="pip install bitsandbytes"):
+            up.quantize(fresh, bits=bits)
+        with pytest.raises(UnipeftError, match="pip install bitsandbytes"):
+            up.QLoRA(bits=bits)
+    assert same_state(state(fresh), fresh_state) and not quantized_modules(fresh)
+    up.quantize(fresh, bits=2)  # 2 bits is pure torch: no bitsandbytes needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny.logits(fresh, tiny.batch("llama"))

@@ -473,3 +473,34 @@ def test_bad_input_is_one_line_and_leaves_the_model_unchanged(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny.logits(fresh, tiny.batch("llama"))
+
+
+# ---------------------------------------------------------------------------
+# unipeft train / eval
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unipeft_train_and_eval_with_qlora(bits, tmp_path, capsys):
+    import json
+
+    from unipeft.cli import main
+
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(120)]
+    model = tiny.save(tmp_path / "bert", "bert", "cls")
+    train = tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:80])
+    dev = tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[80:])
+    out = tmp_path / "run"
+    args = ["train", "--model", model, "--task", "sent", "--train", train, "--dev", dev, "--out", out,
+            "--precision", "fp32", "--threads", "1", "--method", "qlora", "--method-option", f"qlora.bits={bits}",
+            "--max-steps", "20", "--batch-size", "16", "--lr", "1e-2", "--json"]
+    assert main([str(a) for a in args]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["method"] == "qlora" and res["method_config"]["bits"] == bits
+    assert json.loads((out / "delta" / "delta.json").read_text())["method"]["kind"] == "lora"
+    # eval quantizes the base as training did before the (LoRA) delta loads: the same numbers
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res["dev"]
+    from unipeft.training.run import load_run
+
+    loaded = load_run(out)[0]
+    assert set(quantized_modules(loaded).values()) == {bits}

@@ -51,9 +51,14 @@ class QLoRA(LoRA):
             raise UnipeftError(f"QLoRA: group_size must be a multiple of 4 (>= 4), got {self.group_size!r}")
         check_number("QLoRA", "int8_threshold", self.int8_threshold, lo=0)
 
+    def prepare_base(self, model):
+        """Quantize ``model`` as this config's attach does (targets already at ``bits`` are kept), so a
+        saved QLoRA delta (a LoRA file) evaluates on the base it was trained on (``training.load_run``)."""
+        return swap(model, self.bits, self.targets or self.default_targets, owner="QLoRA",
+                    group_size=self.group_size, int8_threshold=self.int8_threshold, reuse=True)
+
     def install(self, view, name):
-        swapped = swap(view.model, self.bits, self.targets or self.default_targets, owner="QLoRA",
-                       group_size=self.group_size, int8_threshold=self.int8_threshold, reuse=True)
+        swapped = self.prepare_base(view.model)
         try:
             super().install(view, name)
         except BaseException:

@@ -228,6 +228,9 @@ def load_run(run_dir):
     delta = Path(run_dir) / "delta"
     if not delta.is_dir():
         raise UnipeftError(f"{run_dir} has no trained delta yet (delta/ is missing): did the run finish?")
+    prepare = getattr(resolve(info["method"], info.get("method_config"))[0], "prepare_base", None)
+    if prepare is not None:  # QLoRA: the base quantized as in training before its (LoRA) delta loads
+        prepare(base)
     if head is not None:
         return head.wrap(up.load(base, delta), tokenizer), tokenizer, task, info
     return up.load(base, delta, tokenizer=tokenizer), tokenizer, task, info  # NewTokens extends the tokenizer

@@ -26,11 +26,12 @@ def space(model, name="t"):
     return up.engine.registry(model).deltas[name].module
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 64])
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 32, 2048])
 def test_fwht_is_the_hadamard_matrix_and_its_own_gradient(n):
     x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(fwht(x), x @ hadamard_matrix(n).T)
-    assert torch.autograd.gradcheck(hadamard, (x,))
+    if n <= 64:
+        assert torch.autograd.gradcheck(hadamard, (x,))
     with pytest.raises(ValueError, match="power-of-2"):
         fwht(torch.randn(6))
 

@@ -35,6 +35,8 @@ METHODS = {
     "pasta": lambda: up.PASTA(tokens=[13, 5]),  # ids that tiny.batch holds
     "mam": lambda: up.MAM(prefix_length=3, reparam_hidden=16, bottleneck=8),
     "adamix": lambda: up.AdaMix(experts=3, bottleneck=8),
+    "lora_layers": lambda: up.LoRA(r=2, layers="1"),
+    "compose_layers": lambda: up.Compose([up.LoRA(r=2, layers="0"), up.Adapter(bottleneck=4, layers="1")]),
     "unipelt": lambda: up.UniPELT(bottleneck=8, prefix_length=3, reparam_hidden=16, r=2),
     "compose": lambda: up.Compose([up.LoRA(r=2, targets="all-linear"), up.Adapter(style="parallel", bottleneck=4),
                                    up.PromptTuning(length=2)]),
@@ -54,8 +56,9 @@ METHODS = {
 NO_BIAS = {"llama", "t5"}  # no bias terms: BitFit adds zero-initialised ones (BiasDelta)
 EXACT_AT_INIT = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full", "houlsby",
                  "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_plus", "adapter_bias"}
-EXACT_AT_INIT |= {"adapter_drop", "adapter_drop_robust", "pasta", "adamix"}
+EXACT_AT_INIT |= {"adapter_drop", "adapter_drop_robust", "pasta", "adamix", "compose_layers", "lora_layers"}
 MERGEABLE = {"lora", "lora_all", "lora_range", "dylora", "adalora", "ia3", "bitfit", "freeze", "full"}
+MERGEABLE |= {"lora_layers"}
 EXACT_AT_INIT |= {"sparse_ft", "lt_sft", "diff_pruning"}  # zero values, zero diffs
 MERGEABLE |= {"sparse_ft", "lt_sft", "diff_pruning"}
 FINALIZED_BY_SAVE = {"diff_pruning"}  # up.save projects it to its exact budget in the live model too

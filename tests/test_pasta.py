@@ -134,7 +134,7 @@ def test_inputs_embeds_are_refused_with_a_clear_error():
     (lambda: up.PASTA(tokens=[3, 3]), r"tokens repeat in \[3, 3\]"),
     (lambda: up.PASTA(tokens=[-1]), r"tokens must be a non-empty list"),
     (lambda: up.PASTA(occurrences=0), r"occurrences must be an integer >= 1"),
-    (lambda: up.PASTA(layers=2), r"unknown option 'layers'; valid options: 'tokens', 'occurrences'"),
+    (lambda: up.PASTA(vectors=2), r"unknown option 'vectors'; valid options: 'tokens', 'occurrences'"),
 ])
 def test_bad_options_are_one_line_errors(make, message):
     with pytest.raises(up.UnipeftError, match=message) as err:

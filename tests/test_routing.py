@@ -36,6 +36,8 @@ ROUTABLE = {
     "p_tuning_v2": (lambda: up.PTuning(version=2, length=3), lambda: up.PTuning(version=2, length=5)),
     "pasta": (lambda: up.PASTA(tokens=[13, 59, 42, 17, 40, 16, 86, 21]), lambda: up.PASTA(tokens=[5, 4], occurrences=2)),
     "adamix": (lambda: up.AdaMix(experts=3, bottleneck=8), lambda: up.AdaMix(experts=2, bottleneck=4, locations="ffn")),
+    "compose_layers": (lambda: up.Compose([up.LoRA(r=2, layers="0"), up.Adapter(bottleneck=4, layers="1")]),
+                       lambda: up.Compose([up.Adapter(bottleneck=8, layers="0"), up.IA3(layers="1")])),
     "mam": (lambda: up.MAM(prefix_length=3, reparam_hidden=16, bottleneck=8),
             lambda: up.MAM(prefix_length=2, reparam_hidden=0, bottleneck=4, scale=2.0)),
     "unipelt": (lambda: up.UniPELT(bottleneck=8, prefix_length=3, reparam_hidden=16, r=2),

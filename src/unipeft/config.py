@@ -42,6 +42,10 @@ class MethodConfig:
 
     # dataclass hook: validation runs on construction
     def __post_init__(self):
+        if hasattr(self, "layers"):  # every method's ``layers=`` (unipeft.layers), checked in one place
+            from .layers import normalize
+
+            self.layers = normalize(type(self).__name__, self.layers)
         self.validate()
 
     def validate(self) -> None:  # overridden by methods with rules
@@ -92,7 +96,13 @@ def reject_unknown_options(cls):
 
 
 def method(cls):
-    """Decorator for method configs: a dataclass with strict keyword checking."""
+    """Decorator for method configs: a dataclass with strict keyword checking, and the ``layers``
+    option every method takes (``unipeft.layers``: the blocks it acts on; None: all)."""
+    if not any("layers" in getattr(c, "__dataclass_fields__", {}) for c in cls.__mro__):
+        import inspect
+
+        cls.__annotations__ = {**inspect.get_annotations(cls), "layers": "tuple | None"}
+        cls.layers = None
     return reject_unknown_options(dataclasses.dataclass(cls))
 
 

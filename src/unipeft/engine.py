@@ -302,6 +302,10 @@ def attach(model: nn.Module, method: MethodConfig, name: str = "default", *, act
     delta = Delta(name, method)
     view = ModelView(model, reg, delta, tokenizer)
     try:
+        if getattr(method, "layers", None) is not None:  # the method sees only the chosen blocks
+            from .layers import LayerView
+
+            view = LayerView(view, method.layers, type(method).__name__)
         method.install(view, name)
         _add_head(model, view, delta)
         _place(model, reg, delta)

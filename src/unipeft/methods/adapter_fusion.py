@@ -63,7 +63,8 @@ class AdapterFusion(MethodConfig):
                 raise UnipeftError(f"AdapterFusion: delta {n!r} is a {style} adapter; fusion reads sequential "
                                    f"adapters ('houlsby' or 'pfeiffer')")
         per_path = [{p for p, d in reg.deltas[n].linear.items() if isinstance(d, AdapterDelta)} for n in self.adapters]
-        paths = [p for p in reg.deltas[self.adapters[0]].linear if all(p in s for s in per_path)]
+        paths = [p for p in reg.deltas[self.adapters[0]].linear if all(p in s for s in per_path)
+                 and view.map.block_of(p) is not None]  # (with layers=: the chosen blocks only)
         if not paths:
             raise UnipeftError(f"AdapterFusion: the adapters {choices(list(self.adapters))} share no sublayer")
         for path in paths:

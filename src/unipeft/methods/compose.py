@@ -1,6 +1,7 @@
 """Several methods on one model as one delta (seed 000 "Hybrid PEFT"; He et al. 2022, Mao et al. 2022).
 
     up.Compose([up.PrefixTuning(length=30), up.Adapter(style="scaled_parallel", bottleneck=512)])
+    up.Compose([up.LoRA(layers="0-1"), up.Adapter(layers="2-5")])      # parts on layer groups
 
 Each part installs itself as it would alone, through a view of the same delta (``PartView``):
 its modules land at their positions under the one delta name, so the composition activates,
@@ -58,7 +59,7 @@ class Compose(MethodConfig):
 
     def to_dict(self):
         return {"methods": [{"kind": p.kind, "options": p.to_dict()} for p in self.methods],
-                "train_head": self.train_head}
+                "train_head": self.train_head, "layers": None if self.layers is None else list(self.layers)}
 
     def saved_config(self) -> "Compose":
         """Each part as it is stored alone (prefix tuning without its MLP, ...)."""
@@ -75,7 +76,12 @@ def install_parts(owner: MethodConfig, parts: list[MethodConfig], view, name) ->
     views = []
     for i, part in enumerate(parts):
         pv = PartView(view, owner, i, part, modules)
-        part.install(pv, name)
+        if getattr(part, "layers", None) is not None:  # a part on its own layer group (unipeft.layers)
+            from ..layers import LayerView
+
+            part.install(LayerView(pv, part.layers, type(part).__name__), name)
+        else:
+            part.install(pv, name)
         views.append(pv)
     if len(modules):
         view.set_module(modules)

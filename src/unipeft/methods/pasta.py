@@ -61,9 +61,11 @@ class PASTA(MethodConfig):
         path, _, embed, _, _ = view.stacks_for_input()[0]
         from ..positions import blocks_under
 
-        layers = len(blocks_under(view.model, view.map, path))
-        if not layers:
+        every = blocks_under(view.model, view.reg.map, path)   # the site's layers
+        mine = blocks_under(view.model, view.map, path)        # those this delta acts on (layers=)
+        if not mine:
             raise UnipeftError(f"PASTA: found no blocks in the input stack of {view.map.model_type!r}")
+        layers = [next(i for i, b in enumerate(every) if b is m) for m in mine]
         vocab, dim = embed.weight.shape
         bad = [i for i in ids if i >= vocab]
         if bad:
@@ -100,13 +102,15 @@ class PASTA(MethodConfig):
 
 
 class SpecialTokenVectors(nn.Module, TokenSource):
-    """v^l_k for L layers and K = tokens x occurrences chosen places: (L, K, d), zeros at the start."""
+    """v^l_k for the L layers it acts on and K = tokens x occurrences chosen places: (L, K, d), zeros
+    at the start."""
 
-    def __init__(self, ids: list[int], occurrences: int, layers: int, dim: int):
+    def __init__(self, ids: list[int], occurrences: int, layers: list[int], dim: int):
         super().__init__()
         self.occurrences = occurrences
+        self.rows = {layer: i for i, layer in enumerate(layers)}  # site layer -> row of the table
         self.register_buffer("token_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
-        self.table = nn.Parameter(torch.zeros(layers, len(ids) * occurrences, dim))
+        self.table = nn.Parameter(torch.zeros(len(layers), len(ids) * occurrences, dim))
 
     def hits(self, ids):
         """(rows, columns, vector index) of every chosen token in ``ids`` (n, L): token k's j-th
@@ -117,4 +121,5 @@ class SpecialTokenVectors(nn.Module, TokenSource):
         return rows, cols, k * self.occurrences + occurrence[rows, cols, k]
 
     def vectors(self, layer):
-        return self.table[layer]
+        i = self.rows.get(layer)
+        return None if i is None else self.table[i]

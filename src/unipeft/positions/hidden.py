@@ -25,7 +25,8 @@ from ..errors import UnipeftError
 
 class TokenSource:
     """What a delta puts at a hidden site: ``hits(ids)`` -> (rows, columns, vector index) of its
-    chosen tokens in a batch of ids, and ``vectors(layer)`` -> (K, d), the vectors of that layer."""
+    chosen tokens in a batch of ids, and ``vectors(layer)`` -> (K, d), the vectors of that layer
+    (None for a layer the delta does not act on)."""
 
     def hits(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -102,7 +103,10 @@ class HiddenSite:
             where, h = _hidden_argument(args, kwargs, self._n_ids)
             offset = h.shape[1] - self._n_ids  # prompt positions prepended before the user's tokens
             for src, rows, cols, which in hits:
-                v = src.vectors(layer).to(h.dtype).index_select(0, which)
+                v = src.vectors(layer)
+                if v is None:  # a delta on some layers only (layers=)
+                    continue
+                v = v.to(h.dtype).index_select(0, which)
                 h = h.index_put((rows, cols + offset), v, accumulate=True)
             if isinstance(where, int):
                 return (*args[:where], h, *args[where + 1:]), kwargs

@@ -160,7 +160,7 @@ def apply_yaml_config(path: str, sub: argparse.ArgumentParser) -> None:
     if unknown:
         raise UnipeftError(f"config file {path}: unknown option(s) {unknown}; valid: {', '.join(sorted(dests))}")
     for k, v in values.items():  # lists become the comma-separated form the command line takes
-        if isinstance(v, list) and k not in ("method_option", "labels"):
+        if isinstance(v, list) and k not in ("method_option", "labels") and not any(isinstance(x, dict) for x in v):
             values[k] = ",".join(str(x) for x in v)
     sub.set_defaults(**values)
 

@@ -168,6 +168,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true", help="--head verbalizer: length-normalise multi-token words")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress: stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+    g = p.add_argument_group("multi-task (--task a,b,c or a YAML task: list; see unipeft.training.multitask)")
+    g.add_argument("--deltas", choices=("per-task", "shared"), default="per-task",
+                   help="one delta per task trained together through up.route (default), or one shared delta")
+    g.add_argument("--sampling", choices=("proportional", "temperature"), default="proportional",
+                   help="how batches mix the tasks: proportional to their sizes, or n^(1/T) (T5)")
+    g.add_argument("--temperature", type=float, default=2.0, help="T of --sampling temperature (default 2)")
     p.add_argument("--no-test", dest="score_test", action="store_false", default=None,
                    help="do not score the test split at the end. Default: scored for classification and "
                         "regression; for generation tasks only with --test (it generates for every source: minutes)")
@@ -199,6 +205,8 @@ def run_train(args) -> int:
     if args.resume and not args.out:
         raise UnipeftError("--resume needs --out (the run directory holding checkpoints/)")
     options = parse_method_options(args.method_option, [args.method])[args.method]
+    if isinstance(args.task, list) or "," in str(args.task):
+        return _run_multitask(args, options)
     results = run.train(args.model, args.task, args.method, out=args.out, method_options=options,
                         resume=args.resume, data=data_options(args), evaluate_test=score_test(args),
                         head=_prompt_head(args), **collect(args, TRAIN_FLAGS),
@@ -217,6 +225,30 @@ def run_train(args) -> int:
             print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
     if args.out:
         print(f"delta saved to {Path(args.out) / 'delta'}; results in {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _run_multitask(args, options) -> int:
+    from . import multitask
+
+    if args.head != "auto" or args.resume:
+        raise UnipeftError("multi-task training takes neither --head verbalizer nor --resume")
+    results = multitask.train(args.model, args.task, args.method, data=data_options(args), out=args.out,
+                              method_options=options, deltas=args.deltas, sampling=args.sampling,
+                              temperature=args.temperature, evaluate_test=score_test(args),
+                              **collect(args, TRAIN_FLAGS))
+    if not results["_main"]:
+        return 0
+    results = _public(results)
+    if args.json:
+        print(json.dumps(results, default=str))
+        return 0
+    print(f"{results['method']} ({results['deltas'].replace('_', '-')} deltas) on {', '.join(results['tasks'])}: "
+          f"{results['steps']} steps in {results['train_seconds']:.1f} s; trainable {results['trainable_params']:,}")
+    for name, metrics in results["dev"].items():
+        print(f"dev {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.out:
+        print(f"each task's run (delta, run.json) under {args.out}/<task>; layout in {Path(args.out) / 'multitask.json'}")
     return 0
 
 

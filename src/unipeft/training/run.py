@@ -91,6 +91,9 @@ def load_model(model: str, task: Task, dtype: torch.dtype | None = None):
         cls = tf.AutoModelForSequenceClassification
         kw["num_labels"] = task.num_labels
         kw["problem_type"] = "single_label_classification" if task.kind == "classification" else "regression"
+        # the task head is trained by the delta (engine.HeadDelta): a checkpoint's head with another number of
+        # labels (a multi-task run's task alone, a classifier fine-tuned elsewhere) gives way to a fresh one
+        kw["ignore_mismatched_sizes"] = True
         if task.labels:
             kw["id2label"] = dict(enumerate(task.labels))
             kw["label2id"] = {v: k for k, v in enumerate(task.labels)}

@@ -37,10 +37,10 @@ def subword_tokenizer():
     return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]")
 
 
-def gpt2_for(tok):
+def gpt2_for(tok, size=None):
     """A tiny GPT-2 whose vocabulary is exactly the tokenizer's (new ids lie past the embedding)."""
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+    cfg = tf.GPT2Config(vocab_size=size or len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
     return tf.GPT2LMHeadModel._from_config(cfg).eval()
 
 
@@ -272,3 +272,29 @@ def test_attach_errors_leave_model_and_tokenizer_unchanged():
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
     assert not any(isinstance(m, (InputRows, OutputRows)) for m in model.modules())
+
+
+def test_load_with_the_already_extended_tokenizer_and_with_intrinsic_on_the_same_tables(tmp_path):
+    """The training's own (extended) tokenizer loads the delta again; an Intrinsic delta on the same
+    embedding and tied LM head leaves the new ids and their logits to NewTokens, in either order."""
+    tok = subword_tokenizer()
+    model = gpt2_for(tok)
+    V = model.config.vocab_size
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=5), name="tok", tokenizer=tok)
+    up.save(model, tmp_path / "tok", name="tok")
+    again = gpt2_for(tok, V)
+    up.load(again, tmp_path / "tok", tokenizer=tok)  # tok already holds the tokens: a no-op for it
+    up.attach(again, up.Intrinsic(d=32), name="sub")
+    with torch.no_grad():
+        up.engine.registry(again).deltas["sub"].module.theta.normal_()
+    new = tok(["the protein kinase binds"], return_tensors="pt")["input_ids"]
+    old = tok(["the movie was good"], return_tensors="pt")["input_ids"]
+    assert new.max() >= V and old.max() < V
+    with torch.no_grad():
+        up.activate(again, ["sub"])
+        sub_alone = again(input_ids=old).logits
+        for order in (["tok", "sub"], ["sub", "tok"]):
+            up.activate(again, order)
+            out = again(input_ids=new).logits
+            assert out.shape[-1] == V + 5 and torch.isfinite(out).all()
+            torch.testing.assert_close(again(input_ids=old).logits[..., :V], sub_alone)

@@ -170,7 +170,10 @@ class SubspaceDelta(LinearDelta):
 
     def output(self, x, y):
         dw, db = self.change()
-        return y + F.linear(x, dw.to(x.dtype), None if db is None else db.to(x.dtype))
+        change = F.linear(x, dw.to(x.dtype), None if db is None else db.to(x.dtype))
+        if change.shape[-1] != y.shape[-1]:  # a tied LM head widened by another delta (NewTokens' logits)
+            return torch.cat([y[..., :change.shape[-1]] + change, y[..., change.shape[-1]:]], dim=-1)
+        return y + change
 
     def merged(self, weight, bias):
         if self.follower:  # the owner (merged after this site) adds the change to the shared tensor
@@ -184,4 +187,6 @@ class EmbeddingSubspaceDelta(SubspaceDelta):
     """An embedding table's slice: E(x) + dE[x] (an embedding is a linear map of one-hot vectors)."""
 
     def output(self, ids, y):
-        return y + F.embedding(ids, self.change()[0].to(y.dtype))
+        dw = self.change()[0]
+        inside = ids < dw.shape[0]  # ids past the table are another delta's new tokens (NewTokens): no change
+        return y + F.embedding(ids.masked_fill(~inside, 0), dw.to(y.dtype)) * inside.unsqueeze(-1).to(y.dtype)

@@ -101,7 +101,11 @@ class NewTokens(MethodConfig):
         if config.first_id > size:
             raise UnipeftError(f"NewTokens: the first new token would have id {config.first_id}, past the "
                                f"{size} rows of the model's embeddings: tokenizer and model do not match")
-        pieces = _pieces(tok, config.tokens) if tok is not None else None
+        have = tok.get_vocab() if tok is not None else {}
+        known = all(have.get(t) == config.first_id + i for i, t in enumerate(config.tokens))
+        # rows start at the mean of the base's pieces; a tokenizer already holding the tokens (a load with the
+        # tokenizer of the training) has no pieces for them, and the saved rows replace these anyway
+        pieces = _pieces(tok, config.tokens) if tok is not None and not known else None
         rows = NewRows(embeds[0][1], pieces, len(config.tokens), out)
         view.set_module(rows)
         for path, _ in embeds:

@@ -45,3 +45,29 @@ def test_train_a_robust_adapter_drop_and_predict(setup, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["steps"] == 3
     assert main(["eval", str(out), "--json"]) == 0
+
+
+def test_a_composition_declared_in_the_yaml_config_trains_and_compares(setup, tmp_path, capsys):
+    config = tmp_path / "compose.yaml"
+    config.write_text("method: compose\n"
+                      "method_option:\n"
+                      "  - methods:\n"
+                      "      - {kind: lora, options: {r: 2, layers: '0'}}\n"
+                      "      - {kind: adapter, options: {style: scaled_parallel, bottleneck: 4, layers: '1'}}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), *common(setup, out), "--max-steps", "2", "--lr", "1e-3",
+                 "--json"]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "delta" / "delta.json").read_text()) if (out / "delta").exists() else \
+        json.loads(next(out.rglob("delta.json")).read_text())
+    parts = meta["method"]["options"]["methods"]
+    assert meta["method"]["kind"] == "compose" and [p["kind"] for p in parts] == ["lora", "adapter"]
+    assert [p["options"]["layers"] for p in parts] == [[0], [1]]
+    cmp_config = tmp_path / "cmp.yaml"
+    cmp_config.write_text("methods: compose,lora\n"
+                          "method_option:\n"
+                          "  - compose.methods: [{kind: prefix_tuning, options: {length: 2}}, {kind: ia3}]\n")
+    assert main(["compare", "--config", str(cmp_config), *common(setup, tmp_path / "cmp"), "--max-steps", "2",
+                 "--in-process"]) == 0
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert [m["method"] for m in report["methods"]] == ["compose", "lora"]

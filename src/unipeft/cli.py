@@ -162,6 +162,12 @@ def apply_yaml_config(path: str, sub: argparse.ArgumentParser) -> None:
     for k, v in values.items():  # lists become the comma-separated form the command line takes
         if isinstance(v, list) and k not in ("method_option", "labels") and not any(isinstance(x, dict) for x in v):
             values[k] = ",".join(str(x) for x in v)
+    opts = values.get("method_option")
+    if isinstance(opts, list) and any(isinstance(x, dict) for x in opts):
+        import json  # a mapping item (a composition's parts: methods: [{kind: ..., options: ...}]) as key=JSON
+
+        values["method_option"] = [o for x in opts for o in (
+            [f"{k}={json.dumps(v)}" for k, v in x.items()] if isinstance(x, dict) else [x])]
     sub.set_defaults(**values)
 
 

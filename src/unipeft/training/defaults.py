@@ -103,6 +103,13 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "Wang et al. 2022 (AdaMix): M=4 copies of each projection, consistency weight 1; Houlsby placement, so the "
         "Houlsby adapter's rate is kept (screen_defaults.py: zero-initialised sequential adapters need 3e-3). Each "
         "step runs the batch twice. Not screened as AdaMix"),
+    "compose": MethodDefaults(
+        "compose", "Composition",
+        {"methods": ({"kind": "prefix_tuning", "options": {"length": 10}},
+                     {"kind": "adapter", "options": {"style": "scaled_parallel", "bottleneck": 64}})}, {"lr": 1e-3},
+        "a composition is given by its parts (--method-option 'methods=[{\"kind\": ..., \"options\": {...}}]' or a "
+        "YAML config's method_option: - methods: [...]); the default parts are He et al.'s MAM pairing at a "
+        "smaller size, and its rate the scaled parallel adapter's (screen_defaults.py: 1e-3 0.750). Not screened"),
     "mam": MethodDefaults(
         "mam", "MAM adapter", {"prefix_length": 30, "reparam_hidden": 512, "bottleneck": 512, "scale": 4.0},
         {"lr": 1e-3},
@@ -206,8 +213,16 @@ def resolve(name: str, options: dict[str, Any] | None = None) -> tuple[MethodCon
 
 
 def parse_value(text: str) -> Any:
-    """'16' -> 16, '0.1' -> 0.1, 'true' -> True, 'q,v' -> ('q', 'v'), anything else stays a string."""
+    """'16' -> 16, '0.1' -> 0.1, 'true' -> True, 'q,v' -> ('q', 'v'), JSON lists and objects
+    ('[{"kind": "lora"}]': a composition's parts) as JSON, anything else stays a string."""
     low = text.strip().lower()
+    if low[:1] in ("[", "{"):
+        import json
+
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
     if low in ("true", "false"):
         return low == "true"
     if low in ("none", "null"):

@@ -11,7 +11,7 @@ from unipeft.cli import main
 def test_analyze_is_registered_and_errors_are_one_line(capsys):
     assert main(["analyze"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "lora, attention or probe" in err
+    assert err.count("\n") == 1 and "lora, attention, probe or intrinsic-dim" in err
     assert main(["analyze", "lora"]) == 2
     assert main(["nonsense"]) == 2
     assert "invalid choice" in capsys.readouterr().err

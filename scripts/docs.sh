@@ -10,17 +10,19 @@
 # mkdocstrings[python]) into it when missing. The pages' Python examples (docs/examples/*.py) are
 # run by tests/test_docs.py, not here.
 set -euo pipefail
+target="${1:-}"
+set --   # a sourced script sees the caller's arguments: setup.sh would take them for packages
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 export HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1
 if ! python -c 'import importlib.metadata as m; [m.version(d) for d in ("mkdocs", "mkdocs-material", "mkdocstrings-python")]' 2>/dev/null; then
     echo "[docs] installing the docs extra" >&2
     python -m pip install -q -e ".[docs]"
 fi
-if [ "${1:-}" = "serve" ]; then
+if [ "$target" = "serve" ]; then
     exec mkdocs serve
 fi
-if [ -n "${1:-}" ]; then
-    exec mkdocs build --strict -d "$1"
+if [ -n "$target" ]; then
+    exec mkdocs build --strict -d "$target"
 fi
 site="$(mktemp -d)"
 trap 'rm -rf "$site"' EXIT

@@ -312,7 +312,7 @@ def test_summary_and_counts():
 
 
 @pytest.mark.parametrize("method", ["lora", "dylora", "adalora", "ia3", "houlsby", "parallel", "compacter",
-                                    "adapter_bias", "prompt", "prefix", "bitfit", "full"])
+                                    "adapter_bias", "prompt", "prefix", "bitfit", "full", "intrinsic"])
 @pytest.mark.parametrize("family", ["gpt2", "bart"])
 def test_bfloat16_base(family, method):
     """Deltas follow the base model's dtype; forward, backward and merge run in bf16."""

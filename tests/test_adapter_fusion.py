@@ -101,7 +101,7 @@ def test_saved_fusion_names_its_adapters_and_loads_onto_them(tmp_path):
     assert meta["method"]["options"]["adapters"] == ["sst2", "news"]
     assert not [k for k in meta["tensors"] if ".down." in k or ".up." in k]  # no adapter weights
     fresh = tiny.make("bert")
-    with pytest.raises(up.UnipeftError, match=r"no delta named 'sst2' is attached; attach or load the adapters first"):
+    with pytest.raises(up.UnipeftError, match=r"no delta named 'sst2' is attached \(nor a directory of that name\); attach or load"):
         up.load(fresh, tmp_path / "f")
     for n in ("sst2", "news"):
         up.load(fresh, tmp_path / n)
@@ -149,3 +149,40 @@ def test_fusing_what_is_not_a_sequential_adapter_is_refused():
     with pytest.raises(up.UnipeftError, match=r"delta 'p' is a parallel adapter; fusion reads sequential adapters"):
         up.attach(model, up.AdapterFusion(adapters=["a", "p"]), name="f")
     assert list(up.deltas(model)) == ["a", "l", "p"]
+
+
+def test_adapters_given_as_saved_directories_are_loaded_and_remembered(tmp_path):
+    model, x = with_adapters("bert"), tiny.batch("bert")
+    for n in ("sst2", "news"):
+        up.save(model, tmp_path / n, name=n)
+    bare = tiny.make("bert")
+    up.attach(bare, up.AdapterFusion(adapters=[str(tmp_path / "sst2"), str(tmp_path / "news")]), name="f")
+    assert up.active(bare) == ["f"] and set(up.deltas(bare)) == {"sst2", "news", "f"}
+    cfg = up.deltas(bare)["f"]
+    assert cfg.adapters == ("sst2", "news") and cfg.sources == {n: str(tmp_path / n) for n in ("sst2", "news")}
+    with torch.no_grad():
+        for p in delta_record(bare, "f").parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    expected = run(bare, x)
+    up.save(bare, tmp_path / "f", name="f")
+    fresh = tiny.make("bert")
+    up.load(fresh, tmp_path / "f")  # the adapters come from the sources it names
+    assert set(up.deltas(fresh)) == {"sst2", "news", "f"} and torch.equal(run(fresh, x), expected)
+
+
+def test_a_failed_fusion_leaves_no_adapter_it_loaded(tmp_path):
+    model = with_adapters("bert")
+    up.save(model, tmp_path / "sst2", name="sst2")
+    up.attach(model, up.LoRA(r=2), name="lora")
+    up.save(model, tmp_path / "lora", name="lora")
+    bare = tiny.make("bert")
+    with pytest.raises(up.UnipeftError, match=r"the method of delta 'lora' must be 'adapter'"):
+        up.attach(bare, up.AdapterFusion(adapters=[str(tmp_path / "sst2"), str(tmp_path / "lora")]), name="f")
+    assert up.engine.registry(bare) is None
+
+
+def test_the_fusion_cannot_take_the_name_of_an_adapter_it_fuses(tmp_path):
+    model = with_adapters("bert")
+    up.save(model, tmp_path / "sst2", name="sst2")
+    with pytest.raises(up.UnipeftError, match=r"is named 'sst2', the name this fusion is being attached under"):
+        up.attach(tiny.make("bert"), up.AdapterFusion(adapters=[str(tmp_path / "sst2"), "news"]), name="sst2")

@@ -71,3 +71,23 @@ def test_a_composition_declared_in_the_yaml_config_trains_and_compares(setup, tm
                  "--in-process"]) == 0
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
     assert [m["method"] for m in report["methods"]] == ["compose", "lora"]
+
+
+def test_adapter_fusion_trains_from_the_saved_adapters_of_earlier_runs(setup, tmp_path, capsys):
+    dirs = []
+    for task in ("sent", "sent2"):  # two adapter runs (the delta is named after the task)
+        out = tmp_path / task
+        args = common(setup, out)
+        args[args.index("--task") + 1] = task
+        assert main(["train", *args, "--method", "adapter", "--max-steps", "2", "--json"]) == 0
+        dirs.append(str(out / "delta"))
+    capsys.readouterr()
+    out = tmp_path / "fusion"
+    args = common(setup, out)
+    args[args.index("--task") + 1] = "fused"  # the fusion's own delta name: not an adapter's
+    assert main(["train", *args, "--method", "adapter_fusion", "--method-option",
+                 f"adapters={','.join(dirs)}", "--lr", "5e-4", "--max-steps", "2", "--json"]) == 0
+    meta = json.loads((out / "delta" / "delta.json").read_text())
+    assert meta["method"]["options"]["adapters"] == ["sent", "sent2"]
+    assert meta["method"]["options"]["sources"] == {"sent": dirs[0], "sent2": dirs[1]}
+    assert main(["eval", str(out), "--json"]) == 0  # the run reloads the fusion and, through it, the adapters

@@ -14,6 +14,12 @@ returns nearly the mean of the adapters' outputs. The fusion is a delta of its o
 d x d maps per fused sublayer), at the same linear sites as the adapters: it reads each adapter
 through the site (the adapters stay their own deltas, switched off, frozen), and its config
 names them, so ``up.load`` of a fusion needs those adapters attached under the same names.
+
+An entry of ``adapters`` may also be a saved adapter's directory (what ``up.save`` or ``unipeft
+train`` wrote): the fusion then loads it as its own delta, switched off, under its saved name,
+and remembers where it came from (``sources``), so ``unipeft train --method adapter_fusion
+--method-option adapters=runs/sst2/delta,runs/news/delta`` works from a bare base, and loading
+the saved fusion onto a bare base loads the adapters too.
 """
 from __future__ import annotations
 
@@ -29,10 +35,12 @@ from ..positions import LinearDelta, linear_shape
 
 @method
 class AdapterFusion(MethodConfig):
-    """adapters: the names of two or more attached (sequential) adapter deltas to fuse; they must sit
-    at the same sublayers."""
+    """adapters: two or more (sequential) adapter deltas to fuse, by the name they are attached under
+    or by the directory they were saved to; they must sit at the same sublayers. sources: where the
+    adapters loaded from directories came from ({name: directory}; filled in at attach)."""
 
     adapters: tuple = ()
+    sources: dict | None = None
     train_head: bool | list = True
 
     kind: ClassVar[str] = "adapter_fusion"
@@ -46,29 +54,75 @@ class AdapterFusion(MethodConfig):
         if len(set(names)) != len(names):
             raise UnipeftError(f"AdapterFusion: adapters repeat in {list(names)!r}")
         self.adapters = names
+        if self.sources is not None and not (isinstance(self.sources, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.sources.items())):
+            raise UnipeftError(f"AdapterFusion: sources must map adapter names to directories, got {self.sources!r}")
 
     def install(self, view, name):
+        loaded: list[str] = []
+        try:
+            self._install(view, name, loaded)
+        except BaseException:
+            from ..engine import detach
+
+            for n in loaded:  # the model as it was: the adapters this attach loaded go again
+                detach(view.model, n)
+            raise
+
+    def _load_adapters(self, view, name: str, loaded: list) -> tuple[list[str], dict]:
+        """The adapters' names, loading those given as directories (or known from ``sources``)."""
+        from pathlib import Path
+
+        from ..storage import load, read_meta
+
+        reg, names, sources = view.reg, [], dict(self.sources or {})
+        for entry in self.adapters:
+            where = entry if entry not in reg.deltas and Path(entry).is_dir() else sources.get(entry)
+            if entry in reg.deltas or where is None:
+                names.append(entry)
+                continue
+            n = read_meta(where)["name"]
+            if n == name:
+                raise UnipeftError(f"AdapterFusion: the adapter in {where!r} is named {n!r}, the name this fusion is "
+                                   f"being attached under; give the fusion another name")
+            if n in reg.deltas and entry != n:
+                raise UnipeftError(f"AdapterFusion: {where!r} holds a delta named {n!r}, and one of that name is "
+                                   f"attached already")
+            if n not in reg.deltas:
+                load(view.model, where, activate=False, tokenizer=view.tokenizer)
+                loaded.append(n)
+            names.append(n)
+            sources[n] = str(where)
+        return names, sources
+
+    def _install(self, view, name, loaded):
         from .adapter import AdapterDelta
 
         reg = view.reg
+        names, sources = self._load_adapters(view, name, loaded)
+        if len(set(names)) != len(names):
+            raise UnipeftError(f"AdapterFusion: adapters repeat in {names!r}")
+        if names != list(self.adapters) or sources != (self.sources or {}):
+            view.delta.config = self.replace(adapters=tuple(names), sources=sources or None)
         attached = list(reg.deltas)
-        for n in self.adapters:
+        for n in names:
             if n not in reg.deltas:
-                raise UnipeftError(f"AdapterFusion: no delta named {n!r} is attached; attach or load the adapters "
-                                   f"first (attached: {choices(attached) if attached else 'none'})")
+                raise UnipeftError(f"AdapterFusion: no delta named {n!r} is attached (nor a directory of that name); "
+                                   f"attach or load the adapters first, or give their saved directories "
+                                   f"(attached: {choices(attached) if attached else 'none'})")
             kind = reg.deltas[n].config.kind
             check_choice("AdapterFusion", f"the method of delta {n!r}", kind, ("adapter",))
             style = reg.deltas[n].config.style
             if style not in ("houlsby", "pfeiffer"):
                 raise UnipeftError(f"AdapterFusion: delta {n!r} is a {style} adapter; fusion reads sequential "
                                    f"adapters ('houlsby' or 'pfeiffer')")
-        per_path = [{p for p, d in reg.deltas[n].linear.items() if isinstance(d, AdapterDelta)} for n in self.adapters]
-        paths = [p for p in reg.deltas[self.adapters[0]].linear if all(p in s for s in per_path)
+        per_path = [{p for p, d in reg.deltas[n].linear.items() if isinstance(d, AdapterDelta)} for n in names]
+        paths = [p for p in reg.deltas[names[0]].linear if all(p in s for s in per_path)
                  and view.map.block_of(p) is not None]  # (with layers=: the chosen blocks only)
         if not paths:
-            raise UnipeftError(f"AdapterFusion: the adapters {choices(list(self.adapters))} share no sublayer")
+            raise UnipeftError(f"AdapterFusion: the adapters {choices(names)} share no sublayer")
         for path in paths:
-            fusion = FusionDelta(list(self.adapters), linear_shape(view.module(path))[1])
+            fusion = FusionDelta(names, linear_shape(view.module(path))[1])
             fusion.__dict__["site"] = view.module(path)  # already a linear site: the adapters are there
             view.add_linear(path, fusion)
 

@@ -125,6 +125,24 @@ def test_packed_2bit_matmul_gradients_and_nothing_kept_for_backward():
     assert x.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("in_features", [32, 40, 48, 64, 96])
+def test_4bit_maps_dequantise_what_was_quantized(in_features):
+    """bitsandbytes' CPU kernel misreads rows that are not whole blocks: make_4bit picks blocks of 32 for
+    such rows and refuses a map it would still misread, never a silently garbled weight."""
+    from unipeft.quantization.bnb import make_4bit
+
+    torch.manual_seed(0)
+    w = torch.randn(64, in_features)
+    try:
+        q = make_4bit(w, None, torch.float32)
+    except UnipeftError as e:
+        assert f"misreads rows of {in_features} inputs" in str(e) and in_features % 32
+        return
+    assert rel_error(w, dequantize(q)) < 0.12  # NF4's error on a Gaussian: ~0.09
+    x = torch.randn(3, in_features)
+    torch.testing.assert_close(q(x), x @ dequantize(q).T)
+
+
 # ---------------------------------------------------------------------------
 # up.quantize
 # ---------------------------------------------------------------------------

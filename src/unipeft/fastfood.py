@@ -94,8 +94,10 @@ class Projection(nn.Module):
         if kind == "fastfood":
             L = 1 << max(0, math.ceil(math.log2(max(D, d))))
             self.L = L
-            self.register_buffer("B", torch.randint(0, 2, (L,), generator=g).float() * 2 - 1, persistent=False)
-            self.register_buffer("Pi", torch.randperm(L, generator=g), persistent=False)
+            # +-1 as int8 and the permutation as int32: the factors of a 38M-entry table (GPT-2's) take 0.6 GB, not 1
+            self.register_buffer("B", (torch.randint(0, 2, (L,), generator=g) * 2 - 1).to(torch.int8),
+                                 persistent=False)
+            self.register_buffer("Pi", torch.randperm(L, generator=g).to(torch.int32), persistent=False)
             G = torch.randn(L, generator=g)
             self.register_buffer("G", G, persistent=False)
             # ||H G Pi H B x|| = L ||G|| ||x|| / sqrt(L) on average; keeping D of the L outputs keeps D/L of it
@@ -117,7 +119,7 @@ class Projection(nn.Module):
         """P theta (length D), computed in float32 whatever the delta's dtype."""
         x = theta.float()
         if self.kind == "fastfood":
-            x = hadamard(nn.functional.pad(x, (0, self.L - x.shape[0])) * self.B.float())
+            x = hadamard(nn.functional.pad(x, (0, self.L - x.shape[0])) * self.B)
             x = hadamard(x[self.Pi] * self.G.float())
             return x[: self.D] * self.scale
         if self.kind == "dense":

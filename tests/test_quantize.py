@@ -522,3 +522,16 @@ def test_unipeft_train_and_eval_with_qlora(bits, tmp_path, capsys):
 
     loaded = load_run(out)[0]
     assert set(quantized_modules(loaded).values()) == {bits}
+
+
+def test_a_qlora_delta_exports_to_peft_as_lora_and_peft_loads_it_on_the_float_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, x = tiny.make("llama"), tiny.batch("llama")
+    up.attach(model, up.QLoRA(bits=4, r=4, alpha=8), name="t")
+    for p in up.engine.registry(model).deltas["t"].parameters():
+        p.data.normal_(0, 0.2)
+    up.export_peft(model, tmp_path / "peft", name="t")
+    ours = up.import_peft(tiny.make("llama"), tmp_path / "peft")  # back into unipeft, on the float base
+    theirs = peft.PeftModel.from_pretrained(tiny.make("llama"), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.logits(theirs, x), tiny.logits(ours, x), atol=1e-5, rtol=1e-4)

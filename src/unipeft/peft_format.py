@@ -69,7 +69,8 @@ def export_peft(model: nn.Module, directory, name: str | None = None) -> Path:
     from safetensors.torch import save_file
 
     delta = pick_delta(model, name, verb="export")
-    kind = delta.config.kind
+    saved = getattr(delta.config, "saved_config", None)
+    kind = (saved() if saved is not None else delta.config).kind  # as up.save writes it (QLoRA: a LoRA delta)
     if kind not in EXPORTABLE:
         raise UnipeftError(f"delta {delta.name!r} is {kind}, which peft's format cannot hold; exportable methods: "
                            f"{choices(sorted(EXPORTABLE))} (save it with up.save instead)")

@@ -392,3 +392,33 @@ def test_without_autograd_the_change_is_computed_once_until_theta_moves():
         torch.testing.assert_close(site.change()[0], 2 * moved)
     with_grad = site.change()[0]
     assert with_grad is not moved and with_grad.requires_grad  # training recomputes, for the gradient
+
+
+def test_sweep_goes_on_past_a_diverged_run_and_reads_d90_off_the_rest(tmp_path, monkeypatch):
+    """The sweep's bookkeeping with the training replaced: a diverged d is a row without a metric."""
+    from unipeft.analysis import intrinsic_dim
+    from unipeft.training import TrainingDiverged, run
+
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(20)]
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:10]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[10:])}
+    scores = {10: 0.6, 100: None, 1000: 0.85}
+
+    def fake_train(model, task, method, out=None, method_options=None, **kw):
+        if method == "full":
+            return {"dev": {"accuracy": 0.9}, "trainable_params": 1000, "lr": kw.get("lr") or 2e-4}
+        d = method_options["d"]
+        if scores[d] is None:
+            raise TrainingDiverged("the loss became nan at step 3")
+        net = up.attach(tiny.make("bert"), up.Intrinsic(d=d), name="t")
+        return {"dev": {"accuracy": scores[d]}, "trainable_params": d, "lr": 2e-3, "_model": net}
+
+    monkeypatch.setattr(run, "train", fake_train)
+    report = intrinsic_dim.sweep("unused", "sent", [1000, 10, 100], out=tmp_path / "s", data=data,
+                                 say=lambda *a: None)
+    assert [r["d"] for r in report["runs"]] == [10, 100, 1000]
+    assert report["runs"][1]["metric"] is None and "nan" in report["runs"][1]["error"]
+    assert report["d90"] == 1000 and report["runs"][2]["fraction_of_full"] == pytest.approx(0.85 / 0.9)
+    assert "diverged" in intrinsic_dim.format_report(report)
+    intrinsic_dim.plot(report, tmp_path / "p.png")
+    assert intrinsic_dim.read_report(tmp_path / "s")["d90"] == 1000

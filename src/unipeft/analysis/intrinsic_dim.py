@@ -51,6 +51,7 @@ def sweep(model: str = "minilm", task: str = "sst2", dims=(10, 100, 1000, 10000)
     from ..engine import registry
     from ..training import run
     from ..training.data import load_task
+    from ..training.trainer import TrainingDiverged
     from ..methods.intrinsic import Intrinsic
 
     dims = sorted({int(d) for d in dims})
@@ -80,7 +81,12 @@ def sweep(model: str = "minilm", task: str = "sst2", dims=(10, 100, 1000, 10000)
     _release(res)
     say(f"  full fine-tuning: {main} {full:.4f} ({res['trainable_params']:,} parameters)")
     for d in dims:
-        res = train("intrinsic", f"d{d}", {"d": d, "projection": projection, "said": said}, intrinsic_settings)
+        try:
+            res = train("intrinsic", f"d{d}", {"d": d, "projection": projection, "said": said}, intrinsic_settings)
+        except TrainingDiverged as e:  # one run's rate too high for its d: the sweep goes on, the row says so
+            report["runs"].append({"d": d, "metric": None, "fraction_of_full": None, "error": str(e)})
+            say(f"  d={d:>8,}: diverged ({e})")
+            continue
         value = _metric(res, main, f"d={d}")
         delta = next(iter(registry(res["_model"]).deltas.values()))
         projected = sum({id(s.proj): s.proj.D for s in delta.linear.values() if hasattr(s, "proj")}.values())
@@ -111,6 +117,9 @@ def format_report(report: dict) -> str:
              f"{'d':>10}  {main:>10}  {'of full':>8}",
              f"{'full':>10}  {full:>10.4f}  {'100.0%':>8}  ({report['full']['trainable_params']:,} parameters)"]
     for r in report["runs"]:
+        if r["metric"] is None:
+            lines.append(f"{r['d']:>10,}  {'diverged':>10}  {'-':>8}")
+            continue
         frac = f"{r['fraction_of_full']:.1%}" if r["fraction_of_full"] is not None else "-"
         lines.append(f"{r['d']:>10,}  {r['metric']:>10.4f}  {frac:>8}")
     pct = int(round(100 * report["fraction"]))
@@ -128,8 +137,8 @@ def plot(report: dict, png) -> Path:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ds = [r["d"] for r in report["runs"]]
-    ax.plot(ds, [r["metric"] for r in report["runs"]], "o-", label=f"subspace ({report['projection']})")
+    runs = [r for r in report["runs"] if r["metric"] is not None]  # diverged runs have no point
+    ax.plot([r["d"] for r in runs], [r["metric"] for r in runs], "o-", label=f"subspace ({report['projection']})")
     full = report["full"]["metric"]
     pct = int(round(100 * report["fraction"]))
     ax.axhline(full, color="k", ls="--", lw=1, label="full fine-tuning")

@@ -7,7 +7,8 @@ module turns its result dict (schema in :func:`write_report`) into
   and a short "How to read this";
 * ``report.json`` -- the dict as given;
 * ``metric_vs_params.png`` -- the main metric against the % of trainable parameters;
-* ``cost.png``    -- training time and peak memory per method.
+* ``cost.png``    -- training time and peak memory per method;
+* ``forgetting.png`` -- with ``--forgetting``: the change of the general-text perplexity / MLM loss.
 
 Every file is written atomically: to a temporary name in the same folder, then
 ``os.replace``, so a reader never sees half a report.
@@ -27,11 +28,12 @@ from .analysis import plotting
 
 DASH = "—"
 MD_NAME, JSON_NAME = "report.md", "report.json"
-METRIC_PLOT, COST_PLOT = "metric_vs_params.png", "cost.png"
+METRIC_PLOT, COST_PLOT, FORGETTING_PLOT = "metric_vs_params.png", "cost.png", "forgetting.png"
 
 COLUMNS = (
     "Method", "Type", "Trainable params (% of base)", "Delta file", "Train time",
     "Peak memory (MB)", "Latency unmerged", "Latency merged", "{main}", "Other metrics",
+    "Changed params (% of base)", "Forgetting (before -> after)",
 )
 
 HOW_TO_READ = """\
@@ -47,7 +49,12 @@ time of a forward pass over the dev batches relative to the base model without a
 weights; `—` means the method cannot be merged (it adds modules or tokens the base model does not
 have). The metric columns are measured on the dev examples after training; "from" gives the value
 before training where it was measured. A method that failed is listed with its error and left
-out of the plots.
+out of the plots. *Changed params* is the share of the base model's parameters that differ once the
+delta is merged, plus the parameters it adds where it cannot be merged (as the notes' summary table
+counts them; task heads left out): LoRA on two matrices per layer changes every element of them.
+*Forgetting* (with `--forgetting`) is the base model's own ability on held-out general text with the
+delta switched off and on: perplexity for causal LMs, masked-LM loss for encoders with a pretrained
+MLM head (lower is better; the change in %).
 """
 
 
@@ -148,8 +155,20 @@ def _row(report, m) -> list[str]:
     if m.get("metric_before") is not None and main in metrics:
         main_cell += f" (from {metric(m['metric_before'])})"
     others = ", ".join(f"{k} {metric(v)}" for k, v in metrics.items() if k != main) or DASH
+    changed = DASH if m.get("changed_params") is None else \
+        f"{human_count(m['changed_params'])} ({percent(m.get('changed_pct'))})"
     return [label, m.get("type", ""), trainable, human_bytes(m.get("delta_bytes")), train, memory,
-            unmerged, merged, main_cell, others]
+            unmerged, merged, main_cell, others, changed, forgetting_cell(m.get("forgetting"))]
+
+
+def forgetting_cell(f) -> str:
+    """'ppl 12.31 -> 12.90 (+4.8%)', 'MLM loss 2.31 -> 2.35 (+1.7%)', the note, or a dash."""
+    if not f:
+        return DASH
+    if f.get("note"):
+        return f"not measured: {f['note']}"
+    what = {"perplexity": "ppl", "masked_lm_loss": "MLM loss"}.get(f.get("measure"), f.get("measure", ""))
+    return f"{what} {f['before']:.2f} -> {f['after']:.2f} ({f['change_pct']:+.1f}%)"
 
 
 def markdown_table(report) -> str:
@@ -244,6 +263,25 @@ def plot_cost(report, png) -> Path | None:
     return _save_fig(fig, png)
 
 
+def plot_forgetting(report, png) -> Path | None:
+    """Per method: the change of the general-text perplexity (or MLM loss) after adapting, in %."""
+    ms = [m for m in _ok(report) if (m.get("forgetting") or {}).get("change_pct") is not None]
+    if not ms:
+        return None
+    plt = plotting.pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(ms) + 2), 4.2))
+    vals = [float(m["forgetting"]["change_pct"]) for m in ms]
+    ax.bar(range(len(ms)), vals, color=["tab:red" if v > 0 else "tab:green" for v in vals])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(ms)))
+    ax.set_xticklabels([m.get("label") or m.get("method", "?") for m in ms], rotation=30, ha="right", fontsize=8)
+    what = {"perplexity": "perplexity", "masked_lm_loss": "masked-LM loss"}.get(ms[0]["forgetting"]["measure"], "")
+    ax.set_ylabel(f"change of general-text {what} (%)")
+    ax.set_title(f"{report.get('task', '')}: forgetting (higher = more forgotten)")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save_fig(fig, png)
+
+
 def write_report(report, out_dir) -> dict:
     """Write report.md, report.json and the plots into ``out_dir``; return their paths.
 
@@ -254,7 +292,9 @@ def write_report(report, out_dir) -> dict:
     ``trainable_params``, ``trainable_pct``, ``delta_bytes``, ``train_seconds``,
     ``examples_per_s``, ``tokens_per_s``, ``steps``, ``peak_memory_mb``, ``memory_kind``
     (``"rss"``/``"cuda"``), ``latency_ms`` (``base``, ``unmerged``, ``merged`` or None),
-    ``metrics``, ``metric_before`` and ``error`` (None, or why the method failed).
+    ``metrics``, ``metric_before``, ``changed_params``/``changed_pct``/``changed_how`` (analysis.forgetting.
+    changed_parameters), ``forgetting`` (None, or analysis.forgetting.forgetting's dict) and ``error``
+    (None, or why the method failed).
 
     Returns ``{"md": Path, "json": Path, "plots": [Path, ...]}``; a plot with nothing to
     show (every method failed) is not written.
@@ -265,6 +305,7 @@ def write_report(report, out_dir) -> dict:
         "json": fileio.write_text(out / JSON_NAME, json.dumps(report, indent=2, default=str) + "\n"),
         "md": fileio.write_text(out / MD_NAME, markdown(report)),
     }
-    plots = [plot_metric_vs_params(report, out / METRIC_PLOT), plot_cost(report, out / COST_PLOT)]
+    plots = [plot_metric_vs_params(report, out / METRIC_PLOT), plot_cost(report, out / COST_PLOT),
+             plot_forgetting(report, out / FORGETTING_PLOT)]
     paths["plots"] = [p for p in plots if p is not None]
     return paths

@@ -115,6 +115,14 @@ def run_method(spec: dict) -> dict:
     batches = [{k: v.to(device) for k, v in collate([enc.example(i) for i in idx]).items() if k != "labels"}
                for idx in batch_order(enc.lengths(), LATENCY_BATCH_SIZE, 0, 0, shuffle=False)]
     latency = measure_latency(model, name, type(cfg).mergeable, batches)
+    from .analysis import forgetting as fg
+
+    changed = fg.changed_parameters(model, name)  # the notes' "changed parameters" column
+    forgot = None
+    if spec.get("forgetting"):
+        text = fg.read_text(spec["forgetting"] if isinstance(spec["forgetting"], str) else None)
+        forgot = fg.forgetting(run.model_path(spec["model"]), model, tok, name, text,
+                               res["train_config"]["max_length"])
     label = resolve(method, spec.get("options"))[1].label
     base_params = engine.base_parameter_count(model)
     return {
@@ -127,7 +135,8 @@ def run_method(spec: dict) -> dict:
         "tokens_per_s": res["tokens_per_s"], "steps": res["steps"], "precision": res["precision"],
         "peak_memory_mb": peak, "memory_kind": kind, "latency_ms": latency,
         "metrics": res.get("dev", {}), "metric_before": None, "wall_seconds": time.perf_counter() - t0,
-        "base_params": base_params, "error": None,
+        "base_params": base_params, "changed_params": changed["changed"] + changed["added"],
+        "changed_pct": changed["changed_pct"], "changed_how": changed["how"], "forgetting": forgot, "error": None,
     }
 
 
@@ -152,12 +161,27 @@ def _worker(spec_path: str) -> int:
 
 def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str | os.PathLike = "out/compare",
             data: dict | None = None, method_options: dict | None = None, method_settings: dict | None = None,
-            threads: int | None = None, in_process: bool = False, quiet: bool = False, **settings) -> dict:
+            threads: int | None = None, in_process: bool = False, quiet: bool = False,
+            forgetting: bool | str = False, train_sizes=None, seeds=(0, 1, 2), **settings) -> dict:
     """Train and measure ``methods`` on ``task``; writes the report under ``out`` and returns it.
 
     ``settings`` (TrainConfig fields) apply to every method, on top of each method's defaults;
-    ``method_settings`` ({"lora": {"lr": 5e-4}}) override them for one method.
+    ``method_settings`` ({"lora": {"lr": 5e-4}}) override them for one method. ``forgetting``: also
+    measure the base model's own ability before and after (True: on the shipped general text, or a
+    text file; ``analysis.forgetting``). ``train_sizes`` ("10,50,100"): run the comparison at each
+    training-set size and seed instead and return the low-data summary (``analysis.low_data``).
     """
+    if train_sizes:
+        from .analysis import low_data
+
+        return low_data.sweep(model, task, methods, train_sizes, seeds, out=out, data=data, quiet=quiet,
+                              compare_kwargs={"method_options": method_options, "method_settings": method_settings,
+                                              "threads": threads, "in_process": in_process,
+                                              "forgetting": forgetting}, **settings)
+    if forgetting:
+        from .analysis.forgetting import read_text
+
+        read_text(forgetting if isinstance(forgetting, str) else None)  # a missing file fails before training
     import torch
 
     from . import __version__
@@ -200,7 +224,7 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     for i, m in enumerate(methods, 1):
         spec = {"model": model, "task": task, "method": m, "options": (method_options or {}).get(m, {}),
                 "data": data, "settings": {**settings, **method_settings.get(m, {})},
-                "out": str(out / "runs" / m), "threads": threads}
+                "out": str(out / "runs" / m), "threads": threads, "forgetting": forgetting}
         t = time.perf_counter()
         progress.note(f"[{i}/{len(methods)}] training and measuring {m} ...")
         if in_process:
@@ -283,6 +307,13 @@ def add_arguments(p) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run every method in this process (faster start; peak memory is then shared)")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    p.add_argument("--forgetting", nargs="?", const=True, metavar="TEXT_FILE",
+                   help="also measure forgetting: the base's perplexity (causal LMs) or masked-LM loss (encoders) "
+                        "on general text before and after adapting (default text: shipped with unipeft)")
+    p.add_argument("--train-sizes", metavar="N,N,...",
+                   help="low data: run the comparison at each training-set size (e.g. 10,50,100,1000) and seed; "
+                        "writes low_data.md/.json/.png")
+    p.add_argument("--seeds", default="0,1,2", help="--train-sizes: seeds, comma-separated (default 0,1,2)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (the table and report still come)")
     add_data_arguments(p)
     add_train_arguments(p)
@@ -299,10 +330,18 @@ def run(args) -> int:
     per_method = parse_method_options(args.method_setting, methods, what="method setting")
     report = compare(args.model, args.task, methods, out=args.out, data=data_options(args),
                      method_options=options, method_settings=per_method, threads=args.threads, in_process=args.in_process, quiet=args.json,
-                     **collect(args, TRAIN_FLAGS))
+                     forgetting=args.forgetting or False, train_sizes=args.train_sizes,
+                     seeds=[s for s in args.seeds.split(",") if s.strip()], **collect(args, TRAIN_FLAGS))
     if args.json:
         print(json.dumps(report, default=str))
         return 0
+    if args.train_sizes:  # the low-data summary
+        from .analysis.low_data import markdown
+
+        print()
+        print(markdown(report))
+        print(f"low data: {report['files']['md']} (and {report['files']['json']}); plot: {report['files'].get('plot')}")
+        return 0 if all(not r.get("error") for r in report["runs"]) else 1
     print()
     print(markdown_table(report))
     files = report["files"]

@@ -1,0 +1,186 @@
+"""The benefits the notes claim, measured: changed parameters, forgetting (perplexity / masked-LM loss), low data."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import tiny
+import unipeft as up
+from unipeft.analysis import forgetting as fg
+from unipeft.analysis import low_data
+from unipeft.cli import main
+from unipeft.engine import registry
+from unipeft.errors import UnipeftError
+
+
+def randomize(model, name, scale=0.05):
+    """Give a fresh delta nonzero values everywhere (LoRA's B starts at zero)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in registry(model).deltas[name].parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def target_elements(model, suffixes):
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+               for n, m in model.named_modules() if n.endswith(suffixes) and hasattr(m, "weight"))
+
+
+# ---------------------------------------------------------------------------
+# changed parameters
+# ---------------------------------------------------------------------------
+
+def test_lora_changes_every_element_of_its_matrices_and_adds_nothing():
+    model = tiny.make("llama")
+    wq = target_elements(model, ("q_proj", "v_proj"))
+    up.attach(model, up.LoRA(r=2, targets=["q_proj", "v_proj"]), name="l")
+    zero = fg.changed_parameters(model, "l")
+    assert zero["changed"] == 0 and zero["how"] == "merged"  # B = 0: merging changes nothing yet
+    randomize(model, "l")
+    out = fg.changed_parameters(model, "l")
+    trainable, _ = up.trainable_parameters(model)
+    assert out["changed"] == wq and out["added"] == 0
+    assert out["changed"] > 3 * trainable  # the notes: LoRA's changed share far above its trainable share
+    assert out["changed_pct"] == pytest.approx(100 * wq / out["base"])
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    fg.changed_parameters(model, "l")  # merged and unmerged: the model is as before
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_adapters_and_prompts_add_bitfit_and_full_change_in_place():
+    model = tiny.make("gpt2")
+    up.attach(model, up.Adapter(), name="a")
+    a = fg.changed_parameters(model, "a")
+    assert a["changed"] == 0 and a["added"] == up.trainable_parameters(model)[0] and a["how"] == "added"
+    up.detach(model, "a")
+    up.attach(model, up.PromptTuning(length=3), name="p")
+    p = fg.changed_parameters(model, "p")
+    assert p["added"] == 3 * 32 and p["changed"] == 0
+    up.detach(model, "p")
+    up.attach(model, up.BitFit(), name="b")
+    assert fg.changed_parameters(model, "b")["changed"] == 0  # nothing trained yet
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.bias[:5] += 1.0
+    b = fg.changed_parameters(model, "b")
+    assert b["changed"] == 5 and b["how"] == "in place"
+
+
+# ---------------------------------------------------------------------------
+# forgetting
+# ---------------------------------------------------------------------------
+
+def test_perplexity_is_exp_of_the_models_own_loss_and_delta_off_is_the_base():
+    model, tok = tiny.make("gpt2"), tiny.tokenizer("gpt2")
+    text = " ".join(["the movie was good and the plot was very nice"] * 3)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    assert fg.perplexity(model, tok, text, max_length=64) == pytest.approx(expected, rel=1e-5)
+    base = fg.perplexity(model, tok, text, 64)
+    up.attach(model, up.LoRA(r=2), name="l")
+    randomize(model, "l", 0.5)
+    f = fg.causal_forgetting(model, tok, "l", text, 64)
+    assert f["before"] == pytest.approx(base, rel=1e-6) and f["after"] != pytest.approx(base, rel=1e-3)
+    assert f["change_pct"] == pytest.approx(100 * (f["after"] / f["before"] - 1))
+    assert up.active(model) == ["l"]
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    mlm = tiny.save(root / "mlm", "bert", "mlm")
+    tok = tiny.tokenizer("bert")
+    tok.add_special_tokens({"mask_token": "[MASK]"})
+    tok.save_pretrained(mlm)
+    return {"mlm": mlm, "cls": tiny.save(root / "cls", "bert", "cls"), "tok": tok}
+
+
+def test_encoder_forgetting_is_the_masked_lm_loss_with_the_deltas_body(encoders):
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    tok = encoders["tok"]
+    text = " ".join(["the film was good and the acting was very nice"] * 8)
+    mlm = AutoModelForMaskedLM.from_pretrained(encoders["mlm"])
+    base_loss = fg.masked_lm_loss(mlm, tok, text, 32)
+    assert 0 < base_loss < 20 and fg.masked_lm_loss(mlm, tok, text, 32) == base_loss  # fixed mask positions
+    cls = AutoModelForSequenceClassification.from_pretrained(encoders["mlm"], num_labels=2)
+    up.attach(cls, up.LoRA(r=2), name="l")
+    randomize(cls, "l", 0.5)
+    f = fg.encoder_forgetting(encoders["mlm"], cls, tok, "l", text, 32)
+    assert f["measure"] == "masked_lm_loss" and f["before"] == pytest.approx(base_loss, rel=1e-5)
+    assert f["after"] != pytest.approx(base_loss, rel=1e-3)
+    n = len(registry(cls).deltas["l"].linear) - len(registry(cls).deltas["l"].head)
+    assert f["tensors_from_delta"] == f"{2 * n}/{2 * n}"  # every LoRA factor; the classifier left out
+    # a checkpoint without a pretrained MLM head: a note, not a number
+    cls2 = AutoModelForSequenceClassification.from_pretrained(encoders["cls"])
+    up.attach(cls2, up.LoRA(r=2), name="l")
+    note = fg.encoder_forgetting(encoders["cls"], cls2, tok, "l", text, 32)
+    assert "no pretrained masked-LM head" in note["note"] and "before" not in note
+
+
+def test_general_text_ships_and_short_texts_are_refused(tmp_path):
+    assert len(fg.read_text().split()) > 500
+    short = tmp_path / "s.txt"
+    short.write_text("too short")
+    with pytest.raises(UnipeftError, match="at least 50 words"):
+        fg.read_text(short)
+    with pytest.raises(UnipeftError, match="does not exist"):
+        fg.read_text(tmp_path / "nope.txt")
+
+
+# ---------------------------------------------------------------------------
+# compare --forgetting, --train-sizes
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gen_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    text = root / "general.txt"
+    text.write_text(" ".join(["the pub near the riverside serves cheap english food and the cafe is in the "
+                              "centre"] * 6))
+    return {"model": tiny.save(root / "gpt2", "gpt2", "lm"), "text": str(text),
+            "train": tiny.write_csv(root / "t.csv", ["text", "target"], tiny.table_rows(40))}
+
+
+def test_compare_reports_forgetting_and_changed_parameters(gen_setup, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", gen_setup["model"], "--task", "tab", "--kind", "causal_lm", "--train",
+            gen_setup["train"], "--methods", "lora,bitfit,prompt", "--max-steps", "3", "--batch-size", "8",
+            "--lr", "5e-2", "--max-new-tokens", "4", "--max-length", "32", "--precision", "fp32", "--threads", "1", "--in-process",
+            "--forgetting", gen_setup["text"], "--out", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "Changed params" in table and "ppl " in table
+    report = json.loads((out / "report.json").read_text())
+    by = {m["method"]: m for m in report["methods"]}
+    assert by["lora"]["changed_how"] == "merged" and by["lora"]["changed_params"] > by["lora"]["trainable_params"]
+    assert by["prompt"]["changed_how"] == "added"
+    for m in by.values():
+        f = m["forgetting"]
+        assert f["measure"] == "perplexity" and f["before"] == pytest.approx(by["lora"]["forgetting"]["before"])
+        assert f["after"] > 0
+    assert (out / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_sizes_sweep_writes_the_table_and_plot(tmp_path, capsys):
+    root = tmp_path
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(80)]
+    model = tiny.save(root / "bert", "bert", "cls")
+    train = tiny.write_csv(root / "train.csv", ["text", "label"], rows[:60])
+    dev = tiny.write_csv(root / "dev.csv", ["text", "label"], rows[60:])
+    out = root / "low"
+    assert main(["compare", "--model", model, "--task", "s", "--train", train, "--dev", dev, "--methods",
+                 "lora,bitfit", "--train-sizes", "8,16", "--seeds", "0,1", "--max-steps", "2", "--batch-size", "4",
+                 "--precision", "fp32", "--threads", "1", "--in-process", "--quiet", "--out", str(out)]) == 0
+    summary = json.loads((out / "low_data.json").read_text())
+    assert summary["sizes"] == [8, 16] and len(summary["runs"]) == 2 * 2 * 2
+    assert {r["train_examples"] for r in summary["runs"]} == {8, 16}
+    assert set(summary["table"]) == {"lora", "bitfit"} and summary["table"]["lora"]["16"]["n"] == 2
+    assert (out / "low_data.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| n=8 | n=16 |" in (out / "low_data.md").read_text()
+    assert (out / "runs" / "n8-s1" / "report.json").is_file()
+    with pytest.raises(UnipeftError, match="distinct positive integers"):
+        low_data.parse_sizes("10,0")

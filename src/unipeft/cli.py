@@ -114,6 +114,8 @@ COMMANDS = {
     "predict": ("predict labels or generate text with a trained run", *_lazy(_T, "add_predict", "run_predict")),
     "compare": ("train several methods on one task and compare parameters, time, memory, latency, accuracy",
                 *_lazy("unipeft.comparison", "add_arguments", "run")),
+    "search": ("S4 design-space search: layer groups, allocation and a strategy per group at a parameter budget",
+               *_lazy("unipeft.search.cli", "add_search", "run_search")),
     "estimate": ("estimate GPU memory for fine-tuning (lecture notes' formulas)", _add_estimate, _run_estimate),
     "analyze": ("analyse a model or a trained delta: lora, attention, probe", _add_analyze, _run_analyze),
     "serve": ("serve deltas over HTTP: OpenAI-compatible completions and chat, classify, uploads, tenants",

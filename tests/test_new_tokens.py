@@ -298,3 +298,30 @@ def test_load_with_the_already_extended_tokenizer_and_with_intrinsic_on_the_same
             out = again(input_ids=new).logits
             assert out.shape[-1] == V + 5 and torch.isfinite(out).all()
             torch.testing.assert_close(again(input_ids=old).logits[..., :V], sub_alone)
+
+
+def test_new_tokens_make_words_the_tokenizer_cannot_see_learnable(tmp_path):
+    """The tiny tokenizer reads every domain word as [UNK]: the label (enzyme, protein: pos; kinase,
+    assay: neg) is invisible to the base, so even LoRA on every linear map stays at chance; the new
+    tokens' rows (all starting at [UNK]'s) separate and the task is learnt."""
+    import random
+
+    from unipeft.training import run
+
+    folder = tiny.save(tmp_path / "bert", "bert", "cls", dropout=False)
+    rng = random.Random(0)
+    fill = "the a movie film was is it very and plot acting story".split()
+    rows = []
+    for i in range(160):
+        words = [rng.choice(fill) for _ in range(rng.randint(2, 6))]
+        words.insert(rng.randint(0, len(words)), rng.choice(("enzyme", "protein") if i % 2 else ("kinase", "assay")))
+        rows.append((" ".join(words), ["neg", "pos"][i % 2]))
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:120]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[120:])}
+    (tmp_path / "domain.txt").write_text("\n".join(t for t, _ in rows[:120]))
+    common = dict(data=data, max_steps=150, batch_size=16, progress=False, evaluate_test=False, precision="fp32")
+    tokens = run.train(folder, "sent", "new_tokens", lr=0.1, **common,
+                       method_options={"corpus": str(tmp_path / "domain.txt"), "count": 10})
+    lora = run.train(folder, "sent", "lora", lr=1e-2, **common, method_options={"r": 4})
+    assert tokens["trainable_params"] == 4 * 32 + 66  # enzyme, protein, kinase, assay + the head
+    assert tokens["dev"]["accuracy"] >= 0.9 and lora["dev"]["accuracy"] <= 0.6

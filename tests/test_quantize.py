@@ -59,6 +59,11 @@ def float_copy(model):
     return ref
 
 
+def run(model, x):
+    with torch.no_grad():  # as the grid compares (attention kernels differ with autograd on)
+        return tiny.logits(model, x)
+
+
 def rel_error(w, w_hat):
     return ((w - w_hat).norm() / w.norm()).item()
 
@@ -233,6 +238,54 @@ def test_a_lora_site_on_a_quantized_map_keeps_no_float_weight_for_the_backward(b
     assert saved and not [t for t in saved if t.is_floating_point() and t.numel() >= weight_size]
     y.sum().backward()
     assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in site.unipeft_deltas["t"].parameters())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_the_contract_on_a_quantized_base(family, bits, tmp_path):
+    """The grid's promises for LoRA on a quantized base of every family: exact identity at init,
+    only the delta trains (the packed base bit-identical), save -> fresh quantized base -> load gives
+    the same outputs, merge == unmerged, unmerge and detach exact."""
+    model, x = up.quantize(tiny.make(family), bits=bits), tiny.batch(family)
+    base_out, base = run(model, x), state(model)
+    up.attach(model, up.LoRA(r=4, alpha=8), name="t")
+    assert torch.equal(run(model, x), base_out)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if ".unipeft_deltas.t." in n}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        tiny.logits(model, x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert same_state(state(model), base)
+    out = run(model, x)
+    assert not torch.equal(out, base_out)
+    up.save(model, tmp_path / "d", name="t")
+    fresh = up.load(up.quantize(tiny.make(family), bits=bits), tmp_path / "d")
+    assert torch.equal(run(fresh, x), out)
+    with pytest.warns(UserWarning, match="dequantised"):
+        up.merge(model, "t")
+    tol = dict(atol=1e-5, rtol=1e-4) if bits != 8 else dict(atol=5e-2, rtol=0)  # LLM.int8() rounds activations
+    torch.testing.assert_close(run(model, x), out, **tol)
+    up.unmerge(model, "t")
+    assert torch.equal(run(model, x), out)
+    up.detach(model, "t")
+    assert torch.equal(run(model, x), base_out) and same_state(state(model), base)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_qlora_on_a_bfloat16_base(family, bits):
+    """The packed maps' inputs are bf16: the LoRA factors follow the model's float dtype."""
+    model, x = tiny.make(family).to(torch.bfloat16), tiny.batch(family)
+    up.attach(model, up.QLoRA(bits=bits, r=4), name="t")
+    assert {p.dtype for p in up.engine.registry(model).deltas["t"].parameters()} == {torch.bfloat16}
+    out = tiny.logits(model, x)
+    out.float().pow(2).mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert all(p.grad is not None for p in up.engine.registry(model).deltas["t"].parameters())
 
 
 def test_lora_on_8bit_trains_and_the_base_stays_packed():

@@ -47,6 +47,9 @@ ROUTABLE = {
     "prompt": (lambda: up.PromptTuning(length=4, init="random"), lambda: up.PromptTuning(length=2, init="random")),
     "prefix": (lambda: up.PrefixTuning(length=3, reparam_hidden=16), lambda: up.PrefixTuning(length=5, reparam_hidden=0)),
     "bitfit": (lambda: up.BitFit(), lambda: up.BitFit(targets=("ffn_in", "ffn_out"))),
+    # LoRA on a quantized base: the first attach quantizes the linear maps, the second reuses them
+    "qlora": (lambda: up.QLoRA(bits=4, r=4, alpha=8), lambda: up.QLoRA(bits=4, r=2, alpha=4, targets="all-linear")),
+    "qlora_2bit": (lambda: up.QLoRA(bits=2, r=4, alpha=8), lambda: up.QLoRA(bits=2, r=2, targets="all-linear")),
 }
 GRID = [(f, m) for f in tiny.FAMILIES for m in ROUTABLE]
 ATOL = 1e-5

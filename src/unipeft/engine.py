@@ -336,6 +336,8 @@ def _place(model: nn.Module, reg: Registry, delta: Delta) -> None:
     for path, d in delta.linear.items():
         site = pos.install_linear_site(model.get_submodule(path))
         ref = site.weight
+        if not ref.is_floating_point():  # a quantized map (packed bytes): its inputs have the model's float dtype
+            ref = next((p for p in model.parameters() if p.is_floating_point() and p.device == ref.device), ref)
         d.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         site.unipeft_deltas[name] = d
         site.unipeft_refresh(reg.active)

@@ -70,7 +70,7 @@ def test_only_the_fusion_trains_and_detach_gives_the_adapters_back(family):
 @pytest.mark.parametrize("style", ["pfeiffer", "houlsby"])
 def test_fusion_attends_over_the_adapters_outputs(style):
     """Uniform attention (W_Q = 0) and W_V = I give the mean of the adapted sublayer outputs."""
-    model, x = with_adapters("bert", style), tiny.batch("bert")
+    model = with_adapters("bert", style)
     up.attach(model, up.AdapterFusion(adapters=["sst2", "news"]), name="f")
     fusions = {p: d for p, d in delta_record(model, "f").linear.items() if isinstance(d, FusionDelta)}
     assert len(fusions) == (4 if style == "houlsby" else 2)  # the sublayers the adapters share
@@ -101,7 +101,7 @@ def test_saved_fusion_names_its_adapters_and_loads_onto_them(tmp_path):
     assert meta["method"]["options"]["adapters"] == ["sst2", "news"]
     assert not [k for k in meta["tensors"] if ".down." in k or ".up." in k]  # no adapter weights
     fresh = tiny.make("bert")
-    with pytest.raises(up.UnipeftError, match=r"no delta named 'sst2' is attached \(nor a directory of that name\); attach or load"):
+    with pytest.raises(up.UnipeftError, match=r"no delta named 'sst2' is attached \(nor a directory of that name\)"):
         up.load(fresh, tmp_path / "f")
     for n in ("sst2", "news"):
         up.load(fresh, tmp_path / n)

@@ -1,4 +1,5 @@
-"""AdapterDrop, P-tuning v1/v2, PASTA, MAM, UniPELT and AdaMix through `unipeft train` and `unipeft compare` (tiny BERT)."""
+"""AdapterDrop, P-tuning v1/v2, PASTA, MAM, UniPELT, AdaMix, compositions and AdapterFusion through
+`unipeft train` and `unipeft compare` (tiny BERT)."""
 from __future__ import annotations
 
 import json

@@ -127,7 +127,8 @@ class PartView:
 
     def _one(self, where: str, placed: dict, path: str) -> None:
         if path in placed:
-            raise UnipeftError(f"{type(self.owner).__name__}: two parts ({choices([p.kind for p in self.owner_parts()])}) "
+            kinds = choices([p.kind for p in self.owner_parts()])
+            raise UnipeftError(f"{type(self.owner).__name__}: two parts ({kinds}) "
                                f"put a delta at the {where} of {path!r}; one part per {where}")
 
     def owner_parts(self):

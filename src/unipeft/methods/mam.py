@@ -50,7 +50,8 @@ class MAM(MethodConfig):
         from .prefix_tuning import PrefixTuning
 
         return [PrefixTuning(length=self.prefix_length, reparam_hidden=self.reparam_hidden),
-                Adapter(style="scaled_parallel", bottleneck=self.bottleneck, scale=float(self.scale), locations=("ffn",))]
+                Adapter(style="scaled_parallel", bottleneck=self.bottleneck, scale=float(self.scale),
+                        locations=("ffn",))]
 
     def saved_config(self) -> "MAM":
         """The prefix is stored as P itself (prefix tuning's rule), so without its MLP."""

@@ -50,7 +50,8 @@ class PASTA(MethodConfig):
             toks = (self.tokens,) if isinstance(self.tokens, (str, int)) else tuple(self.tokens)
             if not toks or not all(isinstance(t, str) and t or isinstance(t, int) and not isinstance(t, bool)
                                    and t >= 0 for t in toks):
-                raise UnipeftError(f"PASTA: tokens must be a non-empty list of token strings or ids, got {self.tokens!r}")
+                raise UnipeftError(f"PASTA: tokens must be a non-empty list of token strings or ids, "
+                                   f"got {self.tokens!r}")
             if len(set(toks)) != len(toks):
                 raise UnipeftError(f"PASTA: tokens repeat in {list(toks)!r}")
             self.tokens = toks

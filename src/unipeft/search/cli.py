@@ -14,8 +14,9 @@ def add_search(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=float, default=0.005,
                    help="trainable parameters as a fraction of the base model (default 0.005: 0.5%%)")
     g.add_argument("--groups", type=int, default=4, help="layer groups G (default 4)")
-    g.add_argument("--runs", type=int, default=40, help="training runs in all, split over the four stages (default 40); each stage runs at least one "
-                        "per option, so a small number runs a few more")
+    g.add_argument("--runs", type=int, default=40,
+                   help="training runs in all, split over the four stages (default 40); each stage runs at least "
+                        "one per option, so a small number runs a few more")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     add_data_arguments(p)

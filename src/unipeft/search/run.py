@@ -35,7 +35,8 @@ def search(model: str = "minilm", task: str = "sst2", *, out, budget: float = 0.
     from ..training import data as data_mod
 
     if not 0 < budget < 1:
-        raise UnipeftError(f"search: budget is a fraction of the base model's parameters (0 < budget < 1), got {budget}")
+        raise UnipeftError(f"search: budget is a fraction of the base model's parameters (0 < budget < 1), "
+                           f"got {budget}")
     if runs < 4:
         raise UnipeftError(f"search: runs must be at least 4 (one per stage), got {runs}")
     out = Path(out)
@@ -78,7 +79,8 @@ def search(model: str = "minilm", task: str = "sst2", *, out, budget: float = 0.
         return sign * value
 
     def random_design(grouping, allocation, tuned=None) -> Design:
-        return Design(grouping, allocation, tuned or (True,) * groups, tuple(rng.choice(SUBSETS) for _ in range(groups)))
+        strategies = tuple(rng.choice(SUBSETS) for _ in range(groups))
+        return Design(grouping, allocation, tuned or (True,) * groups, strategies)
 
     def best_mean(stage: str, options, make, k: int):
         say(f"{stage}:")

@@ -588,3 +588,24 @@ def test_a_qlora_delta_exports_to_peft_as_lora_and_peft_loads_it_on_the_float_ba
     theirs = peft.PeftModel.from_pretrained(tiny.make("llama"), str(tmp_path / "peft")).eval()
     with torch.no_grad():
         torch.testing.assert_close(tiny.logits(theirs, x), tiny.logits(ours, x), atol=1e-5, rtol=1e-4)
+
+
+def test_unipeft_compare_with_qlora(tmp_path, capsys):
+    import json
+
+    from unipeft.cli import main
+
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(60)]
+    model = tiny.save(tmp_path / "bert", "bert", "cls")
+    train = tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:40])
+    dev = tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[40:])
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", model, "--task", "sent", "--train", train, "--dev", dev, "--out", out,
+            "--precision", "fp32", "--threads", "1", "--methods", "lora,qlora", "--method-option", "qlora.bits=2",
+            "--max-steps", "3", "--batch-size", "8", "--in-process"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the merged-latency arm merges QLoRA into dequantised maps (and says so)
+        assert main([str(a) for a in args]) == 0
+    assert "| QLoRA |" in capsys.readouterr().out
+    qlora = json.loads((out / "report.json").read_text())["methods"][1]
+    assert qlora["trainable_params"] > 0 and qlora["latency_ms"]["merged"] > 0

@@ -165,7 +165,7 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "(SST-2, 2,000 sentences, one seed): 2e-3 0.744 at rank 8, 5e-3 diverged to chance (alpha/b is 16 at b=1). "
         "Each row gets about 1/r of the updates: give it more steps rather than a higher rate"),
     "qlora": MethodDefaults(
-        "qlora", "QLoRA (4-bit NF4)", {"bits": 4, "r": 8, "alpha": 16.0, "targets": "all-linear"}, {"lr": 2e-3},
+        "qlora", "QLoRA", {"bits": 4, "r": 8, "alpha": 16.0, "targets": "all-linear"}, {"lr": 2e-3},
         "Dettmers et al. 2023 (QLoRA): NF4 + double quantisation, LoRA on every linear map of the blocks; the "
         "paper's 2e-4 is for r=64 on 7B-13B models; here LoRA's screened r=8 rate (the base's rounding does "
         "not change the LoRA update's scale); not screened on a quantized base yet (benchmarks/qlora.py)"),

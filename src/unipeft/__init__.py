@@ -9,6 +9,7 @@ The public API::
     up.push(model, "user/sst2-lora", name="sst2"); up.load(base_model, "user/sst2-lora")  # Hugging Face Hub
     up.merge(model, "sst2"); up.unmerge(model, "sst2")
     up.attach(model, up.DyLoRA(r=8)); up.set_rank(model, "default", 4); up.load(base, dir, rank=4)  # nested ranks
+    up.attach(model, up.Compose([up.LoRA(layers="0-1"), up.Adapter(layers="2-5")]))  # methods on layer groups
     up.activate(model, ["sst2"]); up.detach(model, "sst2")
     with up.route(model, ["sst2", "news", None]): model(**batch)        # row i on delta i (None: base)
     up.export_peft(model, "out/peft", name="sst2"); up.import_peft(base_model, "out/peft")  # peft's format

@@ -325,3 +325,23 @@ def test_new_tokens_make_words_the_tokenizer_cannot_see_learnable(tmp_path):
     lora = run.train(folder, "sent", "lora", lr=1e-2, **common, method_options={"r": 4})
     assert tokens["trainable_params"] == 4 * 32 + 66  # enzyme, protein, kinase, assay + the head
     assert tokens["dev"]["accuracy"] >= 0.9 and lora["dev"]["accuracy"] <= 0.6
+
+
+def test_in_one_composition_with_lora_saved_loaded_and_refused_by_route(tmp_path):
+    tok, model = tiny.tokenizer("gpt2"), tiny.make("gpt2")
+    up.attach(model, up.Compose([up.NewTokens(corpus=DOMAIN, count=5), up.LoRA(r=2, init="gaussian")]), name="c",
+              tokenizer=tok)
+    part = up.deltas(model)["c"].methods[0]
+    assert part.corpus is None and set(part.tokens) == set(NEW)
+    ids = tok(["the protein kinase binds"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    up.save(model, tmp_path / "c", name="c")
+    fresh_tok, fresh = tiny.tokenizer("gpt2"), tiny.make("gpt2")
+    up.load(fresh, tmp_path / "c", tokenizer=fresh_tok)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=fresh_tok(["the protein kinase binds"], return_tensors="pt")["input_ids"]
+                                 ).logits, expected)
+    with pytest.raises(up.UnipeftError, match=r"delta 'c' \(compose, whose part new_tokens\) adds tokens"):
+        with up.route(fresh, ["c"]):
+            pass

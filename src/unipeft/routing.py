@@ -144,11 +144,15 @@ def _check_routable(model: nn.Module, reg, order: list[str]) -> None:
     (layer freezing, full fine-tuning)."""
     for name in order:
         delta = reg.deltas[name]
-        if not type(delta.config).routable:  # freezing, full fine-tuning, sparse deltas, new tokens
-            why = getattr(type(delta.config), "route_refusal", None) or (  # NewTokens says why it cannot
+        # a composition routes only if each of its parts does (up.Compose, MAM, UniPELT: config.methods)
+        unroutable = [c for c in (delta.config, *getattr(delta.config, "methods", ())) if not type(c).routable]
+        if unroutable:  # freezing, full fine-tuning, sparse deltas, new tokens
+            c = unroutable[0]
+            why = getattr(type(c), "route_refusal", None) or (  # NewTokens says why it cannot
                 "changes the base model's own weights in place; routing it per example would need a copy "
                 "of those weights for every row")
-            raise UnipeftError(f"up.route: delta {name!r} ({delta.config.kind}) {why}. {_routable_methods()}")
+            what = delta.config.kind if c is delta.config else f"{delta.config.kind}, whose part {c.kind}"
+            raise UnipeftError(f"up.route: delta {name!r} ({what}) {why}. {_routable_methods()}")
         for param in delta.selected:
             if _bias_module(model, param) is None:
                 raise UnipeftError(

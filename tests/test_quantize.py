@@ -288,6 +288,23 @@ def test_qlora_on_a_bfloat16_base(family, bits):
     assert all(p.grad is not None for p in up.engine.registry(model).deltas["t"].parameters())
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_qlora_under_gradient_checkpointing_gives_the_same_gradients(bits):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, x = tiny.make("llama"), tiny.batch("llama")
+        up.attach(model, up.QLoRA(bits=bits, r=4), name="t")
+        for p in up.engine.registry(model).deltas["t"].parameters():
+            p.data.normal_(0, 0.2)
+        model.train()
+        if checkpointing:  # the packed product runs again in the backward: same numbers
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tiny.logits(model, x).float().pow(2).mean().backward()
+        grads.append([p.grad for p in up.engine.registry(model).deltas["t"].parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_lora_on_8bit_trains_and_the_base_stays_packed():
     model, x = tiny.make("llama"), tiny.batch("llama")
     up.quantize(model, bits=8)

@@ -336,8 +336,8 @@ def main(argv=None) -> int:
               "notes' rule (x1.2, GPU) |\n|---|---|---|---|---|---|")
         for bits, r in m.items():
             notes = f"{r['notes_rule_mb']:.0f}" if r["notes_rule_mb"] else "-"
-            print(f"| {label(bits)} | {r['peak_mb']:.0f} | {r['estimate_cpu_mb']:.0f} | {r['error_vs_estimate']:+.0%} | "
-                  f"{r['base_bytes_mb']:.0f} | {notes} |")
+            print(f"| {label(bits)} | {r['peak_mb']:.0f} | {r['estimate_cpu_mb']:.0f} | "
+                  f"{r['error_vs_estimate']:+.0%} | {r['base_bytes_mb']:.0f} | {notes} |")
     if "quality" in parts:
         if args.model == "tiny":
             sys.path.insert(0, str(ROOT / "tests"))

@@ -35,6 +35,10 @@ class QLoRA(LoRA):
     bitsandbytes) or 2 (packed, pure torch); group_size: inputs per scale and zero point at 2 bits;
     int8_threshold: LLM.int8()'s outlier threshold at 8 bits (0: none). Every LoRA option applies
     (r, alpha, dropout, targets, init, ...); the targets are both what is quantized and where LoRA goes.
+
+    The quantization belongs to the base: ``up.detach`` removes the LoRA factors and leaves the base
+    quantized (its float weights are gone); ``up.save`` writes a plain LoRA delta, which loads onto the
+    float base or a quantized one; ``up.merge`` gives dequantised float maps (with a warning).
     """
 
     bits: int = 4

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from .. import storage
-from ..config import MethodConfig
+from ..config import METHODS, MethodConfig
 from ..engine import detach, registry
 from ..errors import UnipeftError, choices
 from ..routing import route
@@ -61,8 +61,6 @@ KEY = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9_-]
 def unroutable_kinds() -> list[str]:
     """Methods that cannot route per example (they change the base's own weights in place, or its
     vocabulary): the server refuses them at upload, as the method itself declares."""
-    from ..config import METHODS
-
     return sorted(k for k, c in METHODS.items() if not c.routable)
 
 
@@ -310,9 +308,9 @@ class Engine:
         """Whether an attached delta changes the model's output on a probe input (routed, as it
         would be served): a delta that changes nothing is refused at upload."""
         if meta["method"].get("kind") in unroutable_kinds():
-            raise BadRequest(f"method {meta['method'].get('kind')!r} trains the base model's own weights in place, "
-                             f"so it cannot be served per request beside other deltas; servable methods: LoRA, "
-                             f"(IA)3, adapters, prompt tuning, prefix tuning, BitFit")
+            raise BadRequest(f"method {meta['method'].get('kind')!r} cannot route per example (it changes the base "
+                             f"model's own weights or vocabulary), so it cannot be served per request beside other "
+                             f"deltas; servable methods: {choices(sorted(set(METHODS) - set(unroutable_kinds())))}")
         ids = torch.arange(3, 3 + min(8, self.tokenizer.vocab_size - 3)).unsqueeze(0) % self.model.config.vocab_size
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad(), self._model_lock:

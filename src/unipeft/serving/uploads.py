@@ -160,8 +160,8 @@ def prepare(files: dict[str, bytes], fields: dict[str, str], engines: dict) -> d
         if kind not in METHODS:
             raise HTTPError(400, f"delta.json: unknown method {kind!r}; known methods: {choices(sorted(METHODS))}")
         if kind in unroutable_kinds():
-            raise HTTPError(400, f"method {kind!r} trains the base model's own weights in place and cannot be "
-                                 f"served beside other deltas; servable: "
+            raise HTTPError(400, f"method {kind!r} cannot route per example (it changes the base model's own "
+                                 f"weights or vocabulary), so it cannot be served beside other deltas; servable: "
                                  f"{choices(sorted(k for k in METHODS if k not in unroutable_kinds()))}")
         tensors = parse_safetensors(storage.TENSORS_NAME, files[storage.TENSORS_NAME])
         listed = meta.get("tensors")

@@ -275,7 +275,7 @@ def test_bad_uploads_are_refused_and_change_nothing(env):
     post({**good, "delta.json": ("delta.json", json.dumps(wrong_r).encode())}, 400, "does not fit")
     post(files_of(bad / "foreign"), 400, "matches no served base")
     post(files_of(bad / "zero"), 400, "changes nothing")
-    post(files_of(bad / "frozen"), 400, "in place")
+    post(files_of(bad / "frozen"), 400, "cannot route per example")
     big = c.post("/v1/deltas", files={**good, "delta.safetensors": ("delta.safetensors", b"\0" * (5 << 20))},
                  data={"name": "x1"}, headers=auth(ADMIN))
     err(big, 413, "limit")

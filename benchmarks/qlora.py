@@ -3,9 +3,11 @@
     OMP_NUM_THREADS=2 python benchmarks/qlora.py --model smollm2 --data-dir ../shared/data/glue/SST-2
     OMP_NUM_THREADS=1 python benchmarks/qlora.py --tiny          # smoke run on a tiny random Llama (< 1 min)
 
-Widths: fp32 (plain LoRA), 8 (LLM.int8(), bitsandbytes), 4 (NF4 + double quantisation, bitsandbytes),
-2 (unipeft's packed format: 4 codes a byte, fp16 scale + zero point per 64 inputs). Every arm puts
-LoRA (r=8, alpha 16) on every linear map of the blocks, and quantizes exactly those maps (``up.QLoRA``).
+Widths: fp32 (plain LoRA), bf16 (the whole model in bf16, plain LoRA: the notes' "LoRA (16-bit)"),
+8 (LLM.int8(), bitsandbytes), 4 (NF4 + double quantisation, bitsandbytes), 2 (unipeft's packed format:
+4 codes a byte, fp16 scale + zero point per 64 inputs); the quantized arms keep the other parameters
+(embeddings, norms, head) and the LoRA factors in fp32. Every arm puts LoRA (r=8, alpha 16) on every
+linear map of the blocks, and quantizes exactly those maps (``up.QLoRA``).
 
 Parts (--parts, default all):
 
@@ -54,14 +56,14 @@ from unipeft.architectures import map_model  # noqa: E402
 from unipeft.targets import resolve  # noqa: E402
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # LLM.int8() logs its fp16 cast on every call
-WIDTHS = (32, 8, 4, 2)  # 32: the fp32 base, plain LoRA
+WIDTHS = (32, 16, 8, 4, 2)  # 32: the fp32 base, plain LoRA; 16: the whole model in bf16, plain LoRA
 MB = 2**20
 # bytes per quantized weight, as stored (the "errors" part measures them; these are the formats' definitions)
 BYTES_PER_WEIGHT = {8: 1.0, 4: 0.5 + 1 / 64 + 4 / (64 * 256), 2: 0.25 + 4 / 64}
 
 
 def label(bits: int) -> str:
-    return "fp32" if bits == 32 else f"{bits}-bit"
+    return {32: "fp32", 16: "bf16"}.get(bits, f"{bits}-bit")
 
 
 # ----------------------------------------------------------------------------------- models ----
@@ -99,7 +101,11 @@ def classifier(name: str):
 
 
 def attach(model, bits: int, r: int = 8):
-    method = up.LoRA(r=r, alpha=16) if bits == 32 else up.QLoRA(bits=bits, r=r, alpha=16)
+    """LoRA r=8 on every linear map of the blocks: on the fp32 base (32), the base in bf16 (16; the
+    LoRA factors follow it), or on the maps quantized at ``bits`` (up.QLoRA)."""
+    if bits == 16:
+        model = model.to(torch.bfloat16)
+    method = up.LoRA(r=r, alpha=16) if bits in (32, 16) else up.QLoRA(bits=bits, r=r, alpha=16)
     return up.attach(model, method, name="t")
 
 
@@ -112,19 +118,23 @@ def weight_errors(name: str) -> dict:
     model = causal_lm(name)
     paths = resolve(model, map_model(model), ("all-linear",), "benchmark")
     out = {}
-    for bits in (8, 4, 2):
+    for bits in (16, 8, 4, 2):
         sq = ref = ab = n = stored = 0.0
         for p in paths:
             m = model.get_submodule(p)
             w = (m.weight.T if isinstance(m, Conv1D) else m.weight).detach().float()
-            q = (bnb.make_8bit(w, None, 0.0) if bits == 8 else bnb.make_4bit(w, None, torch.float32) if bits == 4
-                 else Packed2bitLinear.from_weight(w, None, 64))
-            d = dequantize(q, torch.float32) - w
+            if bits == 16:  # bf16 rounding, for scale
+                d, nbytes = w.bfloat16().float() - w, 2 * w.numel()
+            else:
+                q = (bnb.make_8bit(w, None, 0.0) if bits == 8 else bnb.make_4bit(w, None, torch.float32)
+                     if bits == 4 else Packed2bitLinear.from_weight(w, None, 64))
+                d = dequantize(q, torch.float32) - w
+                nbytes = sum(t.numel() * t.element_size() for k, t in q.state_dict().items() if not k.endswith("bias"))
             sq += d.pow(2).sum().item()
             ref += w.pow(2).sum().item()
             ab += d.abs().sum().item()
             n += w.numel()
-            stored += sum(t.numel() * t.element_size() for k, t in q.state_dict().items() if not k.endswith("bias"))
+            stored += nbytes
         out[bits] = {"rel_error": math.sqrt(sq / ref), "mean_abs_error": ab / n, "bytes_per_weight": stored / n,
                      "weights": int(n), "maps": len(paths)}
     return out
@@ -172,7 +182,12 @@ def _rss_kb(field: str) -> int:
 
 
 def memory_worker(name: str, bits: int, batch: int, seq: int) -> dict:
-    """One width in this (fresh) process: peak RSS of 3 training steps minus python + torch."""
+    """One width in this (fresh) process: peak RSS of 3 training steps minus python + torch (+ bitsandbytes,
+    imported first in every arm so that its libraries count for none of them)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
     base_kb = _rss_kb("VmRSS")
     model = causal_lm(name)
     n_float = sum(p.numel() for p in model.parameters())
@@ -188,7 +203,7 @@ def memory_worker(name: str, bits: int, batch: int, seq: int) -> dict:
         train_step(model, opt, b)
     peak_kb = _rss_kb("VmHWM")
     quantized = sum(m.in_features * m.out_features for m in model.modules()
-                    if up.quantization.bits_of(m) is not None) if bits != 32 else 0
+                    if up.quantization.bits_of(m) is not None) if bits < 16 else 0
     return {"peak_mb": (peak_kb - base_kb) / 1024, "loaded_mb": (loaded_kb - base_kb) / 1024,
             "base_bytes_mb": base_bytes / MB, "n_params": n_float, "trainable": trainable,
             "quantized_weights": quantized, "config": model.config.to_dict()}
@@ -200,8 +215,9 @@ def peak_memory(name: str, batch: int, seq: int) -> dict:
     from unipeft.analysis.memory import HW_METHODS, MARGIN
     from unipeft.analysis.memory_cpu import estimate_cpu
 
+    # the notes' rows "LoRA (16-bit)", "QLoRA (8-bit)", ...: bytes per parameter
     notes_rule = {32: None, **{int(m.split("(")[1].split("-")[0]): bpp for m, bpp, *_ in HW_METHODS
-                               if m.startswith("QLoRA")}}
+                               if m.startswith(("QLoRA", "LoRA"))}}
     out = {}
     for bits in WIDTHS:
         cmd = [sys.executable, __file__, "--worker-memory", str(bits), "--model", name, "--batch", str(batch),
@@ -212,10 +228,10 @@ def peak_memory(name: str, batch: int, seq: int) -> dict:
         w = json.loads(res.stdout.strip().splitlines()[-1])
         cfg = AutoConfig.for_model(**w.pop("config"))
         est = estimate_cpu(cfg, method="lora", trainable_params=w["trainable"], n_params=w["n_params"],
-                           batch_size=batch, seq_len=seq, task="causal-lm")
+                           batch_size=batch, seq_len=seq, task="causal-lm", dtype="bf16" if bits == 16 else "fp32")
         # the weights term at the quantized maps' storage; the other parameters stay fp32
         q = w["quantized_weights"]
-        weights_q = (4 * (w["n_params"] - q) + (BYTES_PER_WEIGHT[bits] * q if bits != 32 else 0)) / MB
+        weights_q = ((2 if bits == 16 else 4) * (w["n_params"] - q) + (BYTES_PER_WEIGHT[bits] * q if q else 0)) / MB
         predicted = est["total_mb"] - est["parts_mb"]["weights"] + weights_q
         notes = (notes_rule[bits] * w["n_params"] * MARGIN / MB) if notes_rule[bits] else None
         out[bits] = {**w, "estimate_cpu_mb": predicted, "estimate_weights_mb": weights_q, "notes_rule_mb": notes,
@@ -283,7 +299,8 @@ def quality(name: str, train_rows, dev_rows, lr: float) -> dict:
             if bits != 32:  # the same delta on the fp32 base
                 up.save(model, Path(tmp) / label(bits), name="t")
                 torch.manual_seed(0)
-                fp = up.load(classifier(name)[0], Path(tmp) / label(bits))
+                # the bf16 arm's base is the fp32 one cast: its fingerprint differs by design
+                fp = up.load(classifier(name)[0], Path(tmp) / label(bits), check_base=bits != 16)
                 out[bits]["accuracy_on_fp32_base"] = accuracy(fp, dev)
             del model
     return {"accuracy": out, "steps": len(train_batches), "train_size": len(train_rows), "dev_size": len(dev_rows)}

@@ -81,6 +81,10 @@ def test_packed_2bit_layout_and_error():
     assert scale.shape == zero.shape == (48, 4) and scale.dtype == torch.float16
     w_hat = dequantize_2bit(packed, scale, zero, 200)
     assert w_hat.shape == w.shape
+    # byte layout: weight 4j + k in bits 2k, 2k+1 of byte j
+    codes = (packed.view(torch.uint8).unsqueeze(-1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
+    by_hand = (codes.view(48, 4, 64).float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    assert torch.equal(w_hat, by_hand.view(48, 256)[:, :200])
     # every weight is one of the four levels of its group
     g0 = (w_hat[:, :64] / scale[:, :1].float() + zero[:, :1].float())
     torch.testing.assert_close(g0, g0.round(), atol=1e-3, rtol=0)

@@ -69,11 +69,25 @@ def dequantize_2bit(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W (out, in) in ``dtype`` from the packed codes and the per-group scale and zero point."""
     out_f, groups = scale.shape
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
-    q = (packed.view(torch.uint8).unsqueeze(-1) >> shifts) & 3     # (out, padded_in / 4, 4)
-    q = q.view(out_f, groups, -1).to(dtype)
-    w = (q - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
+    # one gather from a 256 x 4 table (byte -> its four codes) writes the codes straight in ``dtype``;
+    # the zero point and the scale are then applied in place: one float temporary the size of W
+    q = F.embedding(packed.view(torch.uint8).int(), _codes(dtype, packed.device))  # (out, padded_in / 4, 4)
+    w = q.view(out_f, groups, -1).sub_(zero.to(dtype).unsqueeze(-1)).mul_(scale.to(dtype).unsqueeze(-1))
     return w.view(out_f, -1)[:, :in_features]
+
+
+_CODE_TABLES: dict = {}
+
+
+def _codes(dtype: torch.dtype, device) -> torch.Tensor:
+    """(256, 4): the four 2-bit codes of every byte, first code in the lowest bits."""
+    key = (dtype, str(device))
+    table = _CODE_TABLES.get(key)
+    if table is None:
+        b = torch.arange(256)
+        table = _CODE_TABLES[key] = torch.stack([(b >> s) & 3 for s in (0, 2, 4, 6)], 1).to(device=device,
+                                                                                             dtype=dtype)
+    return table
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -164,3 +164,15 @@ def test_unipeft_compare_with_qlora(tmp_path, capsys):
     assert "| QLoRA |" in capsys.readouterr().out
     qlora = json.loads((out / "report.json").read_text())["methods"][1]
     assert qlora["trainable_params"] > 0 and qlora["latency_ms"]["merged"] > 0
+
+
+def test_qlora_with_layers_quantizes_the_chosen_blocks_only(tmp_path):
+    from unipeft.training.defaults import resolve
+
+    model = tiny.make("llama")
+    up.attach(model, up.QLoRA(bits=2, r=2, layers="1"), name="t")
+    assert sorted(quantized_modules(model)) == sorted(up.engine.registry(model).deltas["t"].linear)
+    assert all(p.startswith("model.layers.1.") for p in quantized_modules(model))
+    fresh = tiny.make("llama")
+    resolve("qlora", up.deltas(model)["t"].to_dict())[0].prepare_base(fresh)  # what load_run does
+    assert quantized_modules(fresh) == quantized_modules(model)

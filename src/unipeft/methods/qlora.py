@@ -55,14 +55,22 @@ class QLoRA(LoRA):
             raise UnipeftError(f"QLoRA: group_size must be a multiple of 4 (>= 4), got {self.group_size!r}")
         check_number("QLoRA", "int8_threshold", self.int8_threshold, lo=0)
 
-    def prepare_base(self, model):
-        """Quantize ``model`` as this config's attach does (targets already at ``bits`` are kept), so a
-        saved QLoRA delta (a LoRA file) evaluates on the base it was trained on (``training.load_run``)."""
+    def prepare_base(self, model, mmap=None):
+        """Quantize ``model`` as this config's attach does (targets already at ``bits`` are kept, ``layers=``
+        respected), so a saved QLoRA delta (a LoRA file) evaluates on the base it trained on
+        (``training.load_run``)."""
+        if mmap is None:
+            from ..architectures import map_model
+            from ..layers import chosen_blocks, filtered_map
+
+            mmap = map_model(model)
+            if self.layers is not None:
+                mmap = filtered_map(mmap, chosen_blocks("QLoRA", self.layers, mmap))
         return swap(model, self.bits, self.targets or self.default_targets, owner="QLoRA",
-                    group_size=self.group_size, int8_threshold=self.int8_threshold, reuse=True)
+                    group_size=self.group_size, int8_threshold=self.int8_threshold, reuse=True, mmap=mmap)
 
     def install(self, view, name):
-        swapped = self.prepare_base(view.model)
+        swapped = self.prepare_base(view.model, view.map)  # a layers= view's map holds the chosen blocks only
         try:
             super().install(view, name)
         except BaseException:

@@ -90,10 +90,11 @@ def quantize(model: nn.Module, bits: int = 4, targets=None, *, group_size: int =
 
 
 def swap(model: nn.Module, bits: int, targets, *, owner: str, group_size: int = 64, int8_threshold: float = 0.0,
-         reuse: bool = False) -> "Swapped":
+         reuse: bool = False, mmap=None) -> "Swapped":
     """Quantize the targets of ``model`` and return {path: the float module it replaced} (``restore``
     puts them back). With ``reuse``, targets already quantized at ``bits`` are left as they are
-    (QLoRA on a model loaded in 4 bits); otherwise a quantized target is an error."""
+    (QLoRA on a model loaded in 4 bits); otherwise a quantized target is an error. ``mmap``: the
+    model map the targets are resolved in (a method's ``layers=`` view; default: the whole model)."""
     from ..architectures import map_model
     from ..config import normalize_targets
     from ..engine import registry
@@ -108,7 +109,7 @@ def swap(model: nn.Module, bits: int, targets, *, owner: str, group_size: int = 
     if isinstance(int8_threshold, bool) or not isinstance(int8_threshold, (int, float)) or int8_threshold < 0:
         raise UnipeftError(f"{owner}: int8_threshold must be a number >= 0, got {int8_threshold!r}")
     reg = registry(model)
-    mmap = reg.map if reg is not None else map_model(model)
+    mmap = mmap or (reg.map if reg is not None else map_model(model))
     paths = resolve(model, mmap, normalize_targets(owner, targets) or ("all-linear",), owner)
     todo = []
     for p in paths:

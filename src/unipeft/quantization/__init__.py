@@ -55,7 +55,8 @@ def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Ten
 
 
 def logical_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of the float weight a quantized linear map stands for."""
+    """(out, in) of the float weight a quantized linear map stands for (bitsandbytes stores a 4-bit
+    weight flattened, (out * in / 2, 1))."""
     return module.out_features, module.in_features
 
 
@@ -65,7 +66,7 @@ def quantized_modules(model: nn.Module) -> dict[str, int]:
 
 
 def check_bits(owner: str, bits) -> int:
-    if isinstance(bits, bool) or bits not in BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
         raise UnipeftError(f"{owner}: bits must be {choices(list(BITS))}, got {bits!r}")
     if bits in (4, 8):
         bnb.require()

@@ -120,8 +120,3 @@ def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Ten
     scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB  # moved to state by the 1st forward
     out = bnb.functional.int8_vectorwise_dequant(w.data, scb)
     return out.to(dtype or (module.bias.dtype if module.bias is not None else torch.float32))
-
-
-def logical_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of the float weight a bitsandbytes map stands for (a 4-bit weight is stored flattened)."""
-    return module.out_features, module.in_features

@@ -403,12 +403,20 @@ def test_merge_on_a_quantized_base_gives_dequantised_merged_maps(bits):
     torch.testing.assert_close(merged, out, **tol)
     assert same_state(state(model), base)  # the packed weights are kept as they are
     up.unmerge(model, "t")
-    assert site._unipeft_dense is None
+    assert site.unipeft_dense is None
     torch.testing.assert_close(tiny.logits(model, x).detach(), out)
     with pytest.warns(UserWarning):
         up.merge(model, "t")
     up.detach(model, "t")  # detach unmerges first
     assert same_state(state(model), base) and quantized_modules(model)
+    # the merged weight is a (non-persistent) buffer: it follows the model's .to() and stays out of the state dict
+    up.attach(model, up.LoRA(r=4), name="u")
+    with pytest.warns(UserWarning):
+        up.merge(model, "u")
+    assert "model.layers.0.self_attn.q_proj.unipeft_dense" not in model.state_dict()
+    model.to(torch.float64)
+    assert model.model.layers[0].self_attn.q_proj.unipeft_dense.dtype == torch.float64
+    assert run(model, x).dtype == torch.float64
 
 
 @pytest.mark.parametrize("bits", BITS)

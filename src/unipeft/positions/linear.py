@@ -87,7 +87,7 @@ class LinearSite:
     def _unipeft_base(self, x):
         """The base map: the module's own forward, or, on a quantized map with merged deltas, the
         dequantised merged weight (see ``unipeft_merge``)."""
-        dense = self._unipeft_dense
+        dense = self._buffers.get("unipeft_dense")
         if dense is not None:
             return F.linear(x, dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return super().forward(x)
@@ -179,7 +179,8 @@ class LinearSite:
         """The weight the map computes with, (out, in); for a quantized map a dequantised float copy
         (made on each call: nothing keeps it)."""
         if self._unipeft_quantized:
-            return self._unipeft_dense if self._unipeft_dense is not None else dequantize(self)
+            dense = self._buffers.get("unipeft_dense")
+            return dense if dense is not None else dequantize(self)
         return self.weight.T if self._unipeft_transposed else self.weight
 
     def unipeft_merge(self, name: str) -> None:
@@ -210,9 +211,9 @@ class LinearSite:
         with torch.no_grad():
             new_w, new_b = delta.merged(w.detach(), None if b is None else b.detach())
         # the originals: the packed weight itself (a reference, it is never written) before the first merge
-        before = self.weight if self._unipeft_dense is None else self._unipeft_dense
+        before = self.weight if self.unipeft_dense is None else self.unipeft_dense
         self._unipeft_merged[name] = (before, None if b is None else b.detach().clone())
-        self._unipeft_dense = new_w.detach()
+        self.unipeft_dense = new_w.detach()
         with torch.no_grad():
             if b is not None and new_b is not None:
                 b.copy_(new_b)
@@ -232,7 +233,7 @@ class LinearSite:
             w, b = self._unipeft_merged.pop(n)
             with torch.no_grad():
                 if self._unipeft_quantized:
-                    self._unipeft_dense = None if w is self.weight else w
+                    self.unipeft_dense = None if w is self.weight else w
                 else:
                     self.weight.copy_(w)
                 if b is not None:
@@ -268,7 +269,8 @@ def install_linear_site(module: nn.Module) -> nn.Module:
     module.unipeft_deltas = nn.ModuleDict()
     module._unipeft_transposed = transposed
     module._unipeft_quantized = prepare_site(module)  # 2, 4, 8 or None
-    module._unipeft_dense = None  # a quantized map's dequantised merged weight (unipeft_merge)
+    if module._unipeft_quantized:  # its dequantised merged weight (unipeft_merge): a buffer, so .to() moves it
+        module.register_buffer("unipeft_dense", None, persistent=False)
     module._unipeft_merged = {}
     module._unipeft_pre = ()
     module._unipeft_post = ()
@@ -284,7 +286,8 @@ def uninstall_linear_site(module: nn.Module) -> None:
         return
     base = [c for c in type(module).__mro__[1:] if c is not LinearSite and issubclass(c, nn.Module)][0]
     del module.unipeft_deltas
-    for attr in ("_unipeft_transposed", "_unipeft_quantized", "_unipeft_dense", "_unipeft_merged", "_unipeft_pre",
+    module._buffers.pop("unipeft_dense", None)
+    for attr in ("_unipeft_transposed", "_unipeft_quantized", "_unipeft_merged", "_unipeft_pre",
                  "_unipeft_post", "_unipeft_replace",
                  "_unipeft_route", "_unipeft_routed", "_unipeft_route_tables"):
         module.__dict__.pop(attr, None)

@@ -493,3 +493,20 @@ def test_bad_input_is_one_line_and_leaves_the_model_unchanged(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny.logits(fresh, tiny.batch("llama"))
+
+
+def test_a_4bit_map_bitsandbytes_misreads_is_reported_when_a_site_wraps_it():
+    """A map quantized elsewhere (as transformers' BitsAndBytesConfig does: blocks of 64) whose rows
+    bitsandbytes' kernel misreads gets a warning when a delta is put on it."""
+    from unipeft.quantization import prepare_site
+    from unipeft.quantization.bnb import reads_rows_right
+
+    m = bnb.nn.Linear4bit(32, 16, bias=False, compute_dtype=torch.float32, quant_type="nf4", device="meta")
+    m.weight = bnb.nn.Params4bit(torch.randn(16, 32), requires_grad=False, quant_type="nf4").to("cpu")
+    if reads_rows_right(m):  # a bitsandbytes (or a device) without the bug: nothing to report
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert prepare_site(m) == 4
+    else:
+        with pytest.warns(UserWarning, match="misreads the rows of this 32-input map"):
+            assert prepare_site(m) == 4

@@ -58,11 +58,7 @@ def make_4bit(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: to
     m.weight = bnb.nn.Params4bit(weight.detach().contiguous(), requires_grad=False, quant_type="nf4",
                                  compress_statistics=True, quant_storage=STORAGE,
                                  blocksize=blocksize).to(weight.device)  # quantised on .to()
-    state = m.weight.quant_state
-    flat = copy.copy(state)
-    flat.shape = torch.Size([out_f * in_f])  # blocks over the flattened weight: how quantisation cut them
-    if not torch.equal(bnb.functional.dequantize_4bit(m.weight.data, flat).view(out_f, in_f),
-                       bnb.functional.dequantize_4bit(m.weight.data, state)):
+    if not reads_rows_right(m):
         raise UnipeftError(f"bitsandbytes' 4-bit kernel on {weight.device.type} misreads rows of {in_f} inputs (not "
                            f"a multiple of 32); quantize this map at 8 or 2 bits, or leave it out of the targets")
     if bias is not None:
@@ -89,6 +85,17 @@ def make_8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: float)
     return m
 
 
+def reads_rows_right(module: nn.Module) -> bool:
+    """Whether bitsandbytes dequantises this 4-bit map's weight (as its forward does) into the numbers
+    that were quantized: the blocks cut over the flattened weight, read back as rows (see make_4bit)."""
+    bnb = sys.modules["bitsandbytes"]
+    w = module.weight
+    flat = copy.copy(w.quant_state)
+    flat.shape = torch.Size([module.out_features * module.in_features])
+    return torch.equal(bnb.functional.dequantize_4bit(w.data, flat).view(module.out_features, module.in_features),
+                       bnb.functional.dequantize_4bit(w.data, w.quant_state))
+
+
 def keep_standard_format(module: nn.Module) -> None:
     """Undo (and stop) bitsandbytes' repacking of a 4-bit weight for its bf16 CPU kernel (see make_4bit).
 
@@ -103,6 +110,12 @@ def keep_standard_format(module: nn.Module) -> None:
         bnb = sys.modules["bitsandbytes"]
         w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
     module.support_avx512bf16_for_cpu = False
+    if not reads_rows_right(module):  # a map someone else quantized (transformers' BitsAndBytesConfig)
+        import warnings
+
+        warnings.warn(f"bitsandbytes' 4-bit kernel on {w.device.type} misreads the rows of this {module.in_features}-"
+                      f"input map (not a multiple of its block of {w.quant_state.blocksize}): the base computes with "
+                      f"other weights than were quantized; up.quantize picks blocks it reads right", stacklevel=4)
 
 
 def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

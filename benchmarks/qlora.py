@@ -18,9 +18,9 @@ Parts (--parts, default all):
            against fp32 (median of --steps steps after 2 warm-up steps; batch --batch, --seq tokens).
 * memory   peak training memory, each width in a fresh process: the peak RSS (VmHWM) of 3 training
            steps minus the RSS of python + torch (the method of benchmarks/memory_validation.py), against
-           two estimates: ``memory_cpu.estimate_cpu`` (fp32 LoRA, calibrated on this CPU) with its weights
-           term replaced by the quantized maps' bits per weight, and the lecture notes' hardware rule
-           (``analysis.memory.HW_METHODS``: weights bits/8 + adapters 0.08 bytes per parameter, x 1.2).
+           two estimates: ``unipeft estimate --device cpu --method lora --bits B`` (``memory_cpu``, calibrated
+           on this CPU; the blocks' linear maps at ``memory.QUANT_BYTES[B]``, the rest fp32) and the lecture
+           notes' hardware rule (``analysis.memory.HW_METHODS``: weights bits/8 + adapters 0.08 B/parameter, x 1.2).
 * quality  SST-2 dev accuracy (a 2-way head on the model, trained with the delta; --train-size
            sentences, one epoch, batch 32, linear warm-up and decay, fp32) at each width, and the same
            delta loaded onto the fp32 base (``up.save`` -> ``up.load``: what the delta is worth
@@ -58,8 +58,6 @@ from unipeft.targets import resolve  # noqa: E402
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # LLM.int8() logs its fp16 cast on every call
 WIDTHS = (32, 16, 8, 4, 2)  # 32: the fp32 base, plain LoRA; 16: the whole model in bf16, plain LoRA
 MB = 2**20
-# bytes per quantized weight, as stored (the "errors" part measures them; these are the formats' definitions)
-BYTES_PER_WEIGHT = {8: 1.0, 4: 0.5 + 1 / 64 + 4 / (64 * 256), 2: 0.25 + 4 / 64}
 
 
 def label(bits: int) -> str:
@@ -227,15 +225,14 @@ def peak_memory(name: str, batch: int, seq: int) -> dict:
             raise RuntimeError(f"memory worker ({label(bits)}) failed:\n{res.stderr[-3000:]}")
         w = json.loads(res.stdout.strip().splitlines()[-1])
         cfg = AutoConfig.for_model(**w.pop("config"))
+        # what `unipeft estimate --device cpu --method lora [--bits B] [--dtype bf16]` says
         est = estimate_cpu(cfg, method="lora", trainable_params=w["trainable"], n_params=w["n_params"],
-                           batch_size=batch, seq_len=seq, task="causal-lm", dtype="bf16" if bits == 16 else "fp32")
-        # the weights term at the quantized maps' storage; the other parameters stay fp32
-        q = w["quantized_weights"]
-        weights_q = ((2 if bits == 16 else 4) * (w["n_params"] - q) + (BYTES_PER_WEIGHT[bits] * q if q else 0)) / MB
-        predicted = est["total_mb"] - est["parts_mb"]["weights"] + weights_q
+                           batch_size=batch, seq_len=seq, task="causal-lm", dtype="bf16" if bits == 16 else "fp32",
+                           bits=bits if bits < 16 else None)
+        predicted = est["total_mb"]
         notes = (notes_rule[bits] * w["n_params"] * MARGIN / MB) if notes_rule[bits] else None
-        out[bits] = {**w, "estimate_cpu_mb": predicted, "estimate_weights_mb": weights_q, "notes_rule_mb": notes,
-                     "error_vs_estimate": w["peak_mb"] / predicted - 1}
+        out[bits] = {**w, "estimate_cpu_mb": predicted, "estimate_weights_mb": est["parts_mb"]["weights"],
+                     "notes_rule_mb": notes, "error_vs_estimate": w["peak_mb"] / predicted - 1}
     return out
 
 
@@ -349,7 +346,7 @@ def main(argv=None) -> int:
         results["memory"] = m = peak_memory(args.model, args.batch, args.seq)
         print(f"\nPeak training memory (MB = 2^20 B), {args.model}, batch {args.batch} x {args.seq} tokens, "
               f"3 AdamW steps, fresh process each\n")
-        print("| width | measured peak | estimate (memory_cpu, quantized weights) | error | base tensors | "
+        print("| width | measured peak | unipeft estimate --device cpu | error | base tensors | "
               "notes' rule (x1.2, GPU) |\n|---|---|---|---|---|---|")
         for bits, r in m.items():
             notes = f"{r['notes_rule_mb']:.0f}" if r["notes_rule_mb"] else "-"

@@ -510,3 +510,47 @@ def test_a_4bit_map_bitsandbytes_misreads_is_reported_when_a_site_wraps_it():
     else:
         with pytest.warns(UserWarning, match="misreads the rows of this 32-input map"):
             assert prepare_site(m) == 4
+
+
+# ---------------------------------------------------------------------------
+# the memory estimator's QLoRA entry (unipeft estimate --bits)
+# ---------------------------------------------------------------------------
+
+def test_the_estimator_counts_the_maps_up_quantize_stores():
+    """``block_linear`` from a config is exactly the weights up.quantize stores in fewer bits, and the
+    weights term is QUANT_BYTES[bits] for those and size(float) for the rest."""
+    from unipeft.analysis.memory import QUANT_BYTES, GiB, estimate, resolve_model
+    from unipeft.analysis.memory_cpu import estimate_cpu
+
+    model = tiny.make("llama")
+    q = sum(m.in_features * m.out_features for m in up.quantize(tiny.make("llama"), bits=2).modules()
+            if up.quantization.bits_of(m) is not None)
+    _, shape = resolve_model(model.config)
+    assert shape["block_linear"] == q
+    n = shape["n_params"]
+    for bits in (8, 4, 2):
+        e = estimate(model.config, method="lora", dtype="fp32", seq_len=16, bits=bits)
+        assert e.exact["weights_gb"] * GiB == pytest.approx(4 * (n - q) + QUANT_BYTES[bits] * q)
+        assert e.gradients_gb * GiB == pytest.approx(4 * e.trainable_params)
+        cpu = estimate_cpu(model.config, method="lora", trainable_params=1000, seq_len=16, bits=bits)
+        assert cpu["parts_mb"]["weights"] * 2**20 == pytest.approx(4 * (n - q) + QUANT_BYTES[bits] * q)
+    assert QUANT_BYTES[2] == 0.25 + 4 / 64  # the packed format at group 64 (test_quantize_targets_...)
+    with pytest.raises(UnipeftError, match="full trains base weights, which cannot be stored quantized"):
+        estimate("smollm2-135m", method="full", bits=4)
+    with pytest.raises(UnipeftError, match="unknown bits 3"):
+        estimate("smollm2-135m", method="lora", bits=3)
+
+
+def test_unipeft_estimate_bits(capsys):
+    import json
+
+    from unipeft.cli import main
+
+    totals = {}
+    for bits in (None, 8, 4, 2):
+        argv = ["estimate", "--model", "smollm2-135m", "--method", "lora", "--json"]
+        assert main(argv + (["--bits", str(bits)] if bits else [])) == 0
+        totals[bits] = json.loads(capsys.readouterr().out)["weights_gb"]
+    assert totals[None] > totals[8] > totals[4] > totals[2] > 0
+    assert main(["estimate", "--model", "smollm2-135m", "--method", "lora", "--bits", "4", "--device", "cpu"]) == 0
+    assert "method=lora (base in 4 bits) device=cpu" in capsys.readouterr().out

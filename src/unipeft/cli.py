@@ -23,6 +23,8 @@ def _add_estimate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), size like 7B, folder with config.json or hub id")
     p.add_argument("--method", default="full", choices=METHODS)
     p.add_argument("--trainable-params", type=int, default=None, help="N_trainable (default: from the method)")
+    p.add_argument("--bits", type=int, default=None, choices=(2, 4, 8),
+                   help="QLoRA: the blocks' linear maps stored in this many bits (up.quantize; lora, peft, prompt)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES), help="default: bf16 on gpu, fp32 on cpu")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096)
@@ -55,19 +57,20 @@ def _run_estimate(args) -> int:
             None if method == "full" else memory.estimate(args.model, method=method, seq_len=args.seq_len).trainable_params)
         est = estimate_cpu(args.model, method=method, trainable_params=trainable, batch_size=args.batch_size,
                            seq_len=args.seq_len, task=args.task, prompt_length=args.prompt_length,
-                           dtype=args.dtype or "fp32", optimizer=args.optimizer)
+                           dtype=args.dtype or "fp32", optimizer=args.optimizer, bits=args.bits)
         if args.json:
             print(json.dumps(est))
         else:
-            print(f"{est['model']}: method={method} device=cpu batch_size={est['batch_size']} seq_len={est['seq_len']}"
-                  f" (MB = 2^20 bytes)")
+            bits = f" (base in {args.bits} bits)" if args.bits else ""
+            print(f"{est['model']}: method={method}{bits} device=cpu batch_size={est['batch_size']} "
+                  f"seq_len={est['seq_len']} (MB = 2^20 bytes)")
             for part, mb in est["parts_mb"].items():
                 print(f"{part:16s} {mb:10.1f} MB")
             print(f"{'total':16s} {est['total_mb']:10.1f} MB")
         return 0
     est = memory.estimate(args.model, method=args.method, trainable_params=args.trainable_params, dtype=args.dtype or "bf16",
                           batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
-                          cuda_overhead_gb=args.cuda_overhead_gb, hidden=args.hidden)
+                          cuda_overhead_gb=args.cuda_overhead_gb, hidden=args.hidden, bits=args.bits)
     print(json.dumps(est.to_dict()) if args.json else est.table())
     return 0
 

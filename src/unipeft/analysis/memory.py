@@ -50,6 +50,12 @@ GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "momentum": 1, "sgd": 0}
 METHODS = ("full", "freeze", "lora", "peft", "prompt")
+# QLoRA (``bits=``): bytes per weight of the blocks' linear maps as ``unipeft.quantization`` stores them:
+# 8: int8 codes (bitsandbytes' fp32 scale per row, 4/in more, left out); 4: NF4 codes 0.5 + a uint8 absmax
+# per block of 64 + an fp32 per 256 blocks (double quantisation); 2: packed codes 0.25 + an fp16 scale and
+# zero point per 64 inputs. The other parameters (embeddings, norms, head) stay at size(float).
+QUANT_BYTES = {8: 1.0, 4: 0.5 + 1 / 64 + 4 / (64 * 256), 2: 0.25 + 4 / 64}
+BASE_FROZEN = ("lora", "peft", "prompt")  # the methods whose base can be quantized
 HIDDEN_FORMULAS = ("notes", "detailed")
 
 # Only the config numbers. n_params of Llama-2 are the nominal sizes the notes use
@@ -90,6 +96,7 @@ class MemoryEstimate:
     total_gb: float
     formulas: dict = field(default_factory=dict)
     exact: dict = field(default_factory=dict)
+    bits: int | None = None  # QLoRA: the blocks' linear maps in this many bits
 
     def to_dict(self) -> dict:
         """All fields; the *_gb figures rounded to 0.01 GB as the notes print them."""
@@ -105,7 +112,8 @@ class MemoryEstimate:
                 ("hidden states", self.hidden_gb, self.formulas["hidden"]),
                 ("optimizer states", self.optimizer_gb, self.formulas["optimizer"]),
                 ("total", self.total_gb, "sum")]
-        head = (f"{self.model}: method={self.method} dtype={self.dtype} seq_len={self.seq_len} "
+        head = (f"{self.model}: method={self.method}{f' (base in {self.bits} bits)' if self.bits else ''} "
+                f"dtype={self.dtype} seq_len={self.seq_len} "
                 f"batch_size={self.batch_size} optimizer={self.optimizer}\n"
                 f"N_parameter={self.n_params:,} N_trainable={self.trainable_params:,} "
                 f"(1 GB = 2^30 bytes)")
@@ -140,7 +148,8 @@ def _from_config(cfg, name: str) -> dict:
     attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
     mlp = (3 if gated else 2) * h * inter * experts
     n = vocab * h * (1 if g("tie_word_embeddings", default=True) else 2) + layers * (attn + mlp)
-    return dict(layers=layers, hidden=h, heads=heads, vocab=vocab, intermediate=inter, n_params=n)
+    return dict(layers=layers, hidden=h, heads=heads, vocab=vocab, intermediate=inter, n_params=n,
+                block_linear=layers * (attn + mlp))
 
 
 def _load_config(source: str):
@@ -176,6 +185,31 @@ def resolve_model(model) -> tuple[str, dict]:
                        f"a folder with config.json or a hub id 'owner/name'")
 
 
+def block_linear_params(shape: dict) -> int:
+    """Weights of the blocks' linear maps (what ``up.quantize`` stores in fewer bits): counted from the
+    config when there is one, else every parameter but one vocab x h embedding."""
+    return shape.get("block_linear", shape["n_params"] - shape["vocab"] * shape["hidden"])
+
+
+def weight_bytes(shape: dict, b: int, bits: int | None = None) -> float:
+    """size(float) * N, or with ``bits`` the blocks' linear maps at ``QUANT_BYTES[bits]`` and the rest at b."""
+    n = shape["n_params"]
+    if bits is None:
+        return b * n
+    q = min(block_linear_params(shape), n)
+    return b * (n - q) + QUANT_BYTES[bits] * q
+
+
+def check_bits(method: str, bits) -> None:
+    if bits is None:
+        return
+    if bits not in QUANT_BYTES or isinstance(bits, bool):
+        raise UnipeftError(f"unknown bits {bits!r}: use {choices(sorted(QUANT_BYTES))} (QLoRA's quantized base)")
+    if method not in BASE_FROZEN:
+        raise UnipeftError(f"bits={bits}: {method} trains base weights, which cannot be stored quantized; "
+                           f"bits applies to {choices(BASE_FROZEN)}")
+
+
 def default_trainable(method: str, shape: dict) -> int:
     """N_trainable when not given: full = all; freeze = one layer's share; lora/peft = LoRA r=8
     on q and v (4 * L * h * r); prompt = 20 virtual tokens (20 * h)."""
@@ -185,8 +219,9 @@ def default_trainable(method: str, shape: dict) -> int:
 
 def estimate(config_or_size, method: str = "full", trainable_params: int | None = None, dtype: str = "bf16",
              batch_size: int = 1, seq_len: int = 4096, optimizer: str = "adamw", cuda_overhead_gb: float = 1.0,
-             hidden: str = "notes") -> MemoryEstimate:
-    """Estimate training memory (GB = 2^30 bytes) with the notes' formulas; see the module docstring."""
+             hidden: str = "notes", bits: int | None = None) -> MemoryEstimate:
+    """Estimate training memory (GB = 2^30 bytes) with the notes' formulas; see the module docstring.
+    ``bits``: QLoRA, the blocks' linear maps stored in 8, 4 or 2 bits (``QUANT_BYTES``)."""
     if method not in METHODS:
         raise UnipeftError(f"unknown method {method!r}: use {choices(METHODS)}")
     if dtype not in DTYPE_BYTES:
@@ -197,6 +232,7 @@ def estimate(config_or_size, method: str = "full", trainable_params: int | None 
         raise UnipeftError(f"unknown hidden-state formula {hidden!r}: use {choices(HIDDEN_FORMULAS)}")
     if batch_size < 1 or seq_len < 1:
         raise UnipeftError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    check_bits(method, bits)
     name, sh = resolve_model(config_or_size)
     n, L, H, h, V = sh["n_params"], sh["layers"], sh["heads"], sh["hidden"], sh["vocab"]
     t = default_trainable(method, sh) if trainable_params is None else int(trainable_params)
@@ -204,9 +240,9 @@ def estimate(config_or_size, method: str = "full", trainable_params: int | None 
         raise UnipeftError(f"trainable_params must be between 0 and N_parameter={n:,}, got {t:,}")
     b, k, s, bs = DTYPE_BYTES[dtype], OPTIMIZER_STATES[optimizer], seq_len, batch_size
 
-    exact_weights = b * n / GiB
+    exact_weights = weight_bytes(sh, b, bits) / GiB
     weights = _trunc2(exact_weights)          # the notes' 13.03 for 7e9 * 2 bytes
-    gradients = weights * t / n               # = size(float) * N_trainable, on the notes' figure
+    gradients = weights * t / n if bits is None else b * t / GiB  # = size(float) * N_trainable, on the notes' figure
     opt = k * gradients                       # = k * size(float) * N_trainable
     if hidden == "notes":
         hid = b * bs * L * (20 * H * s + 3 * s * s) / GiB
@@ -217,7 +253,9 @@ def estimate(config_or_size, method: str = "full", trainable_params: int | None 
     total = cuda_overhead_gb + weights + gradients + hid + opt
     formulas = {
         "overhead": f"CUDA context ~{cuda_overhead_gb} GB",
-        "weights": f"size(float) * N_parameter = {b} * {n:,} (exact {exact_weights:.4f}, written to 0.01 GB)",
+        "weights": (f"size(float) * N_parameter = {b} * {n:,}" if bits is None else
+                    f"{QUANT_BYTES[bits]:.4f} * {min(block_linear_params(sh), n):,} (the blocks' linear maps at {bits} "
+                    f"bits) + {b} * the other parameters") + f" (exact {exact_weights:.4f}, written to 0.01 GB)",
         "gradients": f"size(float) * N_trainable = {b} * {t:,}",
         "optimizer": f"{k} * size(float) * N_trainable ({optimizer}: {k} states)",
         "hidden": hid_f,
@@ -228,7 +266,7 @@ def estimate(config_or_size, method: str = "full", trainable_params: int | None 
                           optimizer=optimizer, hidden_formula=hidden, n_params=n, trainable_params=t, layers=L,
                           hidden_size=h, heads=H, vocab=V, weights_gb=weights, gradients_gb=gradients,
                           optimizer_gb=opt, hidden_gb=hid, overhead_gb=cuda_overhead_gb, total_gb=total,
-                          formulas=formulas, exact=exact)
+                          formulas=formulas, exact=exact, bits=bits)
 
 
 # ---- the notes' hardware-requirement table, recomputed --------------------------------------

@@ -70,7 +70,7 @@ Returns a dict with ``total_mb`` (MB = 2^20 bytes), ``parts_mb`` and the formula
 """
 from __future__ import annotations
 
-from .memory import DTYPE_BYTES, OPTIMIZER_STATES, resolve_model
+from .memory import DTYPE_BYTES, OPTIMIZER_STATES, check_bits, resolve_model, weight_bytes
 
 MB = 2**20
 RUNTIME_MB = 100.0
@@ -99,13 +99,16 @@ def family(config) -> str:
 
 def estimate_cpu(config, method: str = "full", trainable_params: int | None = None, n_params: int | None = None,
                  batch_size: int = 1, seq_len: int = 128, task: str = "causal-lm", prompt_length: int = 0,
-                 dtype: str = "fp32", optimizer: str = "adamw", coefficients: dict | None = None) -> dict:
+                 dtype: str = "fp32", optimizer: str = "adamw", coefficients: dict | None = None,
+                 bits: int | None = None) -> dict:
     """CPU training-memory estimate (MB = 2^20 bytes); see the module docstring for each term.
 
     ``config``: a transformers config (or anything ``memory.resolve_model`` accepts);
     ``trainable_params`` / ``n_params``: the real counts (``up.trainable_parameters(model)``);
     ``task``: "causal-lm" (logits over the vocabulary) or "seq-cls" (no logits term);
-    ``prompt_length``: virtual tokens of prompt tuning (added to seq_len)."""
+    ``prompt_length``: virtual tokens of prompt tuning (added to seq_len); ``bits``: QLoRA, the blocks'
+    linear maps stored in 8, 4 or 2 bits (``memory.QUANT_BYTES``; the other parameters at ``dtype``)."""
+    check_bits(method, bits)
     name, sh = resolve_model(config)
     L, h, H, V, i = sh["layers"], sh["hidden"], sh["heads"], sh["vocab"], sh["intermediate"]
     n = int(n_params) if n_params else sh["n_params"]
@@ -115,7 +118,7 @@ def estimate_cpu(config, method: str = "full", trainable_params: int | None = No
     c = dict(FAMILIES[fam], **(coefficients or {}))
     s, bs = seq_len + prompt_length, batch_size
     parts = {
-        "weights": b * n,
+        "weights": weight_bytes(dict(sh, n_params=n), b, bits),
         "weights_copy": b * n if method == "full" else 0,
         "gradients": b * t,
         "optimizer": k * b * t,
@@ -127,6 +130,6 @@ def estimate_cpu(config, method: str = "full", trainable_params: int | None = No
         "logits": b * bs * seq_len * V * c["k_logits"] if task == "causal-lm" else 0,
     }
     parts_mb = {key: v / MB for key, v in parts.items()}
-    return dict(model=name, family=fam, method=method, batch_size=bs, seq_len=seq_len, effective_seq=s,
+    return dict(model=name, family=fam, method=method, bits=bits, batch_size=bs, seq_len=seq_len, effective_seq=s,
                 n_params=n, trainable_params=t, coefficients=c, parts_mb=parts_mb,
                 total_mb=sum(parts_mb.values()))

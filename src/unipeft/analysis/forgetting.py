@@ -146,7 +146,7 @@ def encoder_forgetting(model_path: str, model, tokenizer, name: str, text: str, 
     head = [k for k in info.get("missing_keys", []) if not k.startswith(mlm.base_model_prefix + ".")]
     if head:
         return {"measure": "masked_lm_loss", "note": f"the checkpoint has no pretrained masked-LM head ({len(head)} "
-                "head tensors missing, e.g. " + head[0] + "); a fresh head would measure nothing: not measured"}
+                "head tensors missing, e.g. " + head[0] + "); a fresh head would measure nothing"}
     delta = registry(model).deltas[name]
     trained = delta_tensors(model, delta)
     mlm.to(next(model.parameters()).device)

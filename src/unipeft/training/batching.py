@@ -15,6 +15,8 @@ Inputs per task kind (see ``tasks.py``):
   causal_lm                    prompt_template(source) + target + EOS; the loss covers the target only
                                (prompt positions get label -100); generation feeds the prompt alone
   seq2seq                      tokenizer(source) -> labels = tokenizer(target)
+  chat                         the conversation in its chat template, labels on assistant turns (chat.py);
+                               ``chat.pack`` packs rows with per-example position ids (``Encoded.positions``)
 """
 from __future__ import annotations
 

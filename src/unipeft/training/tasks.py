@@ -1,7 +1,7 @@
 """What a task is: its kind, which columns hold the inputs and the target, its labels and metrics.
 
 A ``Task`` is plain data shared by the data readers (``data.py``), the encoder
-(``batching.py``), the trainer and the metrics. Four kinds cover the issue's tasks:
+(``batching.py``), the trainer and the metrics. Five kinds cover the tasks:
 
 * ``classification`` -- one sentence or a pair -> one of ``labels`` (SST-2, CoLA, RTE, MRPC, BBC News)
 * ``regression``     -- one sentence or a pair -> a number (STS-B)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -208,3 +209,13 @@ def test_train_eval_predict_chat_with_lora_and_packing(models, tmp_path, capsys)
     preds = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
     # a plain line is a user turn: both forms are the same conversation, generated through the template
     assert preds[0] == preds[1] and preds[0].endswith("serves french food ."), preds
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ia3", "bitfit", "adapter", "full"])
+def test_every_causal_lm_method_trains_and_generates_on_chats(models, tmp_path, method):
+    train = write_jsonl(tmp_path / "train.jsonl", table_chats(16))
+    dev = write_jsonl(tmp_path / "dev.jsonl", table_chats(3, seed=5))
+    res = run.train(models["gpt2"], "c", method, data={"train": train, "dev": dev, "kind": "chat"},
+                    chat_template=TEMPLATE, max_steps=2, batch_size=8, max_length=40, max_new_tokens=4,
+                    precision="fp32", progress=False)
+    assert res["steps"] == 2 and math.isfinite(res["dev"]["loss"]) and "bleu" in res["dev"]

@@ -224,3 +224,22 @@ def test_generation_tasks_train_together_and_each_evaluates_alone(setup, tmp_pat
     assert set(res["dev"]) == {"fwd", "back"} and "loss" in res["dev"]["fwd"]
     for name in ("fwd", "back"):
         assert run.evaluate(out / name, limit=2)["loss"] == pytest.approx(res["dev"][name]["loss"], rel=1e-4)
+
+
+def test_chat_and_causal_tasks_share_a_run_with_a_given_template(setup, tmp_path):
+    from test_chat import TEMPLATE, table_chats, write_jsonl
+
+    chats = write_jsonl(tmp_path / "c.jsonl", table_chats(20))
+    plain = tiny.write_csv(tmp_path / "p.csv", ["text", "target"], tiny.table_rows(20, seed=4))
+    out = tmp_path / "mixed"
+    res = multitask.train(setup["gpt2"], [{"task": "talk", "train": chats, "kind": "chat"},
+                                          {"task": "plain", "train": plain, "kind": "causal_lm"}], "lora",
+                          out=out, chat_template=TEMPLATE, max_steps=2, batch_size=8, max_length=40,
+                          max_new_tokens=4, precision="fp32", progress=False)
+    assert set(res["dev"]) == {"talk", "plain"}
+    info = json.loads((out / "talk" / "run.json").read_text())
+    assert info["task"]["kind"] == "chat" and info["task"]["chat_template"] == TEMPLATE
+    assert run.evaluate(out / "talk")["loss"] == pytest.approx(res["dev"]["talk"]["loss"], rel=1e-4)
+    with pytest.raises(UnipeftError, match="none of these tasks is one"):
+        multitask.train(setup["gpt2"], [{"task": "plain", "train": plain, "kind": "causal_lm"},
+                                        {"task": "p2", "train": plain, "kind": "causal_lm"}], chat_template=TEMPLATE)

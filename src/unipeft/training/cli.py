@@ -236,7 +236,7 @@ def _run_multitask(args, options) -> int:
     results = multitask.train(args.model, args.task, args.method, data=data_options(args), out=args.out,
                               method_options=options, deltas=args.deltas, sampling=args.sampling,
                               temperature=args.temperature, evaluate_test=score_test(args),
-                              **collect(args, TRAIN_FLAGS))
+                              chat_template=args.template, **collect(args, TRAIN_FLAGS))
     if not results["_main"]:
         return 0
     results = _public(results)

@@ -323,8 +323,11 @@ class MultiTaskTrainer(Trainer):
 def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *, data: dict | None = None,
           out: str | os.PathLike | None = None, method_options: dict | None = None, deltas: str = "per_task",
           sampling: str = "proportional", temperature: float = 2.0, evaluate_test: bool | None = False,
-          accelerator=None, **settings) -> dict:
-    """Train ``method`` on several tasks at once; returns the results (per task) and writes the run under ``out``."""
+          accelerator=None, chat_template: str | None = None, **settings) -> dict:
+    """Train ``method`` on several tasks at once; returns the results (per task) and writes the run under ``out``.
+
+    ``chat_template``: a Jinja chat template (or its file) for the chat tasks among them (default: the tokenizer's).
+    """
     import unipeft as up
     from . import distributed as dist
     from .defaults import resolve
@@ -346,7 +349,10 @@ def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *
 
         for m in members:
             if m.task.kind == "chat":
+                m.task = dataclasses.replace(m.task, chat_template=chat.read_template(chat_template) or m.task.chat_template)
                 chat.check_template(tokenizer, m.task, model)
+    elif chat_template is not None:
+        raise UnipeftError("a chat template applies to chat tasks (--kind chat), and none of these tasks is one")
     names = [m.name for m in members] if deltas == "per_task" else ["shared"]
     for n in names:
         torch.manual_seed(cfg.seed)  # every task's delta starts from the same initialisation

@@ -224,6 +224,16 @@ def test_generation_tasks_train_together_and_each_evaluates_alone(setup, tmp_pat
     assert set(res["dev"]) == {"fwd", "back"} and "loss" in res["dev"]["fwd"]
     for name in ("fwd", "back"):
         assert run.evaluate(out / name, limit=2)["loss"] == pytest.approx(res["dev"][name]["loss"], rel=1e-4)
+    # served routed: one batch, row i on its task's delta, as each delta alone
+    model, tok, layout = multitask.load(out)
+    ids = torch.tensor([tok("name = Alpha food = indian")["input_ids"]] * 2)
+    with torch.no_grad():
+        with up.route(model, ["fwd", "back"]):
+            routed = model(input_ids=ids).logits
+        for row, name in enumerate(("fwd", "back")):
+            up.activate(model, [name])
+            assert torch.allclose(routed[row], model(input_ids=ids[:1]).logits[0], atol=1e-5)
+    assert not torch.allclose(routed[0], routed[1])
 
 
 def test_chat_and_causal_tasks_share_a_run_with_a_given_template(setup, tmp_path):

@@ -8,7 +8,7 @@ Parts (each one `unipeft compare` run, reports under <out>/<part>/):
 
 * ``forgetting-sst2`` -- MiniLM on SST-2, ``--forgetting``: the changed-parameters column, and the
   masked-LM loss on general text before/after where the checkpoint has an MLM head (all-MiniLM-L6-v2,
-  a sentence encoder, has none: the report says so instead of a number);
+  a sentence encoder, has none: a BBC News topic probe on its pooled features instead);
 * ``forgetting-e2e``  -- SmolLM2-135M on E2E (causal LM), ``--forgetting``: perplexity of the general text
   shipped with unipeft with each method's delta off and on;
 * ``low-data-sst2``   -- MiniLM on SST-2 at ``--sizes`` training examples over ``--seeds`` (the notes:

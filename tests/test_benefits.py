@@ -114,11 +114,15 @@ def test_encoder_forgetting_is_the_masked_lm_loss_with_the_deltas_body(encoders)
     assert f["after"] != pytest.approx(base_loss, rel=1e-3)
     n = len(registry(cls).deltas["l"].linear) - len(registry(cls).deltas["l"].head)
     assert f["tensors_from_delta"] == f"{2 * n}/{2 * n}"  # every LoRA factor; the classifier left out
-    # a checkpoint without a pretrained MLM head: a note, not a number
+    # a checkpoint without a pretrained MLM head: a second task's probe (BBC topics) instead
     cls2 = AutoModelForSequenceClassification.from_pretrained(encoders["cls"])
-    up.attach(cls2, up.LoRA(r=2), name="l")
-    note = fg.encoder_forgetting(encoders["cls"], cls2, tok, "l", text, 32)
-    assert "no pretrained masked-LM head" in note["note"] and "before" not in note
+    up.attach(cls2, up.LoRA(r=2), name="l")  # B = 0: the delta changes nothing yet
+    probe = fg.encoder_forgetting(encoders["cls"], cls2, tok, "l", text, 32)
+    assert probe["measure"] == "probe_accuracy" and "no pretrained masked-LM head" in probe["why"]
+    assert 0 <= probe["before"] <= 1 and probe["after"] == probe["before"]
+    randomize(cls2, "l", 0.5)
+    moved = fg.probe_forgetting(cls2, tok, "l", max_length=32)
+    assert moved["before"] == probe["before"] and 0 <= moved["after"] <= 1
 
 
 def test_general_text_ships_and_short_texts_are_refused(tmp_path):

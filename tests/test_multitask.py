@@ -253,3 +253,21 @@ def test_chat_and_causal_tasks_share_a_run_with_a_given_template(setup, tmp_path
     with pytest.raises(UnipeftError, match="none of these tasks is one"):
         multitask.train(setup["gpt2"], [{"task": "plain", "train": plain, "kind": "causal_lm"},
                                         {"task": "p2", "train": plain, "kind": "causal_lm"}], chat_template=TEMPLATE)
+
+
+def test_classification_and_regression_tasks_train_together(setup, tmp_path):
+    rows = tiny.sentiment_rows(60, seed=7)
+    score = tiny.write_csv(tmp_path / "r.csv", ["text", "label"], [(t, 4.0 * y + 0.5) for t, y in rows])
+    out = tmp_path / "reg"
+    res = multitask.train(setup["model"], [{"task": "sent", **setup["sent"]},
+                                           {"task": "score", "train": score, "kind": "regression"}], "lora",
+                          out=out, max_steps=4, batch_size=8, precision="fp32", progress=False, lr=1e-2)
+    assert set(res["dev"]["score"]) == {"pearson", "spearman"} and "accuracy" in res["dev"]["sent"]
+    layout = json.loads((out / "multitask.json").read_text())
+    assert [(t["name"], t["offset"], t["outputs"]) for t in layout["tasks"]] == [("sent", 0, 2), ("score", 2, 1)]
+    assert run.evaluate(out / "score")["pearson"] == pytest.approx(res["dev"]["score"]["pearson"], rel=1e-3)
+    texts = ["a great film", "an awful movie"]
+    model, tok, layout = multitask.load(out)
+    routed = multitask.classify(model, tok, layout, texts, ["score", "sent"])
+    alone = run.predict(out / "score", texts[:1]) + run.predict(out / "sent", texts[1:])
+    assert routed[0] == pytest.approx(alone[0], abs=1e-5) and routed[1] == alone[1]

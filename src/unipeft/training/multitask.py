@@ -20,7 +20,7 @@ pass over the base serves every task and each row's loss reaches its own task's 
 
 Heads. Classification tasks may have different label sets: the base gets one head with sum_t K_t
 outputs and task t reads its own slice [offset_t, offset_t + K_t) (cross-entropy over the slice,
-argmax inside it). Each delta owns its copy of the head (``engine.HeadDelta``, a linear delta
+argmax inside it); a regression task (STS-B) has a slice of one output and a squared-error loss. Each delta owns its copy of the head (``engine.HeadDelta``, a linear delta
 that routes like LoRA), so in ``per_task`` mode task t's head rows are trained by task t's rows
 only. Generation tasks (causal_lm and chat, or seq2seq) need no head.
 
@@ -68,12 +68,15 @@ class Member:
 
     @property
     def outputs(self) -> int:
-        return self.task.num_labels if self.task.kind == "classification" else 0
+        return self.task.num_labels if self.task.kind in SEQUENCE_KINDS else 0
+
+
+SEQUENCE_KINDS = ("classification", "regression")  # one sequence-classification head, each task its slice
 
 
 def _group(task: Task) -> str:
-    """Tasks that can share one base model and one loss: the same head kind."""
-    return "causal" if task.causal else task.kind
+    """Tasks that can share one base model: the same kind of head."""
+    return "causal" if task.causal else "sequence" if task.kind in SEQUENCE_KINDS else task.kind
 
 
 def parse_tasks(tasks, data: dict | None = None) -> list[dict]:
@@ -111,20 +114,17 @@ def load_members(specs: list[dict], seed: int = 0) -> list[Member]:
     groups = sorted({_group(m.task) for m in members})
     if len(groups) > 1:
         kinds = ", ".join(f"{m.name}: {m.task.kind}" for m in members)
-        raise UnipeftError(f"multi-task training mixes tasks of one model head: all classification, or all "
-                           f"causal_lm/chat, or all seq2seq; got {kinds}")
-    if groups[0] == "regression":
-        raise UnipeftError("multi-task training does not take regression tasks yet (each would need its own "
-                           "loss); train them on their own")
+        raise UnipeftError(f"multi-task training mixes tasks of one model head: classification and regression, "
+                           f"or causal_lm/chat, or seq2seq; got {kinds}")
     return members
 
 
 def base_task(members: list[Member]) -> Task:
     """The Task the base model is loaded for: classification with every task's labels side by side."""
     first = members[0].task
-    if first.kind != "classification":
+    if first.kind not in SEQUENCE_KINDS:
         return first
-    labels = tuple(f"{m.name}:{label}" for m in members for label in m.task.labels)
+    labels = tuple(f"{m.name}:{label}" for m in members for label in (m.task.labels or ("score",)))
     return Task("multitask", "classification", labels=labels)
 
 
@@ -236,10 +236,13 @@ class MultiTaskTrainer(Trainer):
 
     def encode_train(self, train, cache) -> Encoded:
         encs = []
+        regression = any(m.task.kind == "regression" for m in self.members)
         for m in self.members:
             enc = encode(m.task, m.splits["train"], self.tokenizer, self.config.max_length, cache_dir=cache)
             if m.task.kind == "classification":  # label ids of the base head: the task's slice
                 enc = dataclasses.replace(enc, labels=enc.labels + m.offset)
+            if regression and m.task.kind in SEQUENCE_KINDS:  # one label tensor: class ids are exact in float32
+                enc = dataclasses.replace(enc, labels=enc.labels.to(torch.float32))
             encs.append(enc)
         return concat(encs)
 
@@ -264,12 +267,21 @@ class MultiTaskTrainer(Trainer):
                 return self.model(**batch).loss, None
             labels = batch.pop("labels")
             logits = self.model(**batch).logits.float()
-            # cross-entropy over each row's own slice: the other tasks' outputs are masked out
-            lo = torch.tensor([self.members[int(self.row_task[i])].offset for i in idx], device=dev)
-            hi = lo + torch.tensor([self.members[int(self.row_task[i])].outputs for i in idx], device=dev)
-            cols = torch.arange(logits.shape[-1], device=dev)
-            outside = (cols[None] < lo[:, None]) | (cols[None] >= hi[:, None])
-            return torch.nn.functional.cross_entropy(logits.masked_fill(outside, float("-inf")), labels), None
+            members = [self.members[int(self.row_task[i])] for i in idx]
+            lo = torch.tensor([m.offset for m in members], device=dev)
+            reg = torch.tensor([m.task.kind == "regression" for m in members], device=dev)
+            loss = logits.new_zeros(())
+            if (~reg).any():  # cross-entropy over each row's own slice: the other tasks' outputs masked out
+                hi = lo + torch.tensor([m.outputs for m in members], device=dev)
+                cols = torch.arange(logits.shape[-1], device=dev)
+                outside = (cols[None] < lo[:, None]) | (cols[None] >= hi[:, None])
+                ce = torch.nn.functional.cross_entropy(logits.masked_fill(outside, float("-inf"))[~reg],
+                                                       labels[~reg].long(), reduction="sum")
+                loss = loss + ce
+            if reg.any():  # squared error on the row's one output
+                pred = logits[reg].gather(1, lo[reg][:, None])[:, 0]
+                loss = loss + torch.nn.functional.mse_loss(pred, labels[reg].float(), reduction="sum")
+            return loss / len(idx), None
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -309,7 +321,7 @@ class MultiTaskTrainer(Trainer):
             out.update({f"{m.name}/{k}": v for k, v in res.items()})
         # model selection (keep_best, early stopping) on the mean of the tasks' main metrics (accuracy, MCC, ...),
         # kept under the base task's main metric's name; generation tasks: the mean dev loss
-        mains = [f"{m.name}/{m.task.main_metric if self.task.kind == 'classification' else 'loss'}" for m in self.members]
+        mains = [f"{m.name}/{m.task.main_metric if m.outputs else 'loss'}" for m in self.members]
         scores = [out[k] for k in mains if k in out]
         if scores:
             out[self.task.main_metric] = sum(scores) / len(scores)
@@ -473,8 +485,9 @@ def load(run_dir):
 
 @torch.no_grad()
 def classify(model, tokenizer, layout: dict, texts: list[str], tasks: list[str], pairs=None,
-             max_length: int = 128) -> list[str]:
-    """Label names for a batch that mixes tasks: row i with task ``tasks[i]``'s delta and head slice, one pass."""
+             max_length: int = 128) -> list:
+    """Label names (numbers for regression tasks) for a batch that mixes tasks: row i with task ``tasks[i]``'s
+    delta and head slice, in one pass."""
     import unipeft as up
     from .batching import Collator
     from .evaluation import pad_id
@@ -497,5 +510,8 @@ def classify(model, tokenizer, layout: dict, texts: list[str], tasks: list[str],
     out = []
     for row, t in zip(logits, tasks):
         m = by[t]
-        out.append(m.task.labels[int(row[m.offset:m.offset + m.outputs].argmax())])
+        if m.task.kind == "regression":
+            out.append(float(row[m.offset]))
+        else:
+            out.append(m.task.labels[int(row[m.offset:m.offset + m.outputs].argmax())])
     return out

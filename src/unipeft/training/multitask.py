@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .. import fileio, progress
+from .. import fileio
 from ..errors import UnipeftError, choices
 from .batching import Encoded, encode
 from .tasks import Task

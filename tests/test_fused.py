@@ -147,6 +147,7 @@ def test_the_cost_model_picks_merged_for_many_tokens_and_factored_for_few():
     assert not fused.lora_merged_is_cheaper(1, layer)        # a generation step
     assert not fused.lora_merged_is_cheaper(64, layer)
     assert fused.lora_merged_is_cheaper(8 * 512, layer)
+    assert not fused.lora_merged_is_cheaper(8 * 512, layer, torch.bfloat16)  # half precision: factored (measured)
     with fused.lora_path("merged"):
         assert fused.lora_merged_is_cheaper(1, layer)
     with fused.lora_path("factored"):

@@ -26,15 +26,20 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
+
 _enabled = os.environ.get("UNIPEFT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 LORA_PATHS = ("auto", "factored", "merged")
 _lora_path = os.environ.get("UNIPEFT_LORA_PATH", "auto").strip().lower()
 if _lora_path not in LORA_PATHS:
     raise ValueError(f"UNIPEFT_LORA_PATH={_lora_path!r}: valid values are {', '.join(LORA_PATHS)}")
 # The merged path pays two products of the layer's size (out x r x in) to save two of the tokens'
-# size (tokens x r x (in + out)); it is taken when the saving is at least this many times the cost.
-# Calibrated with benchmarks/lora_compute_limit.py --lora-path (see benchmarks/README.md).
-MERGED_BREAK_EVEN = 1.0
+# size (tokens x r x (in + out)); auto takes it when the saving is at least this many times the cost.
+# Measured per layer (benchmarks/lora_paths.py, 2-core Xeon, fp32, r=16, 2026-12-01): at a ratio of
+# 1.2-3.6 (SmolLM2's maps at 1,024 tokens) merged ran 0.94-0.95x of factored on three shapes and
+# 1.03-1.06x on two; from 4.9 up it ran 0.86-0.92x on five of six shapes (1.03x on the down
+# projection). Hence 4: a clear saving or nothing.
+MERGED_BREAK_EVEN = 4.0
 
 
 def enabled() -> bool:
@@ -70,11 +75,15 @@ def lora_path(mode: str):
         _lora_path = before
 
 
-def lora_merged_is_cheaper(tokens: int, shapes: list[tuple[int, int, int]]) -> bool:
+def lora_merged_is_cheaper(tokens: int, shapes: list[tuple[int, int, int]], dtype=None) -> bool:
     """Whether the fused LoRA node should form W_eff = W + s B A for a call with ``tokens`` rows
-    over maps of ``shapes`` [(out, in, r), ...] (see the module docstring)."""
+    over maps of ``shapes`` [(out, in, r), ...] in compute dtype ``dtype`` (see the module docstring).
+    Auto keeps the factored path for half precision: on a CPU with AMX the same benchmark gave the
+    merged path 0.61x to 1.71x of the factored one depending on the shape, no rule to follow yet."""
     if _lora_path != "auto":
         return _lora_path == "merged"
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        return False
     saved = tokens * sum(r * (o + i) for o, i, r in shapes)      # x A^T B^T's second product and (g B) A
     paid = 2 * sum(o * i * r for o, i, r in shapes)             # W + s B A, in the forward and the backward
     return saved >= MERGED_BREAK_EVEN * paid

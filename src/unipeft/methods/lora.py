@@ -323,7 +323,7 @@ class LoRALinear(torch.autograd.Function):
         A = As[0] if n == 1 else torch.cat(As)                          # (sum r, k)
         t = x2 @ A.to(dt).t()                                           # (N, sum r)
         merged = fused.lora_merged_is_cheaper(x2.shape[0], [(w.shape[0], w.shape[1], B.shape[1])
-                                                             for w, B in zip(weights, Bs)])
+                                                             for w, B in zip(weights, Bs)], dt)
         outs, lo, kept = [], 0, []
         for w, b, a, B, s in zip(weights, biases, As, Bs, scales):
             r = B.shape[1]

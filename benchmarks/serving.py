@@ -244,11 +244,11 @@ def main(argv=None) -> int:
         engine = Engine((model, tok), tmp, cache_mb=4096, name=args.model, max_batch=32, max_wait_ms=args.max_wait_ms,
                         max_new_tokens=max(64, args.max_tokens))
         submit = engine_submit(engine, generate, args.max_tokens)
+        server = None
         if "A" in parts:
             use = names[:args.deltas]
             warm(engine, use, generate)
             naive_rates, engine_rates, http_rates = [], [], []
-            server = None
             if args.http:
                 from unipeft.serving.app import create_app
                 from unipeft.serving.cli import Background
@@ -273,8 +273,6 @@ def main(argv=None) -> int:
                 print(f"A round {r}: engine {engine_rates[-1]:.1f} req/s ({fill:.1f} rows per batch), naive "
                       f"{naive_rates[-1]:.1f} req/s" + (f", engine over HTTP {http_rates[-1]:.1f} req/s"
                                                         if http_rates else ""), file=sys.stderr)
-            if server is not None:
-                server.stop()
             e, n = statistics.median(engine_rates), statistics.median(naive_rates)
             results["A"] = {"deltas": args.deltas, "engine_rps": engine_rates, "naive_rps": naive_rates,
                             "engine_median": e, "naive_median": n, "ratio": e / n}
@@ -297,6 +295,8 @@ def main(argv=None) -> int:
             results["B"] = {"few": args.few, "many": args.many, "few_rps": few_rates, "many_rps": many_rates,
                             "few_median": f, "many_median": m, "ratio_many_over_few": m / f,
                             "cache_mib": engine.used_bytes / 2 ** 20}
+        if server is not None:
+            server.stop()   # its shutdown stops the engine too
         engine.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -271,3 +271,37 @@ def test_the_server_refuses_exactly_the_methods_that_cannot_route():
     assert {"freeze", "full", "sparse_ft", "diff_pruning", "new_tokens"} <= kinds
     assert not kinds & {"lora", "ia3", "adapter", "prompt_tuning", "prefix_tuning", "bitfit"}
     assert kinds == {k for k, c in up.METHODS.items() if not c.routable}
+
+
+def test_classification_batches_split_by_length_and_answers_are_unchanged(bert):
+    """Rows of very different lengths run as separate forwards (less padding), never one wider than
+    the model's positions, each answer still that of the request alone."""
+    path, deltas = bert
+    e = Engine(path, deltas, cache_mb=64, max_wait_ms=50, start=False)
+    short, long_ = "good", " ".join(["a long and winding review of the film"] * 12)
+    jobs_in = [("lora0", short), ("ia30", long_), (None, short), ("prompt0", long_), ("bitfit0", short)]
+    try:
+        alone = {}
+        for d, t in jobs_in:
+            probe = Engine(path, deltas, cache_mb=64)
+            try:
+                alone[(d, t)] = probe.classify(d, [t])
+            finally:
+                probe.stop()
+        futures = [e.submit_classify(d, [t]) for d, t in jobs_in]
+        with e._cv:
+            queued = list(e._queue)
+        # the shorts together; the two long ones apart: side by side they would be 64 tokens + the
+        # prompt delta's 2 positions wide, past the tiny BERT's 64 positions
+        groups = e._buckets(queued)
+        assert sorted(len(g) for g in groups) == [1, 1, 3]
+        e.bucket_overhead = 10 ** 9   # a forward costs more than any padding: only the width splits
+        assert sorted(len(g) for g in e._buckets(queued)) == [1, 4]
+        e.bucket_overhead = 64
+        e.start()
+        for f, k in zip(futures, jobs_in):
+            got, want = f.result(60)[0], alone[k][0]
+            assert got["label"] == want["label"] and got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+        assert e.batches == 1  # one batch taken from the queue, run as three forwards
+    finally:
+        e.stop()

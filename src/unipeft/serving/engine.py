@@ -130,7 +130,8 @@ class Engine:
 
     def __init__(self, base, deltas_dir=None, cache_mb: float = 256, *, tokenizer=None, name: str | None = None,
                  max_batch: int = 32, max_wait_ms: float = 5.0, max_new_tokens: int = 512,
-                 metrics: Metrics | None = None, start: bool = True, rejoin: bool = True):
+                 metrics: Metrics | None = None, start: bool = True, rejoin: bool = True,
+                 bucket_overhead: int = 64):
         model, tok, default_name = load_base(base, tokenizer)
         if cache_mb <= 0 or max_batch < 1 or max_wait_ms < 0:
             raise UnipeftError(f"Engine: cache_mb must be > 0, max_batch >= 1, max_wait_ms >= 0 "
@@ -150,6 +151,7 @@ class Engine:
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.max_new_tokens = max_new_tokens
         self.rejoin = rejoin                   # cut a wave for waiting requests once rows have finished
+        self.bucket_overhead = bucket_overhead  # classification: one more forward costs this many tokens
         self.waves_cut = 0
         self.max_positions = _max_positions(model, tok)
         self.pad_id = _pad_id(tok, model)
@@ -331,13 +333,14 @@ class Engine:
         self._check_delta(delta)
         if not isinstance(inputs, list) or not inputs:
             raise BadRequest("input must be a non-empty list of texts or [text, text] pairs")
+        known = self._known.get(delta) if delta is not None else None
+        room = self.max_positions - (known.positions if known is not None else 0)  # a prompt's positions come first
         rows = []
         for x in inputs:
             if not (isinstance(x, str) or isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x)):
                 raise BadRequest(f"each input must be a text or a [text, text] pair; got {str(x)[:60]!r}")
             with self._tok_lock:
-                enc = self.tokenizer(*([x] if isinstance(x, str) else x), truncation=True,
-                                     max_length=self.max_positions)
+                enc = self.tokenizer(*([x] if isinstance(x, str) else x), truncation=True, max_length=room)
             rows.append({k: list(v) for k, v in enc.items()})
         return self._put(_Job("classify", delta, rows, concurrent.futures.Future(), time.perf_counter()))
 
@@ -483,8 +486,11 @@ class Engine:
                 if ready:
                     self.batches += 1
                     self.batch_rows += sum(len(j.rows) for j in ready)
-                    answers = self._forward(ready, [names[j.delta] for j in ready])
-                    for j, a in zip(ready, answers):
+                    answers = {}
+                    for group in self._buckets(ready):  # classification: rows of similar length together
+                        for j, a in zip(group, self._forward(group, [names[j.delta] for j in group])):
+                            answers[id(j)] = a
+                    for j, a in ((j, answers[id(j)]) for j in ready):
                         if a is not None and not j.future.done():   # None: carried into the next wave
                             self._answer(j.root or j, a)
             except Exception as e:
@@ -498,6 +504,44 @@ class Engine:
                 with self._cv:  # deltas of rows carried into the next wave stay loaded
                     carried = {j.delta for j in self._queue if j.root is not None and j.delta is not None}
                 self._evict(carried)
+
+    def _buckets(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """A classification batch split into forwards of similar length (padding is work on a CPU:
+        a row of 8 tokens padded to 30 costs 30). A routed forward is as wide as its longest tokens
+        plus its longest prompt (prompt tuning lays rows out as [P_i, x_i, padding]); jobs sorted by
+        tokens + prompt are cut where the padding saved outweighs one more forward's fixed cost
+        (``bucket_overhead`` tokens), and never so that a forward is wider than the model's
+        positions: an exact minimum by dynamic programming over at most ``max_batch`` jobs.
+        Generation is never split: its decode steps gain more from a wide batch than they lose to
+        the prompts' padding."""
+        if self.kind != "classify" or len(jobs) < 2:
+            return [jobs]
+
+        def sizes(j):
+            known = self._known.get(j.delta) if j.delta is not None else None
+            return max(len(r["input_ids"]) for r in j.rows), (known.positions if known is not None else 0)
+
+        order = sorted(jobs, key=lambda j: sum(sizes(j)))
+        tokens, prompts = zip(*(sizes(j) for j in order))
+        rows = [len(j.rows) for j in order]
+        best = [0.0] + [float("inf")] * len(order)   # best[k]: cheapest way to run the first k jobs
+        cut = [0] * (len(order) + 1)
+        for k in range(1, len(order) + 1):
+            n = widest = longest_prompt = 0
+            for i in range(k, 0, -1):                 # the last forward holds jobs i-1 .. k-1
+                n += rows[i - 1]
+                widest, longest_prompt = max(widest, tokens[i - 1]), max(longest_prompt, prompts[i - 1])
+                width = widest + longest_prompt
+                if width > self.max_positions and i < k:
+                    break                              # wider than the model: not one forward
+                cost = best[i - 1] + width * n + self.bucket_overhead
+                if cost < best[k]:
+                    best[k], cut[k] = cost, i - 1
+        groups, k = [], len(order)
+        while k > 0:
+            groups.append(order[cut[k]:k])
+            k = cut[k]
+        return groups[::-1]
 
     def _forward(self, jobs: list[_Job], internal: list[str | None]) -> list[list[dict] | None]:
         """Answers per job (None for a job carried into the next wave)."""

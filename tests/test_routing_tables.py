@@ -131,3 +131,21 @@ def test_attaching_or_activating_the_nth_delta_does_not_walk_the_others(monkeypa
     # and the state is what a full walk would give: only the active delta trains
     trainable = {n.split("unipeft_deltas.")[-1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"new"}
+
+
+def test_tensors_are_checked_once_per_block_and_again_in_the_next():
+    """Inside one up.route block a delta's tensors are read at its first use (a generation's
+    steps do not re-check every delta at every site); the next block sees any change."""
+    model = tiny.make("llama").eval()
+    scrambled(model, "a", up.LoRA(r=2), seed=1)
+    batch = batch_of("llama", 2)
+    names = ["a", None]
+    delta = up.engine.registry(model).deltas["a"]
+    with up.route(model, names), torch.no_grad():
+        first = tiny.logits(model, batch)
+        stamps = [t for _, t in tables(model)]
+        assert all("a" in t.checked for t in stamps)
+    with torch.no_grad():
+        next(iter(delta.linear.values())).lora_B.add_(1.0)
+    torch.testing.assert_close(routed(model, batch, names), alone(model, batch, names), atol=1e-5, rtol=0)
+    assert not torch.equal(routed(model, batch, names), first)

@@ -172,7 +172,7 @@ class LinearSite:
         if table is None:
             table = kept[tag] = SlotTable()
         return table.lookup(named, build, params, lambda n, d: self.unipeft_deltas[n] is d
-                            if n in self.unipeft_deltas else False)
+                            if n in self.unipeft_deltas else False, block=self._unipeft_route)
 
     # --- weights as (out, in), whatever the storage layout -----------------
     def unipeft_weight_out_in(self) -> torch.Tensor:

@@ -13,7 +13,9 @@ way a serving engine keeps adapter weights in slots:
 * only deltas that were routed are in it (a server with hundreds attached pays for the ones its
   batches use), each in a slot of its own;
 * a delta whose tensors changed (a version counter or the storage moved), or a new delta object
-  under an old name, is written again, into its slot, alone;
+  under an old name, is written again, into its slot, alone; the tensors are checked at a delta's
+  first use in each ``up.route`` block (a generation runs one forward per token in one block, and
+  checking every delta at every site at every step would cost as much as the gather);
 * a slot whose delta is gone (detached, or evicted by a serving cache) is reused; the table
   grows by doubling when no slot is free.
 
@@ -48,24 +50,32 @@ class SlotTable:
         self.tensors: tuple[torch.Tensor, ...] | None = None   # each (capacity + 1, ...): row 0 identity
         self.single = False                                    # build returned one tensor, not a tuple
         self.entries: dict[str, tuple] = {}                    # name -> (weakref to delta, stamp, slot)
+        self.block = None                                      # the up.route block the names in checked are for
+        self.checked: set[str] = set()
 
     @staticmethod
     def _stamp(tensors) -> tuple:
         """What must not move for a written row to stay right: each source's version and storage."""
         return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
-    def lookup(self, named: list, build, params, alive) -> tuple:
+    def lookup(self, named: list, build, params, alive, block=None) -> tuple:
         """The tables and {name: slot} for the deltas ``named`` [(name, delta)], writing the rows of
         those that are new or changed. ``alive(name, delta)`` says whether a kept entry's delta is
-        still attached (its slot is reused otherwise)."""
+        still attached (its slot is reused otherwise); ``block`` (the open ``up.route``'s Route)
+        lets a delta's tensors be checked once per block."""
+        if block is None or block is not self.block:
+            self.block, self.checked = block, set()
         dirty = []
         for name, d in named:
             entry = self.entries.get(name)
-            if entry is None or entry[0]() is not d or entry[1] != self._stamp(params(d)):
+            if entry is None or entry[0]() is not d or (
+                    name not in self.checked and entry[1] != self._stamp(params(d))):
                 dirty.append((name, d))
         if dirty:
             with torch.no_grad():
                 self._write(dirty, _as_tuple(build([d for _, d in dirty])), params, alive)
+        if block is not None:
+            self.checked.update(name for name, _ in named)
         out = self.tensors[0] if self.single else self.tensors
         return out, {name: self.entries[name][2] for name, _ in named}
 

@@ -286,11 +286,25 @@ def main(argv=None) -> int:
             print(f"loaded {len(many)} deltas in {time.perf_counter() - t:.1f} s "
                   f"({engine.used_bytes / 2 ** 20:.1f} MiB)", file=sys.stderr)
             few_rates, many_rates = [], []
+
+            def measured(names_, seed):
+                """req/s, plus what the arm did: rows per batch, waves cut, tokens generated per request."""
+                before = (engine.batches, engine.batch_rows, engine.waves_cut, tokens_so_far())
+                rate = drive(submit, work_for(names_, args.requests, generate, seed=seed), args.clients)
+                b, rows, cut, tok = (x - y for x, y in zip((engine.batches, engine.batch_rows, engine.waves_cut,
+                                                            tokens_so_far()), before))
+                return rate, f"{rows / max(b, 1):.1f} rows/batch, {cut} waves cut, {tok / args.requests:.2f} tok/req"
+
+            def tokens_so_far():
+                return sum(v.get("completion_tokens_total", 0) for v in engine.metrics.snapshot().values())
+
             for r in range(args.rounds):
-                few_rates.append(drive(submit, work_for(few, args.requests, generate, seed=100 + r), args.clients))
-                many_rates.append(drive(submit, work_for(many, args.requests, generate, seed=200 + r), args.clients))
-                print(f"B round {r}: {args.few} deltas {few_rates[-1]:.1f} req/s, {args.many} deltas "
-                      f"{many_rates[-1]:.1f} req/s", file=sys.stderr)
+                rate, how_few = measured(few, 100 + r)
+                few_rates.append(rate)
+                rate, how_many = measured(many, 200 + r)
+                many_rates.append(rate)
+                print(f"B round {r}: {args.few} deltas {few_rates[-1]:.1f} req/s ({how_few}), {args.many} deltas "
+                      f"{many_rates[-1]:.1f} req/s ({how_many})", file=sys.stderr)
             f, m = statistics.median(few_rates), statistics.median(many_rates)
             results["B"] = {"few": args.few, "many": args.many, "few_rps": few_rates, "many_rps": many_rates,
                             "few_median": f, "many_median": m, "ratio_many_over_few": m / f,

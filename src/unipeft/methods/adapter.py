@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import MethodConfig, check_choice, check_number, check_positive_int, method
 from ..errors import UnipeftError, choices
-from ..positions import LinearDelta, linear_shape
+from ..positions import LinearDelta, class_rows, linear_shape
 from .adapter_drop import DropPlan, dropped
 
 STYLES = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")
@@ -189,11 +189,16 @@ class AdapterDelta(LinearDelta):
                                           [(n, d) for n, d, _ in items], _stack_adapters, grad,
                                           params=lambda d: d.table_params())
         slot = site.routed_slots(index, x.shape[0], x.device)
+        src, mine = srcs[0], class_rows(items, y.shape[0])
+        if mine is not None:  # only this class's rows (others would add row 0's zeros)
+            slot, src = slot.index_select(0, mine), src.index_select(0, mine)
         dw, db, uw, ub = (t.index_select(0, slot).to(y.dtype) for t in tables)
-        n = y.shape[0]
-        src = srcs[0].to(y.dtype).reshape(n, -1, srcs[0].shape[-1])
+        n = slot.shape[0]
+        src = src.to(y.dtype).reshape(n, -1, src.shape[-1])
         hidden = first.act(torch.baddbmm(db[:, None, :], src, dw.transpose(1, 2)))
         out = torch.baddbmm(ub[:, None, :], hidden, uw.transpose(1, 2))
+        if mine is not None:
+            return y.index_add(0, mine, out.view(n, *y.shape[1:]))
         return y + out.view(y.shape)
 
 

@@ -31,9 +31,9 @@ from .attention import (KVSource, AttentionSite, attention_site, attention_with_
 from .hidden import HiddenSite, TokenSource, blocks_under
 from .loss import LossSite
 from .inputs import InputSite
-from .linear import LinearDelta, LinearSite, install_linear_site, linear_shape, uninstall_linear_site
+from .linear import LinearDelta, LinearSite, class_rows, install_linear_site, linear_shape, uninstall_linear_site
 
-__all__ = ["LinearDelta", "LinearSite", "install_linear_site", "uninstall_linear_site", "linear_shape",
+__all__ = ["LinearDelta", "LinearSite", "class_rows", "install_linear_site", "uninstall_linear_site", "linear_shape",
            "KVSource", "AttentionSite", "attention_site", "attention_with_prefix", "current_attention",
            "enable_attention_sites", "disable_attention_sites", "InputSite",
            "HiddenSite", "TokenSource", "blocks_under", "LossSite"]

@@ -67,6 +67,16 @@ class LinearDelta(nn.Module):
         return y
 
 
+def class_rows(items, n: int) -> torch.Tensor | None:
+    """The rows (sorted) of a batch of n that the routed ``items`` [(name, delta, rows)] hold, or
+    None when they hold every row: a gathered class then computes for its own rows only, not for
+    rows that would read its table's row 0 (no change)."""
+    count = sum(rows.numel() for _, _, rows in items)
+    if count >= n:
+        return None
+    return torch.cat([rows for _, _, rows in items]).sort().values
+
+
 def per_row(table: torch.Tensor, slot: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """table[slot] (n, size) shaped to broadcast over ``like`` (n, ..., size)."""
     rows = table.index_select(0, slot)

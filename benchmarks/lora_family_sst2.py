@@ -24,7 +24,6 @@ which keeps only the triplets of the final budget), seconds per optimizer step, 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -39,42 +38,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import unipeft as up  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sst2_common import accuracy, batches, read_tsv  # noqa: E402
 from unipeft import zoo  # noqa: E402
 
 RANGES = {"rr-1-16": (1, 16), "rr-8-24": (8, 24), "rr-16-32": (16, 32), "rr-32-64": (32, 64)}
 ARMS = ("lora", *RANGES, "dylora", "adalora", "peft-adalora")
 PEFT_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|(attention\.)?output\.dense"
                 r"|intermediate\.dense)")  # the same six maps per block as unipeft's all-linear
-
-
-def read_tsv(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
-    with open(path, newline="") as f:
-        rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    return rows[:limit] if limit else rows
-
-
-def batches(tok, rows, size, seed=None):
-    order = list(range(len(rows)))
-    if seed is not None:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    out = []
-    for i in range(0, len(order), size):
-        chunk = [rows[j] for j in order[i:i + size]]
-        enc = tok([s for s, _ in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        enc["labels"] = torch.tensor([y for _, y in chunk])
-        out.append(dict(enc))
-    return out
-
-
-@torch.no_grad()
-def accuracy(model, dev) -> float:
-    model.eval()
-    right = total = 0
-    for b in dev:
-        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
-        right += int((logits.argmax(-1) == b["labels"]).sum())
-        total += len(b["labels"])
-    return right / total
 
 
 def train(model, train_batches, lr, after_step=None) -> float:

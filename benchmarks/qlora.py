@@ -32,7 +32,6 @@ Writes --out (JSON) and prints markdown tables. The SmolLM2 weights come from a 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -52,6 +51,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 import unipeft as up  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sst2_common import accuracy, batches, read_tsv  # noqa: E402
 from unipeft.architectures import map_model  # noqa: E402
 from unipeft.targets import resolve  # noqa: E402
 
@@ -234,36 +235,6 @@ def peak_memory(name: str, batch: int, seq: int) -> dict:
         out[bits] = {**w, "estimate_cpu_mb": predicted, "estimate_weights_mb": est["parts_mb"]["weights"],
                      "notes_rule_mb": notes, "error_vs_estimate": w["peak_mb"] / predicted - 1}
     return out
-
-
-def read_tsv(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
-    with open(path, newline="") as f:
-        rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    return rows[:limit] if limit else rows
-
-
-def batches(tok, rows, size, seed=None, max_length=64):
-    order = list(range(len(rows)))
-    if seed is not None:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    out = []
-    for i in range(0, len(order), size):
-        chunk = [rows[j] for j in order[i:i + size]]
-        enc = tok([s for s, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        enc["labels"] = torch.tensor([y for _, y in chunk])
-        out.append(dict(enc))
-    return out
-
-
-@torch.no_grad()
-def accuracy(model, dev) -> float:
-    model.eval()
-    right = total = 0
-    for b in dev:
-        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
-        right += int((logits.argmax(-1) == b["labels"]).sum())
-        total += len(b["labels"])
-    return right / total
 
 
 def fit(model, train_batches, lr) -> float:

@@ -26,7 +26,6 @@ a table on stdout.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -40,40 +39,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import unipeft as up  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sst2_common import accuracy, batches, read_tsv  # noqa: E402
 from unipeft import zoo  # noqa: E402
 from unipeft.training.defaults import DEFAULTS  # noqa: E402
 
 ARMS = ("lt-sft", "magnitude", "movement", "fish", "diff-pruning", "compose")
-
-
-def read_tsv(path: Path, start: int = 0, limit: int | None = None) -> list[tuple[str, int]]:
-    with open(path, newline="") as f:
-        rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    return rows[start:start + limit] if limit else rows[start:]
-
-
-def batches(tok, rows, size, seed=None):
-    order = list(range(len(rows)))
-    if seed is not None:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    out = []
-    for i in range(0, len(order), size):
-        chunk = [rows[j] for j in order[i:i + size]]
-        enc = tok([s for s, _ in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        enc["labels"] = torch.tensor([y for _, y in chunk])
-        out.append(dict(enc))
-    return out
-
-
-@torch.no_grad()
-def accuracy(model, dev) -> float:
-    model.eval()
-    right = total = 0
-    for b in dev:
-        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
-        right += int((logits.argmax(-1) == b["labels"]).sum())
-        total += len(b["labels"])
-    return right / total
 
 
 def train(model, train_batches, lr) -> float:
@@ -163,8 +134,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _, tok = zoo.minilm(num_labels=2)
     data = Path(args.data_dir)
-    train_batches = batches(tok, read_tsv(data / "train.tsv", 0, args.train_size), 32, seed=0)
-    dev = batches(tok, read_tsv(data / "dev.tsv", 0, args.dev_size), 128)
+    train_batches = batches(tok, read_tsv(data / "train.tsv", args.train_size), 32, seed=0)
+    dev = batches(tok, read_tsv(data / "dev.tsv", args.dev_size), 128)
     tmp = Path(args.out).with_suffix("")
     results = {"settings": {**vars(args), "steps": len(train_batches), "threads": torch.get_num_threads(),
                             "torch": torch.__version__}, "arms": {}}
@@ -173,7 +144,7 @@ def main(argv=None) -> int:
         lr = getattr(args, f"lr_{arm.replace('-', '_')}") or default
         t0 = time.perf_counter()
         if arm == "compose":
-            second = batches(tok, read_tsv(data / "train.tsv", args.train_size, args.train_size), 32, seed=1)
+            second = batches(tok, read_tsv(data / "train.tsv", args.train_size, start=args.train_size), 32, seed=1)
             r = run_compose(train_batches, second, dev, lr, tmp)
             print(f"compose: task {r['accuracy_task']:.4f}, other {r['accuracy_other']:.4f}, both "
                   f"{r['accuracy_both']:.4f}; k {r['k_each']:,} each, {r['shared_entries']:,} shared", flush=True)

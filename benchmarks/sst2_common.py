@@ -1,0 +1,40 @@
+"""What the SST-2 benchmarks with a plain training loop share: the GLUE TSV reader, seeded padded
+batches with labels, and dev accuracy (``lora_family_sst2.py``, ``sparse_sst2.py``, ``qlora.py``)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+
+def read_tsv(path: Path, limit: int | None = None, start: int = 0) -> list[tuple[str, int]]:
+    """(sentence, label) rows of a GLUE SST-2 TSV file, ``limit`` of them from row ``start``."""
+    with open(path, newline="") as f:
+        rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    return rows[start:start + limit] if limit else rows[start:]
+
+
+def batches(tok, rows, size, seed=None, max_length=64) -> list[dict]:
+    """Padded batches with labels, in file order or shuffled with ``seed``."""
+    order = list(range(len(rows)))
+    if seed is not None:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = []
+    for i in range(0, len(order), size):
+        chunk = [rows[j] for j in order[i:i + size]]
+        enc = tok([s for s, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc["labels"] = torch.tensor([y for _, y in chunk])
+        out.append(dict(enc))
+    return out
+
+
+@torch.no_grad()
+def accuracy(model, dev) -> float:
+    model.eval()
+    right = total = 0
+    for b in dev:
+        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        right += int((logits.argmax(-1) == b["labels"]).sum())
+        total += len(b["labels"])
+    return right / total

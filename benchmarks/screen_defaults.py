@@ -82,9 +82,15 @@ DECODER_CANDIDATES = {
     "prompt:lr3e-2": ("prompt", {}, {"lr": 3e-2}),
     "prompt:lr1e-2": ("prompt", {}, {"lr": 1e-2}),
     "prefix:lr5e-3": ("prefix", {}, {"lr": 5e-3}),
+    "prefix:lr2e-3": ("prefix", {}, {"lr": 2e-3}),
     "adapter:lr3e-3": ("adapter", {}, {"lr": 3e-3}),
+    "adapter:lr1e-3": ("adapter", {}, {"lr": 1e-3}),
+    "bitfit:lr2e-3": ("bitfit", {}, {"lr": 2e-3}),
+    "bitfit:lr5e-3": ("bitfit", {}, {"lr": 5e-3}),
     "full:lr2e-4": ("full", {}, {"lr": 2e-4}),
     "full:lr5e-5": ("full", {}, {"lr": 5e-5}),
+    "freeze:lr3e-4": ("freeze", {}, {"lr": 3e-4}),
+    "freeze:lr1e-4": ("freeze", {}, {"lr": 1e-4}),
 }
 # per-task training settings on top of BUDGET (generation: BLEU on a capped dev set, not the loss)
 TASK_SETTINGS = {"e2e": dict(eval_generate=True, eval_max_examples=48, max_new_tokens=48)}

@@ -140,3 +140,31 @@ class RowStops(StoppingCriteria):
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def buckets(sizes: list[tuple[int, int, int]], max_positions: int, overhead: float) -> list[list[int]]:
+    """Cut jobs, sorted by length, into forwards: ``sizes[i]`` = (tokens, prompt positions, rows) of
+    job i. A routed forward is as wide as its longest tokens plus its longest prompt (prompt tuning
+    lays rows out as [P_i, x_i, padding]) and costs width x rows + ``overhead`` (a forward's fixed
+    cost, in tokens); never wider than ``max_positions``. The exact minimum, by dynamic programming
+    over the cut points (at most a batch's worth of jobs). Returns the groups of job indices."""
+    n = len(sizes)
+    best = [0.0] + [float("inf")] * n   # best[k]: cheapest way to run the first k jobs
+    cut = [0] * (n + 1)
+    for k in range(1, n + 1):
+        rows = widest = longest_prompt = 0
+        for i in range(k, 0, -1):          # the last forward holds jobs i-1 .. k-1
+            tokens, prompt, count = sizes[i - 1]
+            rows += count
+            widest, longest_prompt = max(widest, tokens), max(longest_prompt, prompt)
+            width = widest + longest_prompt
+            if width > max_positions and i < k:
+                break                       # wider than the model: not one forward
+            cost = best[i - 1] + width * rows + overhead
+            if cost < best[k]:
+                best[k], cut[k] = cost, i - 1
+    groups, k = [], n
+    while k > 0:
+        groups.append(list(range(cut[k], k)))
+        k = cut[k]
+    return groups[::-1]

@@ -506,42 +506,19 @@ class Engine:
                 self._evict(carried)
 
     def _buckets(self, jobs: list[_Job]) -> list[list[_Job]]:
-        """A classification batch split into forwards of similar length (padding is work on a CPU:
-        a row of 8 tokens padded to 30 costs 30). A routed forward is as wide as its longest tokens
-        plus its longest prompt (prompt tuning lays rows out as [P_i, x_i, padding]); jobs sorted by
-        tokens + prompt are cut where the padding saved outweighs one more forward's fixed cost
-        (``bucket_overhead`` tokens), and never so that a forward is wider than the model's
-        positions: an exact minimum by dynamic programming over at most ``max_batch`` jobs.
-        Generation is never split: its decode steps gain more from a wide batch than they lose to
-        the prompts' padding."""
+        """A classification batch split into forwards of similar length (``batch.buckets``): padding
+        is work on a CPU. Generation is never split: its decode steps gain more from a wide batch
+        than they lose to the prompts' padding."""
         if self.kind != "classify" or len(jobs) < 2:
             return [jobs]
 
         def sizes(j):
             known = self._known.get(j.delta) if j.delta is not None else None
-            return max(len(r["input_ids"]) for r in j.rows), (known.positions if known is not None else 0)
+            return max(len(r["input_ids"]) for r in j.rows), (known.positions if known is not None else 0), len(j.rows)
 
-        order = sorted(jobs, key=lambda j: sum(sizes(j)))
-        tokens, prompts = zip(*(sizes(j) for j in order))
-        rows = [len(j.rows) for j in order]
-        best = [0.0] + [float("inf")] * len(order)   # best[k]: cheapest way to run the first k jobs
-        cut = [0] * (len(order) + 1)
-        for k in range(1, len(order) + 1):
-            n = widest = longest_prompt = 0
-            for i in range(k, 0, -1):                 # the last forward holds jobs i-1 .. k-1
-                n += rows[i - 1]
-                widest, longest_prompt = max(widest, tokens[i - 1]), max(longest_prompt, prompts[i - 1])
-                width = widest + longest_prompt
-                if width > self.max_positions and i < k:
-                    break                              # wider than the model: not one forward
-                cost = best[i - 1] + width * n + self.bucket_overhead
-                if cost < best[k]:
-                    best[k], cut[k] = cost, i - 1
-        groups, k = [], len(order)
-        while k > 0:
-            groups.append(order[cut[k]:k])
-            k = cut[k]
-        return groups[::-1]
+        order = sorted(jobs, key=lambda j: sum(sizes(j)[:2]))
+        return [[order[i] for i in group] for group in
+                B.buckets([sizes(j) for j in order], self.max_positions, self.bucket_overhead)]
 
     def _forward(self, jobs: list[_Job], internal: list[str | None]) -> list[list[dict] | None]:
         """Answers per job (None for a job carried into the next wave)."""

@@ -39,33 +39,13 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import unipeft as up  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sst2_common import accuracy, batches, read_tsv  # noqa: E402
+from sst2_common import accuracy, batches, read_tsv, train  # noqa: E402
 from unipeft import zoo  # noqa: E402
 
 RANGES = {"rr-1-16": (1, 16), "rr-8-24": (8, 24), "rr-16-32": (16, 32), "rr-32-64": (32, 64)}
 ARMS = ("lora", *RANGES, "dylora", "adalora", "peft-adalora")
 PEFT_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|(attention\.)?output\.dense"
                 r"|intermediate\.dense)")  # the same six maps per block as unipeft's all-linear
-
-
-def train(model, train_batches, lr, after_step=None) -> float:
-    """The plain loop; returns seconds per optimizer step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps = len(train_batches)
-    warm = max(1, int(0.06 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
-    model.train()
-    t0 = time.perf_counter()
-    for step, b in enumerate(train_batches):
-        model(**b).loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step(step)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / steps
 
 
 def trainable(model) -> int:

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 import unipeft as up  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sst2_common import accuracy, batches, read_tsv  # noqa: E402
+from sst2_common import accuracy, batches, read_tsv, train  # noqa: E402
 from unipeft.architectures import map_model  # noqa: E402
 from unipeft.targets import resolve  # noqa: E402
 
@@ -237,22 +237,6 @@ def peak_memory(name: str, batch: int, seq: int) -> dict:
     return out
 
 
-def fit(model, train_batches, lr) -> float:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    steps = len(train_batches)
-    warm = max(1, int(0.06 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
-    model.train()
-    t0 = time.perf_counter()
-    for b in train_batches:
-        model(**b).loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / steps
-
-
 def quality(name: str, train_rows, dev_rows, lr: float) -> dict:
     _, tok = classifier(name)
     train_batches = batches(tok, train_rows, 32, seed=0)
@@ -262,7 +246,7 @@ def quality(name: str, train_rows, dev_rows, lr: float) -> dict:
         for bits in WIDTHS:
             torch.manual_seed(0)  # the same head and LoRA initialisation at every width
             model = attach(classifier(name)[0], bits)
-            sec = fit(model, train_batches, lr)
+            sec = train(model, train_batches, lr)
             out[bits] = {"accuracy": accuracy(model, dev), "s_per_step": sec}
             if bits != 32:  # the same delta on the fp32 base
                 up.save(model, Path(tmp) / label(bits), name="t")

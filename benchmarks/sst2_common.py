@@ -1,8 +1,10 @@
 """What the SST-2 benchmarks with a plain training loop share: the GLUE TSV reader, seeded padded
-batches with labels, and dev accuracy (``lora_family_sst2.py``, ``sparse_sst2.py``, ``qlora.py``)."""
+batches with labels, the training loop, and dev accuracy (``lora_family_sst2.py``, ``sparse_sst2.py``,
+``qlora.py``)."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import torch
@@ -38,3 +40,24 @@ def accuracy(model, dev) -> float:
         right += int((logits.argmax(-1) == b["labels"]).sum())
         total += len(b["labels"])
     return right / total
+
+
+def train(model, train_batches, lr, after_step=None) -> float:
+    """The plain loop (AdamW, 6% linear warm-up then linear decay); returns seconds per optimizer
+    step. ``after_step(step)`` runs after each optimizer step (peft's AdaLoRA needs its call there)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = len(train_batches)
+    warm = max(1, int(0.06 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    model.train()
+    t0 = time.perf_counter()
+    for step, b in enumerate(train_batches):
+        model(**b).loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / steps

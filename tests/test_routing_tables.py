@@ -149,3 +149,26 @@ def test_tensors_are_checked_once_per_block_and_again_in_the_next():
         next(iter(delta.linear.values())).lora_B.add_(1.0)
     torch.testing.assert_close(routed(model, batch, names), alone(model, batch, names), atol=1e-5, rtol=0)
     assert not torch.equal(routed(model, batch, names), first)
+
+
+def test_a_gathered_class_computes_only_its_own_rows(monkeypatch):
+    """Two LoRA deltas on rows 0 and 1, (IA)3 and the base on rows 2 and 3: the LoRA products run
+    on 2 rows, not on all 4 (rows of other methods would only add row 0's zeros), and the routed
+    logits still equal each row alone."""
+    model = tiny.make("llama").eval()
+    scrambled(model, "a", up.LoRA(r=2), seed=1)
+    scrambled(model, "b", up.LoRA(r=3), seed=2)
+    scrambled(model, "i", up.IA3(), seed=3)
+    batch = batch_of("llama", 4)
+    names = ["a", "b", "i", None]
+    sizes, real = [], torch.bmm
+
+    def spy(x, y, *args, **kwargs):
+        sizes.append(x.shape[0])
+        return real(x, y, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    got = routed(model, batch, names)
+    monkeypatch.setattr(torch, "bmm", real)
+    assert sizes and set(sizes) == {2}
+    torch.testing.assert_close(got, alone(model, batch, names), atol=1e-5, rtol=0)

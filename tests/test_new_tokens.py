@@ -1,11 +1,13 @@
 """Trainable new tokens (up.NewTokens): BPE-learned domain words, new embedding rows only, a small
-delta with its tokens, the tokenizer extended on attach and on load, tied output rows, combination
-with a task delta, the training recipe, and bad input.
+delta with its tokens, the tokenizer extended on attach and on load, tied and untied output rows,
+transformers' own LM loss over the widened logits, combination with a task delta, the training
+recipe, and bad input.
 
 The contract grid's rows do not fit this method (its batches hold no new token, so nothing would
 train, and a tied LM head's logits grow by the new tokens): the same promises are checked here on
 every family."""
 import json
+import math
 
 import pytest
 import torch
@@ -37,11 +39,28 @@ def subword_tokenizer():
     return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]")
 
 
+def subword_pieces(word):
+    return subword_tokenizer()(word, add_special_tokens=False)["input_ids"]
+
+
 def gpt2_for(tok, size=None):
     """A tiny GPT-2 whose vocabulary is exactly the tokenizer's (new ids lie past the embedding)."""
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=size or len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+    cfg = tf.GPT2Config(vocab_size=size or len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                        bos_token_id=0, eos_token_id=0)
     return tf.GPT2LMHeadModel._from_config(cfg).eval()
+
+
+def llama_for(tok):
+    """A tiny Llama with an untied LM head and the tokenizer's vocabulary exactly."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    return tf.LlamaForCausalLM._from_config(cfg).eval()
+
+
+LM_FOR = {"gpt2": gpt2_for, "llama": llama_for}
 
 
 def test_learn_tokens_keeps_whole_domain_words_the_tokenizer_lacks():
@@ -91,6 +110,171 @@ def test_tied_lm_head_predicts_the_new_tokens_with_the_same_rows():
     assert model.get_input_embeddings().weight.shape[0] == V  # nothing resized
 
 
+
+def shifted_cross_entropy(logits, labels):
+    """The causal LM loss by hand: token t predicts t + 1, -100 ignored, the mean over the rest."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lm_loss_over_the_widened_vocabulary_trains_saves_loads_and_detaches(family, tmp_path):
+    """GPT-2 (tied head) and Llama (untied head) whose vocabularies end at the tokenizer's last id:
+    transformers' loss would flatten V + n columns by V; model(ids, labels=ids) gives the causal LM
+    loss over all of them, in a plain loop, saved, loaded and detached."""
+    tok = subword_tokenizer()
+    model = LM_FOR[family](tok)
+    V = model.config.vocab_size
+    before = base_state(model)
+    plain = torch.tensor([tok("the movie was good", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        base_logits, base_loss = model(plain).logits, model(plain, labels=plain).loss
+    head = model.get_output_embeddings().weight.detach().clone()
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=10), name="tok", tokenizer=tok)
+    table = up.engine.registry(model).deltas["tok"].module
+    n = len(up.deltas(model)["tok"].tokens)
+    enc = tok(["the protein kinase binds the enzyme", "a protein assay"], return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
+    assert ids.max() >= V
+    with torch.no_grad():
+        out = model(**enc, labels=labels, output_hidden_states=True)
+    assert out.logits.shape[-1] == V + n  # the new ids are predicted, tied head or not
+    if family == "llama":  # its own output rows, starting at the mean of the head's rows of the pieces
+        assert table.out_rows.shape == (n, 32)
+        for i, w in enumerate(up.deltas(model)["tok"].tokens):
+            torch.testing.assert_close(table.out_rows[i], head[subword_pieces(w)].mean(0))
+        torch.testing.assert_close(out.logits[..., V:], out.hidden_states[-1] @ table.out_rows.T)
+    else:
+        assert table.out_rows is None
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, shifted_cross_entropy(out.logits, labels))
+    as_tuple = model(**enc, labels=labels, return_dict=False)  # the loss first, as transformers has it
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    assert torch.equal(as_tuple[1], out.logits)
+    # a Trainer's num_items_in_batch (gradient accumulation) reaches the loss as transformers passes it: sum / k
+    with torch.no_grad():
+        summed = model(**enc, labels=labels, num_items_in_batch=torch.tensor(4)).loss
+    torch.testing.assert_close(summed, out.loss * (labels[:, 1:] != -100).sum() / 4)
+    assert up.trainable_parameters(model)[0] == n * 32 * (2 if family == "llama" else 1)
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(5):
+        loss = model(**enc, labels=labels).loss
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        trained = model(**enc, labels=labels)
+    assert trained.loss.item() < first - 0.05
+    for name, p in model.named_parameters():
+        if "unipeft_" not in name:
+            assert torch.equal(p, before[name]), name
+
+    target = up.save(model, tmp_path / "d", name="tok")
+    meta = json.loads((target / "delta.json").read_text())
+    shapes = {k: v["shape"] for k, v in meta["tensors"].items()}
+    assert shapes == ({"model:rows": [n, 32], "model:out_rows": [n, 32]} if family == "llama" else
+                      {"model:rows": [n, 32]})  # the n new rows, never a V x H matrix
+    fresh_tok = subword_tokenizer()
+    fresh = LM_FOR[family](fresh_tok)
+    up.load(fresh, target, tokenizer=fresh_tok)
+    again = fresh_tok(["the protein kinase binds the enzyme", "a protein assay"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        loaded = fresh(**again, labels=labels)
+    assert torch.equal(loaded.logits, trained.logits) and torch.equal(loaded.loss, trained.loss)
+
+    up.detach(model, "tok")
+    assert up.engine.registry(model) is None
+    assert not any(isinstance(m, (InputRows, OutputRows)) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(plain).logits, base_logits)
+        assert torch.equal(model(plain, labels=plain).loss, base_loss)
+
+
+def test_masked_lm_loss_over_the_widened_vocabulary():
+    """BERT's MLM decoder (tied, with a bias) on a vocabulary that ends at the tokenizer's last id:
+    the masked LM loss (no shift) over V + n columns, new ids as targets."""
+    tok = subword_tokenizer()
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    model = tf.BertForMaskedLM._from_config(cfg).eval()
+    V = cfg.vocab_size
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=10), name="tok", tokenizer=tok)
+    ids = torch.tensor([tok("the protein kinase binds the enzyme", add_special_tokens=False)["input_ids"]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 1:3] = ids[0, 1:3]  # protein, kinase: new ids
+    assert labels.max() >= V
+    out = model(input_ids=ids, labels=labels)
+    n = len(up.deltas(model)["tok"].tokens)
+    assert out.logits.shape[-1] == V + n and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits[0], labels[0], ignore_index=-100))
+    out.loss.backward()
+    table = up.engine.registry(model).deltas["tok"].module
+    assert table.rows.grad.abs().sum() > 0 and table.bias.grad.abs().sum() > 0
+
+
+def test_unipeft_train_causal_lm_with_new_ids_past_the_vocabulary(tmp_path):
+    """``unipeft train`` on a causal LM task, on a GPT-2 whose vocabulary ends at its tokenizer's
+    last id: the trainer's loss (the model's own, labels given) and the dev loss run over the widened
+    logits."""
+    from unipeft.training import run
+
+    tok = tiny.tokenizer("gpt2")
+    cfg = tiny.config("gpt2")
+    cfg.vocab_size, cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = len(tok), 0, 4, 4
+    torch.manual_seed(0)
+    folder = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel._from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rows = [(f"the {a} was good", f"{b} {a} binds") for a, b in (("enzyme", "kinase"), ("protein", "assay"))] * 12
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "target"], rows[:20]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "target"], rows[20:]), "kind": "causal_lm"}
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text("\n".join(DOMAIN))
+    res = run.train(str(folder), "gen", "new_tokens", out=tmp_path / "run", data=data, max_steps=4, batch_size=8,
+                    lr=1e-2, max_new_tokens=8, method_options={"corpus": str(corpus), "count": 5}, progress=False,
+                    precision="fp32", evaluate_test=False)
+    assert res["trainable_params"] == 5 * 32 and math.isfinite(res["dev"]["loss"])
+    model, tokenizer, _, _ = run.load_run(tmp_path / "run")
+    enc = tokenizer(["kinase enzyme binds"], return_tensors="pt")
+    assert enc["input_ids"].max() >= len(tok)
+    with torch.no_grad():
+        out = model(**enc, labels=enc["input_ids"])
+    torch.testing.assert_close(out.loss, shifted_cross_entropy(out.logits, enc["input_ids"]))
+
+
+def test_widened_loss_with_a_composition_and_with_a_loss_term():
+    """The widened loss under a composition (NewTokens + LoRA in one delta), and under AdaMix's
+    consistency term (another delta on the same loss position): the term adds to it in training."""
+    tok = subword_tokenizer()
+    model = gpt2_for(tok)
+    up.attach(model, up.Compose([up.NewTokens(corpus=DOMAIN, count=5), up.LoRA(r=2, init="gaussian")]), name="c",
+              tokenizer=tok)
+    ids = tok(["the protein kinase binds"], return_tensors="pt")["input_ids"]
+    out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, shifted_cross_entropy(out.logits, ids))
+
+    tok = subword_tokenizer()
+    model = gpt2_for(tok)
+    up.attach(model, up.NewTokens(corpus=DOMAIN, count=5), name="tok", tokenizer=tok)
+    up.attach(model, up.AdaMix(experts=2, bottleneck=4, consistency=1.0), name="mix")
+    up.activate(model, ["tok", "mix"])
+    site = up.engine.registry(model).loss_site
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    assert out.loss > shifted_cross_entropy(out.logits, ids)  # + the consistency term (a KL, >= 0)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, shifted_cross_entropy(out.logits, ids))
+    with pytest.raises(IndexError):  # past GPT-2's 64 positions: a forward that raises keeps no labels
+        model(input_ids=torch.zeros(1, 70, dtype=torch.long), labels=torch.zeros(1, 70, dtype=torch.long))
+    assert site._taken == []
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_only_the_new_rows_train_and_detach_restores_the_base(family):
     tok, model = tiny.tokenizer(family), tiny.make(family)
@@ -107,7 +291,8 @@ def test_only_the_new_rows_train_and_detach_restores_the_base(family):
     delta = up.engine.registry(model).deltas["tok"]
     assert isinstance(next(iter(delta.linear.values())), InputRows)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable <= {"unipeft_modules.tok.rows", "unipeft_modules.tok.bias"} and trainable
+    assert trainable <= {"unipeft_modules.tok.rows", "unipeft_modules.tok.out_rows", "unipeft_modules.tok.bias"}
+    assert ("unipeft_modules.tok.out_rows" in trainable) == (family == "llama")  # the one untied LM head
     with torch.no_grad():  # rows of the base vocabulary are untouched: the batch (old ids) sees the base
         out = tiny.logits(model, x)
         assert out.shape == base.shape  # the new ids fill the padded vocabulary's unused columns
@@ -153,7 +338,7 @@ def test_save_holds_rows_and_tokens_and_load_extends_a_fresh_tokenizer(family, t
     meta = json.loads((target / "delta.json").read_text())
     opts = meta["method"]["options"]
     assert opts["corpus"] is None and tuple(opts["tokens"]) == up.deltas(model)["tok"].tokens
-    assert set(meta["tensors"]) <= {"model:rows", "model:bias"}
+    assert set(meta["tensors"]) <= {"model:rows", "model:bias"}  # tied heads: no output rows of their own
     assert meta["tensors"]["model:rows"]["shape"] == [5, 32]  # n new rows, never the V x H matrix
     assert (target / "delta.safetensors").stat().st_size < 5 * 32 * 4 + 5 * 4 + 400
     fresh_tok, fresh = tiny.tokenizer(family), tiny.make(family)

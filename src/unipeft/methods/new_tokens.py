@@ -10,14 +10,25 @@ a general tokenizer cuts into many pieces. This method
    (it cuts them into two pieces or more), at most ``count`` of them;
 3. adds them to the tokenizer (as whole-word added tokens: ids V, V+1, ...), and to the model as new
    embedding rows, initialised to the mean of the rows of the pieces the base tokenizer cut the word
-   into, and trains only those rows -- and the output rows of a tied LM head, which are the same rows.
+   into, and trains only those rows -- and the LM head's rows for them: the same rows where it is
+   tied, n rows of its own (initialised likewise from the head's rows) where it is not.
 
 Positions: the input embedding (and every embedding module sharing its weight, e.g. T5's and BART's
 encoder and decoder) is a linear map of one-hot vectors, so it is a ``LinearSite``: the delta maps
-new ids to a valid id before the base lookup and puts its own rows in their place after it. A tied
-output embedding (GPT-2's LM head, BERT's MLM decoder) gets the new rows' logits. The base
-embedding matrix is never resized or copied: the delta stores the n new rows (and output biases)
-and the added tokens (in ``delta.json``, with the id of the first one), a few KB per token.
+new ids to a valid id before the base lookup and puts its own rows in their place after it. The
+output embedding gets the new tokens' logits: a tied one (GPT-2's LM head, BERT's MLM decoder) from
+the same rows, an untied one (Llama) from n output rows of the delta's own, initialised to
+the mean of the output rows of the same pieces. They fill the unused columns of a padded vocabulary
+or are appended past it. The base embedding matrices are never resized or copied: the delta stores
+the n new rows (input, output where untied, output biases) and the added tokens (in ``delta.json``,
+with the id of the first one), a few KB per token.
+
+The loss: transformers' LM losses flatten the logits by ``config.vocab_size``; when the new ids go
+past it, the delta marks the model's loss position (``positions.loss.WideLogits``), which computes
+the model's own loss function over the widened logits, so ``model(ids, labels=ids)``, ``unipeft
+train`` and any loop reading the model's loss work unchanged (causal and masked LMs; an
+encoder-decoder keeps its own loss: T5's flattens by the logits' width, BART's ``final_logits_bias``
+needs a vocabulary padded past the new ids).
 
 The tokenizer: ``up.attach(model, up.NewTokens(corpus=...), tokenizer=tok)`` extends ``tok`` in
 place (the training recipe passes its tokenizer, so ``unipeft train`` encodes with the new tokens);
@@ -26,9 +37,8 @@ place (the training recipe passes its tokenizer, so ``unipeft train`` encodes wi
 tokenizer keeps its added tokens: use a fresh one with the bare base.
 
 Not routable per example (``up.route``): the vocabulary is shared by every row of a batch; activate it
-alongside the routed deltas instead. Untied output embeddings (Llama, T5 v1.1) keep their V logits:
-the new tokens are read, not predicted. transformers' own LM loss reshapes the logits by
-``config.vocab_size``, so a tied LM head with new tokens needs a loss over the extended logits.
+alongside the routed deltas instead. A quantized untied LM head has no float rows to start from: the
+new tokens are read there, not predicted.
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ import torch.nn.functional as F
 from ..config import MethodConfig, check_positive_int, method
 from ..errors import UnipeftError
 from ..positions import LinearDelta
+from ..positions.loss import WideLogits
 
 
 @method
@@ -96,7 +107,7 @@ class NewTokens(MethodConfig):
                 raise UnipeftError(f"NewTokens: the corpus has no word (seen >= {self.min_frequency} times) that "
                                    f"the tokenizer lacks; nothing to add")
             config = self.replace(corpus=None, tokens=tuple(tokens), first_id=len(tok))
-        embeds, out = _embeddings(view.model)
+        embeds, out, tied = _embeddings(view.model)
         size = embeds[0][1].num_embeddings
         if config.first_id > size:
             raise UnipeftError(f"NewTokens: the first new token would have id {config.first_id}, past the "
@@ -106,12 +117,14 @@ class NewTokens(MethodConfig):
         # rows start at the mean of the base's pieces; a tokenizer already holding the tokens (a load with the
         # tokenizer of the training) has no pieces for them, and the saved rows replace these anyway
         pieces = _pieces(tok, config.tokens) if tok is not None and not known else None
-        rows = NewRows(embeds[0][1], pieces, len(config.tokens), out)
+        rows = NewRows(embeds[0][1], pieces, len(config.tokens), out, tied)
         view.set_module(rows)
         for path, _ in embeds:
             view.add_linear(path, InputRows(rows, config.first_id))
         if out is not None:
             view.add_linear(out[0], OutputRows(rows, config.first_id))
+            if config.first_id + len(config.tokens) > out[1].weight.shape[0]:  # past a padded vocabulary
+                view.add_loss_term(WideLogits())
         view.delta.config = config  # what up.save writes: the tokens, not the corpus
         if tok is not None:
             add_to_tokenizer(tok, config.tokens, config.first_id)  # last: a failed attach leaves it as it was
@@ -218,8 +231,9 @@ def _pieces(tokenizer, tokens) -> list[list[int]]:
 # ---------------------------------------------------------------------------
 
 def _embeddings(model: nn.Module):
-    """[(path, module)] of every embedding sharing the input embedding's weight, and (path, module)
-    of a tied output embedding (None when untied or absent)."""
+    """([(path, module)] of every embedding sharing the input embedding's weight, (path, module) of the
+    output embedding that gets the new tokens' logits (None when absent or quantized), and whether that
+    one is tied to the input embedding."""
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
         raise UnipeftError(f"NewTokens: {type(model).__name__}'s input embedding is a {type(emb).__name__}, "
@@ -232,16 +246,20 @@ def _embeddings(model: nn.Module):
             seen.add(id(m))
             unique.append((p, m))
     out_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(out_mod, "weight", None)
+    tied = weight is not None and weight is emb.weight
     out = None
-    if out_mod is not None and getattr(out_mod, "weight", None) is emb.weight:
+    # an untied head's rows start from its float rows of the pieces: packed (quantized) rows have none
+    if tied or (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()):
         out = next((p, m) for p, m in model.named_modules() if m is out_mod)
-    return unique, out
+    return unique, out, tied
 
 
 class NewRows(nn.Module):
-    """The n new embedding rows (and the output biases of a tied LM head with biases)."""
+    """The n new embedding rows, the output rows of an untied LM head (``out_rows``) and the output
+    biases of an LM head with biases."""
 
-    def __init__(self, embedding: nn.Embedding, pieces: list[list[int]] | None, n: int, out):
+    def __init__(self, embedding: nn.Embedding, pieces: list[list[int]] | None, n: int, out, tied: bool):
         super().__init__()
         with torch.no_grad():
             if pieces is None:  # loading: the saved rows replace these
@@ -250,6 +268,11 @@ class NewRows(nn.Module):
                 init = torch.stack([embedding(torch.tensor(p, device=embedding.weight.device)).float().mean(0)
                                     for p in pieces]).cpu()
         self.rows = nn.Parameter(init)
+        self.out_rows = None
+        if out is not None and not tied:
+            w = out[1].weight.detach()
+            self.out_rows = nn.Parameter(torch.zeros(n, w.shape[1]) if pieces is None else
+                                         torch.stack([w[p].float().mean(0) for p in pieces]).cpu())
         bias = getattr(out[1], "bias", None) if out is not None else None
         if bias is not None:
             b = torch.zeros(n) if pieces is None else torch.stack([bias.detach()[p].float().mean() for p in pieces])
@@ -282,8 +305,8 @@ class InputRows(LinearDelta):
 
 
 class OutputRows(LinearDelta):
-    """Logits of a tied output embedding for ids first_id ... first_id + n - 1 (overwriting unused
-    columns where the vocabulary is padded, appended past it)."""
+    """Logits of the output embedding for ids first_id ... first_id + n - 1 (overwriting unused
+    columns where the vocabulary is padded, appended past it): the input rows where it is tied."""
 
     rewrites_output = True
 
@@ -294,5 +317,6 @@ class OutputRows(LinearDelta):
 
     def output(self, x, y):
         t = self.table
-        new = F.linear(x, t.rows.to(x.dtype), None if t.bias is None else t.bias.to(x.dtype)).to(y.dtype)
+        w = t.rows if t.out_rows is None else t.out_rows
+        new = F.linear(x, w.to(x.dtype), None if t.bias is None else t.bias.to(x.dtype)).to(y.dtype)
         return torch.cat([y[..., :self.first_id], new, y[..., self.first_id + new.shape[-1]:]], dim=-1)

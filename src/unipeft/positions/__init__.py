@@ -17,8 +17,9 @@ kinds of position and every method uses one or more of them:
   concat(P, E(x)), with the attention mask extended to match).
 * ``HiddenSite`` -- the hidden states of chosen tokens at the input of every
   block of a stack (PASTA: h_t + v_l at the special tokens).
-* ``LossSite`` -- the training loss the model returns (AdaMix: a consistency
-  term between two passes).
+* ``LossSite`` -- the loss the model returns (AdaMix: a consistency term
+  between two passes; NewTokens: the LM loss over logits wider than the
+  base's vocabulary).
 
 A site holds any number of named deltas; the active ones are applied in the
 order they were activated. Sites do not know which method put a delta there.

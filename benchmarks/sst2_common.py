@@ -1,6 +1,6 @@
 """What the SST-2 benchmarks with a plain training loop share: the GLUE TSV reader, seeded padded
 batches with labels, the training loop, and dev accuracy (``lora_family_sst2.py``, ``sparse_sst2.py``,
-``qlora.py``)."""
+``qlora.py``, ``adapters_vs_adapterhub.py``)."""
 from __future__ import annotations
 
 import csv
@@ -42,9 +42,10 @@ def accuracy(model, dev) -> float:
     return right / total
 
 
-def train(model, train_batches, lr, after_step=None) -> float:
+def train(model, train_batches, lr, after_step=None, step_times: list | None = None) -> float:
     """The plain loop (AdamW, 6% linear warm-up then linear decay); returns seconds per optimizer
-    step. ``after_step(step)`` runs after each optimizer step (peft's AdaLoRA needs its call there)."""
+    step. ``after_step(step)`` runs after each optimizer step (peft's AdaLoRA needs its call there);
+    ``step_times``, a list, gets each step's seconds (forward, backward, optimizer, zero_grad)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = len(train_batches)
@@ -54,10 +55,13 @@ def train(model, train_batches, lr, after_step=None) -> float:
     model.train()
     t0 = time.perf_counter()
     for step, b in enumerate(train_batches):
+        t = time.perf_counter()
         model(**b).loss.backward()
         opt.step()
         if after_step is not None:
             after_step(step)
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if step_times is not None:
+            step_times.append(time.perf_counter() - t)
     return (time.perf_counter() - t0) / steps

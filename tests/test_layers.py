@@ -131,3 +131,56 @@ def test_attach_errors_leave_the_model_unchanged(make, message):
     with pytest.raises(up.UnipeftError, match=message):
         up.attach(model, make(), name="t")
     assert up.engine.registry(model) is None
+
+
+# Methods that work on the base's own tensors (through a subspace, sparse entries, a quantized copy): with
+# layers="0" the trainable parameters and every tensor that ends up changed are block 0's (train_head=False:
+# the head, trained whole by every method, is not what is checked).
+BASE_TENSOR_METHODS = {
+    "intrinsic": lambda: up.Intrinsic(d=20, layers="0", train_head=False),  # not the embedding: it is in no block
+    "sparse_ft": lambda: up.SparseFT(select="magnitude", density=0.1, layers="0", train_head=False),
+    "sparse_ft_lt": lambda: up.SparseFT(select="lt-sft", select_after=2, density=0.1, layers="0", train_head=False),
+    "diff_pruning": lambda: up.DiffPruning(layers="0", train_head=False),
+    "qlora": lambda: up.QLoRA(bits=2, r=2, layers="0", train_head=False),
+}
+
+
+@pytest.mark.parametrize("kind", list(BASE_TENSOR_METHODS))
+def test_methods_on_the_base_tensors_train_and_change_the_chosen_block_only(kind):
+    model, x = tiny.make("bert"), tiny.batch("bert")
+    base = tiny.make("bert").state_dict()
+    up.attach(model, BASE_TENSOR_METHODS[kind](), name="t")
+    block0 = "bert.encoder.layer.0."
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith((block0, "unipeft_modules.")) for n in trainable), trainable
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(4):  # lt-sft selects its entries after step 2
+        model(**x, labels=torch.tensor([0, 2])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    if kind == "diff_pruning":
+        up.finalize(model, "t")
+    if kind != "qlora":  # (QLoRA's base is already changed: block 0's maps are quantized)
+        up.merge(model, "t")
+    changed = {n for n, t in model.state_dict().items() if "unipeft_" not in n
+               and (n not in base or t.shape != base[n].shape or not torch.equal(t, base[n]))}
+    assert changed and all(n.startswith(block0) for n in changed), sorted(changed)
+
+
+def test_new_tokens_refuses_layers_on_construction():
+    with pytest.raises(up.UnipeftError, match=r"^NewTokens: layers= does not apply: it acts on the token embedding "
+                                              r"\(and the LM head\), which belong to no block") as err:
+        up.NewTokens(corpus=["a b"], layers="0")
+    assert "\n" not in str(err.value)
+    assert up.NewTokens(corpus=["a b"]).layers is None  # the default is fine
+
+
+@pytest.mark.parametrize("make", [lambda: up.AdapterDrop(n=1, bottleneck=4, layers="0"),
+                                  lambda: up.Freeze(train_last=1, layers="0")])
+def test_options_that_place_nothing_in_the_chosen_layers_are_refused(make):
+    model = tiny.make("bert")  # the lowest layer dropped / only the last trained: nothing left in block 0
+    with pytest.raises(up.UnipeftError, match=r"places nothing in layers \[0\] with these options"):
+        up.attach(model, make(), name="t")
+    assert up.engine.registry(model) is None

@@ -27,6 +27,8 @@ class MethodConfig:
       mergeable    -- whether ``up.merge`` can fold the delta into the base weights
       routable     -- whether ``up.route`` can give it to some rows of a batch only (False for
                       methods that change the base's own weights in place, or its vocabulary)
+      layers_refusal -- why ``layers=`` cannot apply, for a method that acts on no block (NewTokens);
+                      empty: it applies (``unipeft.layers``)
     and implement ``install(view, name)`` (see ``engine.ModelView``).
     """
 
@@ -34,6 +36,7 @@ class MethodConfig:
     method_type: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
     routable: ClassVar[bool] = True
+    layers_refusal: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -46,6 +49,8 @@ class MethodConfig:
             from .layers import normalize
 
             self.layers = normalize(type(self).__name__, self.layers)
+            if self.layers is not None and self.layers_refusal:
+                raise UnipeftError(f"{type(self).__name__}: layers= does not apply: {self.layers_refusal}; leave it out")
         self.validate()
 
     def validate(self) -> None:  # overridden by methods with rules

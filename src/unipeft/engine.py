@@ -91,6 +91,8 @@ def _require(model: nn.Module, name: str) -> tuple[Registry, Delta]:
 class ModelView:
     """What a method may do to a model: find positions and put modules there."""
 
+    whole_model = True  # maps in no block (embeddings, an LM head) are the method's to use; not under layers=
+
     def __init__(self, model: nn.Module, reg: Registry, delta: Delta, tokenizer=None):
         self.model, self.reg, self.delta, self.tokenizer = model, reg, delta, tokenizer
         self.map = reg.map
@@ -302,11 +304,9 @@ def attach(model: nn.Module, method: MethodConfig, name: str = "default", *, act
     delta = Delta(name, method)
     view = ModelView(model, reg, delta, tokenizer)
     try:
-        if getattr(method, "layers", None) is not None:  # the method sees only the chosen blocks
-            from .layers import LayerView
+        from . import layers
 
-            view = LayerView(view, method.layers, type(method).__name__)
-        method.install(view, name)
+        layers.install(method, view, name)  # with layers=: the method sees only the chosen blocks
         _add_head(model, view, delta)
         _place(model, reg, delta)
     except BaseException:

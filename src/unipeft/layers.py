@@ -11,8 +11,13 @@ of them, or a named group: "all", "encoder", "decoder" (the stacks of an encoder
 How: a method installs through a ``LayerView`` of the engine's view whose model map holds only
 the chosen blocks, so every method that finds its places through the map (targets, sublayers,
 attention modules, blocks) sees only those layers and sizes its parameters for them; what it
-places elsewhere is refused or filtered here. Input positions (prompt tuning, P-tuning v1) act
-before any layer: ``layers=`` does not apply to them and says so.
+places elsewhere is refused or filtered here. Input positions (prompt tuning, P-tuning v1) and maps
+in no block (the token embedding, an LM head) are before or after every layer: ``layers=`` does not
+apply to them and says so; a method that can leave them out asks ``view.whole_model`` (Intrinsic
+leaves out the embedding), one that acts only there refuses ``layers=`` on construction
+(``MethodConfig.layers_refusal``: NewTokens). ``install`` is the one entry (the engine's attach and
+each part of a composition): it also refuses a spec under which the method placed nothing (AdapterDrop
+dropping every chosen layer, Freeze's last blocks outside them).
 """
 from __future__ import annotations
 
@@ -93,14 +98,31 @@ def filtered_map(mmap, chosen: set[int]):
                                attention=[a for a in mmap.attention if a[1].index in chosen])
 
 
+def install(method, view, name: str) -> None:
+    """``method.install(view, name)``, through a ``LayerView`` of its ``layers=`` blocks when it has them."""
+    spec = getattr(method, "layers", None)
+    if spec is None:
+        method.install(view, name)
+        return
+    owner = type(method).__name__
+    layered = LayerView(view, spec, owner)
+    method.install(layered, name)
+    if not layered.placed:  # a silent no-op would train the head alone under the method's name
+        raise UnipeftError(f"{owner}: places nothing in layers {sorted(layered.chosen)} with these options; "
+                           f"choose other layers or options")
+
+
 class LayerView:
     """A method's view of the model restricted to some blocks (see the module docstring)."""
+
+    whole_model = False  # the engine's ModelView says True: maps in no block are the method's to use
 
     def __init__(self, view, spec, owner: str):
         self.view, self.owner = view, owner
         self.full_map = view.map
         self.chosen = chosen_blocks(owner, spec, view.map)
         self.map = filtered_map(view.map, self.chosen)
+        self.placed = False  # whether the method put anything in the chosen blocks (see install)
 
     def __getattr__(self, attr):
         return getattr(self.view, attr)
@@ -115,14 +137,23 @@ class LayerView:
         return resolve(self.view.model, self.map, targets, owner)
 
     def add_linear(self, path, delta) -> None:
-        if self.full_map.block_of(path) is not None and not self._inside(path):
+        if self.full_map.block_of(path) is None:  # (task heads are added by the engine, not through here)
+            raise UnipeftError(f"{self.owner}: acts on {path!r}, which is in no block (an embedding or an output "
+                               f"layer), so layers= does not apply to it; leave layers out")
+        if not self._inside(path):
             raise UnipeftError(f"{self.owner}: placed a delta at {path!r}, outside layers {sorted(self.chosen)}")
+        self.placed = True
         self.view.add_linear(path, delta)
 
     def add_attention(self, path, source) -> None:
         if not self._inside(path):
             raise UnipeftError(f"{self.owner}: placed a prefix at {path!r}, outside layers {sorted(self.chosen)}")
+        self.placed = True
         self.view.add_attention(path, source)
+
+    def add_hidden(self, stack_path, source) -> None:
+        self.placed = True  # PASTA sizes its vectors for the chosen blocks (self.map) itself
+        self.view.add_hidden(stack_path, source)
 
     def add_input(self, stack_path, source) -> None:
         raise UnipeftError(f"{self.owner}: acts on the input embeddings, before any layer, so layers= does not "
@@ -130,4 +161,16 @@ class LayerView:
 
     def select(self, paths) -> None:
         """Base parameters trained in place (BitFit, Freeze): those of the chosen blocks only."""
-        self.view.select([p for p in paths if self._inside(p)])
+        mine = [p for p in paths if self._inside(p)]
+        self.placed = self.placed or bool(mine)
+        self.view.select(mine)
+
+    def select_sparse(self, paths, state) -> None:
+        """Sparse entries of base parameters (sparse fine-tuning, finalized diff pruning): the methods resolve
+        their maps through ``self.map``, so every path is inside; checked here all the same."""
+        paths = list(paths)
+        outside = [p for p in paths if not self._inside(p)]
+        if outside:
+            raise UnipeftError(f"{self.owner}: selected {outside[0]!r}, outside layers {sorted(self.chosen)}")
+        self.placed = self.placed or bool(paths)
+        self.view.select_sparse(paths, state)

@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch.nn as nn
 
 from ..config import MethodConfig, method
+from .. import layers
 from ..errors import UnipeftError, choices
 from ..positions import LinearDelta
 
@@ -76,12 +77,7 @@ def install_parts(owner: MethodConfig, parts: list[MethodConfig], view, name) ->
     views = []
     for i, part in enumerate(parts):
         pv = PartView(view, owner, i, part, modules)
-        if getattr(part, "layers", None) is not None:  # a part on its own layer group (unipeft.layers)
-            from ..layers import LayerView
-
-            part.install(LayerView(pv, part.layers, type(part).__name__), name)
-        else:
-            part.install(pv, name)
+        layers.install(part, pv, name)  # a part on its own layer group (unipeft.layers)
         views.append(pv)
     if len(modules):
         view.set_module(modules)

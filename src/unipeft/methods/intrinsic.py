@@ -7,7 +7,8 @@ Train the whole model through a random d-dimensional subspace of its parameters 
 
 Only theta_d (and the m scales lambda) train. theta^D is, by default, every weight tensor of the
 model but its normalisation layers and position tables: the weights and biases of every linear map
-of the blocks (``targets`` narrows them) and the token embedding table (``embeddings``).
+of the blocks (``targets`` narrows them) and the token embedding table (``embeddings``). With
+``layers=``, the linear maps of the chosen blocks only: the embedding is in no block, so it is left out.
 Each tensor i gets its slice of P(theta_d) from its own projection P_i (``unipeft.fastfood``:
 FastFood, dense Gaussian or sparse random), as in Aghajanyan et al.'s code, so P is
 block-structured, [P_1; P_2; ...], and each site computes only its own slice. Each P_i is
@@ -48,7 +49,8 @@ class Intrinsic(MethodConfig):
     projection: 'fastfood' (O(D) memory), 'dense' (D x d, small models) or 'sparse';
     said: structure-aware (one learned lambda per weight matrix); targets: the linear maps whose
     weights and biases are projected onto (None: every linear map of the blocks); embeddings: the
-    token embedding table too (and a tied LM head); seed: the projection's seed."""
+    token embedding table too (and a tied LM head; not with layers=, which keeps to the chosen blocks);
+    seed: the projection's seed."""
 
     d: int = 1000
     projection: str = "fastfood"
@@ -74,7 +76,8 @@ class Intrinsic(MethodConfig):
         self.targets = normalize_targets("Intrinsic", self.targets)
 
     def install(self, view, name):
-        groups = _tensors(view, self.targets, self.embeddings)
+        # with layers= (unipeft.layers) theta^D is the chosen blocks' maps: the embedding is in no block
+        groups = _tensors(view, self.targets, self.embeddings and view.whole_model)
         D, m = sum(size for _, _, _, size in groups), (len(groups) if self.said else 0)
         if self.d > D:
             raise UnipeftError(f"Intrinsic: d={self.d} is larger than the D={D:,} parameters it projects onto "

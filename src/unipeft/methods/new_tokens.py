@@ -75,6 +75,8 @@ class NewTokens(MethodConfig):
     routable: ClassVar[bool] = False
     route_refusal: ClassVar[str] = ("adds tokens to the vocabulary, which every row of a batch shares; activate it "
                                     "with up.activate alongside the routed deltas instead")
+    layers_refusal: ClassVar[str] = ("it acts on the token embedding (and the LM head), which belong to no block; "
+                                     "the new rows serve every layer")
 
     def validate(self):
         check_positive_int("NewTokens", "count", self.count)

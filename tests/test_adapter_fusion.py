@@ -144,7 +144,7 @@ def test_fusing_what_is_not_a_sequential_adapter_is_refused():
     up.attach(model, up.Adapter(style="pfeiffer", bottleneck=4), name="a")
     up.attach(model, up.LoRA(r=2), name="l")
     up.attach(model, up.Adapter(style="parallel", bottleneck=4), name="p")
-    with pytest.raises(up.UnipeftError, match=r"the method of delta 'l' must be 'adapter', got 'lora'"):
+    with pytest.raises(up.UnipeftError, match=r"the method of delta 'l' must be 'adapter' or 'compacter', got 'lora'"):
         up.attach(model, up.AdapterFusion(adapters=["a", "l"]), name="f")
     with pytest.raises(up.UnipeftError, match=r"delta 'p' is a parallel adapter; fusion reads sequential adapters"):
         up.attach(model, up.AdapterFusion(adapters=["a", "p"]), name="f")
@@ -176,7 +176,7 @@ def test_a_failed_fusion_leaves_no_adapter_it_loaded(tmp_path):
     up.attach(model, up.LoRA(r=2), name="lora")
     up.save(model, tmp_path / "lora", name="lora")
     bare = tiny.make("bert")
-    with pytest.raises(up.UnipeftError, match=r"the method of delta 'lora' must be 'adapter'"):
+    with pytest.raises(up.UnipeftError, match=r"the method of delta 'lora' must be 'adapter' or 'compacter'"):
         up.attach(bare, up.AdapterFusion(adapters=[str(tmp_path / "sst2"), str(tmp_path / "lora")]), name="f")
     assert up.engine.registry(bare) is None
 

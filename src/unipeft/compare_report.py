@@ -183,6 +183,13 @@ def markdown_table(report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def notes(report) -> str:
+    """Lines for the methods whose row needs a word (AdapterFusion: what it fused, how its numbers add up)."""
+    lines = [f"- *{m.get('label') or m.get('method', '?')}*: {_cell(m['note'])}"
+             for m in report.get("methods", []) if m.get("note") and not m.get("error")]
+    return "\n".join(["**Notes.**", ""] + lines) + "\n" if lines else ""
+
+
 def setup_line(report) -> str:
     b = report.get("budget") or {}
     budget = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in b.items())
@@ -203,7 +210,7 @@ def markdown(report) -> str:
     parts = [title, "", setup_line(report)]
     if stamp:
         parts += ["", f"_{stamp}_"]
-    parts += ["", markdown_table(report), HOW_TO_READ]
+    parts += ["", markdown_table(report)] + ([notes(report)] if notes(report) else []) + [HOW_TO_READ]
     return "\n".join(parts)
 
 

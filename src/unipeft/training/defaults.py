@@ -106,6 +106,12 @@ DEFAULTS: dict[str, MethodDefaults] = {
         "Wang et al. 2022 (AdaMix): M=4 copies of each projection, consistency weight 1; Houlsby placement, so the "
         "Houlsby adapter's rate is kept (screen_defaults.py: zero-initialised sequential adapters need 3e-3). Each "
         "step runs the batch twice. Not screened as AdaMix"),
+    "adapter_fusion": MethodDefaults(
+        "adapter_fusion", "AdapterFusion (of this run's adapters)", {}, {"lr": 1e-3},
+        "Pfeiffer et al. 2021 (AdapterFusion) train the fusion at 5e-5 for 10 epochs; short runs need more: 1e-3, "
+        "the rate benchmarks/adapters_vs_adapterhub.py trains it at on MiniLM + SST-2 (W_V starts at the identity, "
+        "so the fusion starts at the adapters' mean). Not screened. It needs trained adapters (--method-option "
+        "adapters=DIR,DIR for unipeft train); unipeft compare fuses the run's own adapter rows (compare_fusion.py)"),
     "compose": MethodDefaults(
         "compose", "Composition",
         {"methods": ({"kind": "prefix_tuning", "options": {"length": 10}},

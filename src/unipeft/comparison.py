@@ -71,10 +71,11 @@ def measure_latency(model, name: str, mergeable: bool, batches) -> dict:
     device = next(model.parameters()).device
     model.eval()
     modes = {"base": [], "unmerged": [], "merged": []}
+    base_batches = _base_ids(model, batches)
     _time_forward(model, batches, device)  # warm-up
     for _ in range(LATENCY_ROUNDS):
         up.activate(model, [])
-        modes["base"].append(_time_forward(model, batches, device))
+        modes["base"].append(_time_forward(model, base_batches, device))
         up.activate(model, [name])
         modes["unmerged"].append(_time_forward(model, batches, device))
         if mergeable:
@@ -82,6 +83,16 @@ def measure_latency(model, name: str, mergeable: bool, batches) -> dict:
             modes["merged"].append(_time_forward(model, batches, device))
             up.unmerge(model, name)
     return {k: (1000 * statistics.median(v) / len(batches) if v else None) for k, v in modes.items()}
+
+
+def _base_ids(model, batches) -> list:
+    """The batches as the bare base can read them: ids of tokens a delta added (NewTokens: ids past
+    the base embedding's rows) become the last base id, so the base is timed on the same shapes."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None or not any("input_ids" in b and bool((b["input_ids"] >= rows).any()) for b in batches):
+        return batches
+    return [{**b, "input_ids": b["input_ids"].clamp(max=rows - 1)} if "input_ids" in b else b for b in batches]
 
 
 def peak_memory_mb(device) -> tuple[float, str]:

@@ -11,10 +11,12 @@ decay) with a linear warm-up (6%) and decay, fp32, dev accuracy at the end. One 
 loop trains every arm -- ``loss.backward(); opt.step(); opt.zero_grad()`` -- and nothing else:
 the masks are chosen and DiffPruning's L0 penalty is added by unipeft's step hooks.
 
-Arms (--arms): lt-sft (dense phase for half the steps, then the 1% that moved most, reset and
-retrained), magnitude (the 1% largest |theta_0|), movement (-sum g W over half the steps),
+Arms (--arms): lt-sft (dense phase for half the steps -- --select-after changes the share --, then
+the 1% that moved most, reset and retrained), magnitude (the 1% largest |theta_0|), movement
+(-sum g W over the same dense phase),
 fish (sum g^2 over the first 5% of the batches), diff-pruning (sparsity 0.995, finalized before
-scoring), each at the defaults' rates (training/defaults.py; --lr-<arm> to change one), and
+scoring), each at the defaults' rates (training/defaults.py: lt_sft's for LT-SFT, movement and
+compose, sparse_ft's for FISH and magnitude; --lr-<arm> to change one), and
 compose: a task delta (LT-SFT, no head of its own: the model's head stays the fixed random one)
 on the first --train-size sentences and a second one on the next --train-size (other data),
 each alone and both active (theta + delta_1 + delta_2), with how many entries they share.
@@ -47,8 +49,8 @@ from unipeft.training.defaults import DEFAULTS  # noqa: E402
 ARMS = ("lt-sft", "magnitude", "movement", "fish", "diff-pruning", "compose")
 
 
-def method_for(arm: str, steps: int, head: bool = True):
-    half, first = max(1, steps // 2), max(1, round(0.05 * steps))
+def method_for(arm: str, steps: int, head: bool = True, select_after: float = 0.5):
+    half, first = max(1, round(select_after * steps)), max(1, round(0.05 * steps))
     if arm == "diff-pruning":
         return up.DiffPruning(**DEFAULTS["diff_pruning"].config, train_head=head)
     after = {"lt-sft": half, "movement": half, "fish": first}.get(arm)
@@ -64,11 +66,11 @@ def changed_entries(model, name, pretrained) -> int:
                    for path, d in delta.linear.items() if path in delta.head)
 
 
-def run_arm(arm, train_batches, dev, lr, tmp: Path) -> dict:
+def run_arm(arm, train_batches, dev, lr, tmp: Path, select_after: float = 0.5) -> dict:
     torch.manual_seed(0)
     model, _ = zoo.minilm(num_labels=2)
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
-    up.attach(model, method_for(arm, len(train_batches)), name=arm)
+    up.attach(model, method_for(arm, len(train_batches), select_after=select_after), name=arm)
     start = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sec = train(model, train_batches, lr)
     up.finalize(model, arm)  # DiffPruning's exact budget; a mask not yet chosen is chosen now
@@ -107,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS))
     for arm in ARMS:
         ap.add_argument(f"--lr-{arm}", type=float, default=None)
+    ap.add_argument("--select-after", type=float, default=0.5,
+                    help="lt-sft and movement: the share of the run before the mask is fixed")
     ap.add_argument("--out", default="benchmarks/results/sparse_sst2.json")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -122,7 +126,10 @@ def main(argv=None) -> int:
     results = {"settings": {**vars(args), "steps": len(train_batches), "threads": torch.get_num_threads(),
                             "torch": torch.__version__}, "arms": {}}
     for arm in arms:
-        default = DEFAULTS["diff_pruning" if arm == "diff-pruning" else "sparse_ft"].train["lr"]
+        # the defaults' rates: a dense phase first (LT-SFT, movement, the composed LT-SFT deltas) trains at
+        # full fine-tuning's rate (lt_sft), a mask fixed before training (FISH, magnitude) at sparse_ft's
+        row = {"diff-pruning": "diff_pruning", "fish": "sparse_ft", "magnitude": "sparse_ft"}.get(arm, "lt_sft")
+        default = DEFAULTS[row].train["lr"]
         lr = getattr(args, f"lr_{arm.replace('-', '_')}") or default
         t0 = time.perf_counter()
         if arm == "compose":
@@ -131,7 +138,7 @@ def main(argv=None) -> int:
             print(f"compose: task {r['accuracy_task']:.4f}, other {r['accuracy_other']:.4f}, both "
                   f"{r['accuracy_both']:.4f}; k {r['k_each']:,} each, {r['shared_entries']:,} shared", flush=True)
         else:
-            r = run_arm(arm, train_batches, dev, lr, tmp)
+            r = run_arm(arm, train_batches, dev, lr, tmp, args.select_after)
             print(f"{arm}: acc {r['accuracy']:.4f}, trainable {r['trainable']:,}, changed {r['changed']:,}, "
                   f"file {r['file_bytes']:,} B, {r['s_per_step']:.3f} s/step", flush=True)
         r["lr"], r["seconds"] = lr, round(time.perf_counter() - t0, 1)

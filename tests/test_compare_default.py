@@ -5,9 +5,9 @@ from unipeft.comparison import compare
 from unipeft.training.defaults import COMPARE_DEFAULT, DEFAULTS
 
 
-def test_the_list_is_every_method_that_applies_to_an_encoder_classifier_but_the_three_said_why():
+def test_the_list_is_every_method_that_applies_to_an_encoder_classifier_but_the_four_said_why():
     assert len(set(COMPARE_DEFAULT)) == len(COMPARE_DEFAULT) and set(COMPARE_DEFAULT) <= set(DEFAULTS)
-    assert set(DEFAULTS) - set(COMPARE_DEFAULT) == {"new_tokens", "qlora", "said"}
+    assert set(DEFAULTS) - set(COMPARE_DEFAULT) == {"new_tokens", "qlora", "said", "lt_sft"}
 
 
 def test_every_method_of_the_main_job_runs_through_compare(tmp_path):

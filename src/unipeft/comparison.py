@@ -2,7 +2,8 @@
 that matter in PEFT (lecture notes, "What Matters in PEFT?"): parameters, training efficiency,
 inference efficiency and accuracy.
 
-For each method, in a fresh process (so its peak memory is its own):
+For each method, in a fresh process (so its peak memory is its own; forked from one server that
+imported torch and transformers once, ``Workers``):
 
 * trainable parameters (count and % of the base) and the saved delta's size on disk;
 * training time, examples/s and tokens/s (evaluation excluded);
@@ -149,7 +150,7 @@ def run_method(spec: dict) -> dict:
     base_params = engine.base_parameter_count(model)
     record = {
         "method": method, "label": label, "type": type(cfg).method_type, "mergeable": type(cfg).mergeable,
-        "config": cfg.to_dict(), "lr": res["lr"], "train_config": res["train_config"],
+        "process": os.getpid(), "config": cfg.to_dict(), "lr": res["lr"], "train_config": res["train_config"],
         "trainable_params": res["trainable_params"],
         "trainable_pct": 100 * res["trainable_params"] / max(1, base_params),
         "delta_bytes": res.get("delta_bytes"),
@@ -253,33 +254,34 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     say(f"comparing {len(methods)} methods on {dataset.task.name} ({len(dataset.splits['train'])} train / "
         f"{len(dataset.splits.get('dev', []))} dev examples) with {model}, {device}, {threads} threads")
     records = []
-    for i, m in enumerate(methods, 1):
-        spec = {"model": model, "task": task, "method": m, "options": method_options.get(m, {}),
-                "data": data, "settings": {**settings, **method_settings.get(m, {})},
-                "out": str(out / "runs" / m), "threads": threads, "forgetting": forgetting}
-        t = time.perf_counter()
-        progress.note(f"[{i}/{len(methods)}] training and measuring {m} ...")
-        why = None
-        if m == FUSION:  # the rows it fuses have run (plan put it after them); the rest it trains itself
-            spec["fuse"], why = ready(fuse, records)
-            spec["stage_one_settings"] = settings
-        if why:
-            rec = {"method": m, "error": why}
-        elif in_process:
-            try:
-                rec = run_method(spec)
-            except UnipeftError as e:
-                rec = {"method": m, "error": " ".join(str(e).split())}
-        else:
-            rec = _run_worker(spec)
-        records.append(rec)
-        if rec.get("error"):
-            say(f"[{i}/{len(methods)}] {m}: failed: {rec['error']}")
-        else:
-            main = dataset.task.main_metric
-            val = rec["metrics"].get(main, rec["metrics"].get("loss"))
-            say(f"[{i}/{len(methods)}] {m}: {main} {val:.4f}, {rec['trainable_params']:,} trainable, "
-                f"trained in {rec['train_seconds']:.1f} s ({time.perf_counter() - t:.0f} s in all)")
+    with Workers() as workers:  # one fork server for the whole comparison
+        for i, m in enumerate(methods, 1):
+            spec = {"model": model, "task": task, "method": m, "options": method_options.get(m, {}),
+                    "data": data, "settings": {**settings, **method_settings.get(m, {})},
+                    "out": str(out / "runs" / m), "threads": threads, "forgetting": forgetting}
+            t = time.perf_counter()
+            progress.note(f"[{i}/{len(methods)}] training and measuring {m} ...")
+            why = None
+            if m == FUSION:  # the rows it fuses have run (plan put it after them); the rest it trains itself
+                spec["fuse"], why = ready(fuse, records)
+                spec["stage_one_settings"] = settings
+            if why:
+                rec = {"method": m, "error": why}
+            elif in_process:
+                try:
+                    rec = run_method(spec)
+                except UnipeftError as e:
+                    rec = {"method": m, "error": " ".join(str(e).split())}
+            else:
+                rec = workers.run(spec)
+            records.append(rec)
+            if rec.get("error"):
+                say(f"[{i}/{len(methods)}] {m}: failed: {rec['error']}")
+            else:
+                main = dataset.task.main_metric
+                val = rec["metrics"].get(main, rec["metrics"].get("loss"))
+                say(f"[{i}/{len(methods)}] {m}: {main} {val:.4f}, {rec['trainable_params']:,} trainable, "
+                    f"trained in {rec['train_seconds']:.1f} s ({time.perf_counter() - t:.0f} s in all)")
     base_params = next((r["base_params"] for r in records if "base_params" in r), 0)
     report = {
         "model": model, "task": dataset.task.name, "main_metric": dataset.task.main_metric, "device": device,
@@ -298,26 +300,91 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     return report
 
 
-def _run_worker(spec: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="unipeft-compare-") as tmp:
-        spec = {**spec, "result": str(Path(tmp) / "result.json")}
-        path = Path(tmp) / "spec.json"
-        path.write_text(json.dumps(spec))
+class Workers:
+    """Runs each method in a fresh process of its own (its own peak memory, nothing left over from the
+    method before). Where the platform can fork, the processes fork from one server that imported
+    torch, transformers and unipeft once, which saves ~3 s of imports per method (a minute and more
+    of the main job); elsewhere each method starts a new interpreter."""
+
+    DONE = "[unipeft-worker-done]"
+
+    def __init__(self):
+        self.server = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait()
+            self.server = None
+
+    def run(self, spec: dict) -> dict:
+        with tempfile.TemporaryDirectory(prefix="unipeft-compare-") as tmp:
+            spec = {**spec, "result": str(Path(tmp) / "result.json")}
+            path = Path(tmp) / "spec.json"
+            path.write_text(json.dumps(spec))
+            last, code = self._fork(path) if hasattr(os, "fork") else self._spawn(path)
+            if Path(spec["result"]).is_file():
+                return json.loads(Path(spec["result"]).read_text())
+            return {"method": spec["method"], "error": f"worker process died: {last or f'exit code {code}'}"}
+
+    def _spawn(self, path: Path):
         proc = subprocess.Popen([sys.executable, "-m", "unipeft.comparison", "--worker", str(path)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        last = self._relay(proc.stderr)[0]
+        return last, proc.wait()
+
+    def _fork(self, path: Path):
+        if self.server is None or self.server.poll() is not None:
+            self.server = subprocess.Popen([sys.executable, "-m", "unipeft.comparison", "--server"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True, bufsize=1)
+        try:
+            self.server.stdin.write(f"{path}\n")
+            self.server.stdin.flush()
+        except BrokenPipeError:
+            return "the worker server died", self.server.wait()
+        return self._relay(self.server.stderr)
+
+    def _relay(self, stream):
+        """Pass the worker's progress lines through (indented) until it ends; the last other line
+        names a failure."""
         last = ""
-        for line in proc.stderr:  # the worker's progress lines pass through; the last line names a failure
+        for line in stream:
+            if line.startswith(self.DONE):
+                return last, int(line.split()[-1])
             if line.startswith("[unipeft]"):
                 if not progress.quiet():
                     sys.stderr.write("    " + line)
                     sys.stderr.flush()
             elif line.strip():
                 last = line.strip()
-        proc.wait()
-        if Path(spec["result"]).is_file():
-            return json.loads(Path(spec["result"]).read_text())
-        tail = last or f"exit code {proc.returncode}"
-        return {"method": spec["method"], "error": f"worker process died: {tail}"}
+        return last, None
+
+
+def _serve() -> int:
+    """The worker server: imports once, then forks one child per spec path read from stdin."""
+    import torch  # noqa: F401 -- imported here, once, for every child
+    import transformers  # noqa: F401
+
+    from .training import run  # noqa: F401
+
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _worker(line.strip())
+            except BaseException as e:  # noqa: BLE001 -- the child must end here, never run the loop; say why
+                print(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(f"{Workers.DONE} {os.waitstatus_to_exitcode(status)}", file=sys.stderr, flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -394,4 +461,6 @@ def run(args) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m unipeft.comparison --worker SPEC.json (internal; use `unipeft compare`)")
+    if len(sys.argv) == 2 and sys.argv[1] == "--server":
+        sys.exit(_serve())
+    sys.exit("usage: python -m unipeft.comparison --worker SPEC.json | --server (internal; use `unipeft compare`)")

@@ -364,6 +364,25 @@ class Workers:
         return last, None
 
 
+def _warm(spec_path: str, done: set) -> None:
+    """Import the model's own modules in the server, once per model, by building it on the meta
+    device (no weights, no memory): each child then loads in a fraction of a second instead of ~2 s."""
+    try:
+        import torch
+        import transformers
+
+        from .training import run
+
+        model = json.loads(Path(spec_path).read_text())["model"]
+        if model in done:
+            return
+        done.add(model)
+        with torch.device("meta"):
+            transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(run.model_path(model)))
+    except Exception:  # noqa: BLE001 -- only a head start: the child meets (and reports) any real problem
+        pass
+
+
 def _serve() -> int:
     """The worker server: imports once, then forks one child per spec path read from stdin."""
     import torch  # noqa: F401 -- imported here, once, for every child
@@ -371,7 +390,9 @@ def _serve() -> int:
 
     from .training import run  # noqa: F401
 
+    warm = set()
     for line in sys.stdin:
+        _warm(line.strip(), warm)
         pid = os.fork()
         if pid == 0:
             code = 1

@@ -60,6 +60,19 @@ def test_proportional_mixing_sees_every_example_once_per_epoch():
     assert batches != multitask.mixed_batches([30, 10, 5], 8, seed=1, epoch=1)
 
 
+@pytest.mark.parametrize("sampling", ["proportional", "temperature"])
+def test_mixed_batches_grouped_by_length_pad_less_and_keep_the_same_examples(sampling):
+    sizes = [300, 300]  # task 0's texts short (8 tokens), task 1's long (60)
+    lengths = [8] * 300 + [60] * 300
+    plain = multitask.mixed_batches(sizes, 16, seed=0, epoch=0, sampling=sampling)
+    grouped = multitask.mixed_batches(sizes, 16, seed=0, epoch=0, sampling=sampling, lengths=lengths)
+    assert Counter(i for b in grouped for i in b) == Counter(i for b in plain for i in b)  # the same draw
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)  # noqa: E731
+    assert padded(grouped) < 0.65 * padded(plain)  # plain batches mix both tasks: nearly all pad to 60
+    assert grouped == multitask.mixed_batches(sizes, 16, seed=0, epoch=0, sampling=sampling, lengths=lengths)
+    assert {min(i // 300 for i in b) for b in grouped} == {0, 1}  # both tasks still train
+
+
 def test_temperature_mixing_follows_n_to_the_one_over_t():
     sizes = [900, 100]
     rates = multitask.mixing_rates(sizes, "temperature", 2.0)
@@ -153,7 +166,8 @@ def test_cli_per_task_deltas_save_each_task_alone_and_serve_routed(setup, tmp_pa
 
     cfg.write_text(yaml.safe_dump({"model": setup["model"], "task": task_list(setup), "method": "lora",
                                    "lr": 1e-2, "max_steps": 60, "batch_size": 16, "precision": "fp32",
-                                   "sampling": "temperature", "temperature": 2.0}))
+                                   "sampling": "temperature", "temperature": 2.0,
+                                   "group_by_length": False}))  # every batch mixes both tasks
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(out), "--threads", "1", "--quiet", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

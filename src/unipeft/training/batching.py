@@ -228,9 +228,15 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, *, s
     order = torch.randperm(n, generator=g).tolist()
     if not group_by_length:
         return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return length_grouped(order, lengths, batch_size, g, mega)
+
+
+def length_grouped(order: list[int], lengths, batch_size: int, g: torch.Generator, mega: int = 50) -> list[list[int]]:
+    """``order`` cut into batches of similar length: each run of ``mega`` batches is sorted by length
+    before it is cut (little padding), then the batches are shuffled (no long-to-short drift)."""
     size = batch_size * mega
     batches = []
-    for i in range(0, n, size):
+    for i in range(0, len(order), size):
         chunk = sorted(order[i:i + size], key=lambda j: -lengths[j])
         batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
     perm = torch.randperm(len(batches), generator=g).tolist()

@@ -125,6 +125,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from rss import reset_peak, rss_kb  # noqa: E402
 from sst2_common import accuracy, batches, read_tsv, train  # noqa: E402
 
 ARMS = ("limit", "houlsby", "pfeiffer", "compacter", "fusion")
@@ -174,23 +175,6 @@ def median(xs: list[float]) -> float:
 
 def check_inputs(data: dict) -> dict:
     return {k: v[:CHECK_ROWS] for k, v in data["dev"][0].items() if k != "labels"}
-
-
-def rss_kb(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------ unipeft side ----

@@ -38,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rss import reset_peak, rss_kb  # noqa: E402
+
 MB = 2**20
 GiB = 2**30
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,23 +57,6 @@ QUICK = {
 
 
 # --------------------------------------------------------------------------------- worker ----
-def _rss_kb(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _method_config(up, model_name: str, method: str):
     if method == "full":
         return up.FullFineTune()
@@ -95,7 +81,7 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, threa
     import gc
 
     gc.collect()
-    base_kb = _rss_kb()
+    base_kb = rss_kb()
     torch.manual_seed(0)
     if model_name == "minilm":
         model, _tok = zoo.minilm(num_labels=2)
@@ -105,11 +91,11 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, threa
     config = model.config
     n_total_before = sum(p.numel() for p in model.parameters())
     gc.collect()
-    loaded_kb = _rss_kb()
+    loaded_kb = rss_kb()
     up.attach(model, _method_config(up, model_name, method), name="x")
     model.train()
     gc.collect()
-    attached_kb = _rss_kb()
+    attached_kb = rss_kb()
     trainable, total = up.trainable_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -122,8 +108,8 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, threa
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (batch,), generator=g) if model_name == "minilm" else ids.clone()
 
-    reset_ok = _reset_peak()
-    post_reset_kb = _rss_kb()
+    reset_ok = reset_peak()
+    post_reset_kb = rss_kb()
     grad_bytes = state_bytes = 0
     losses, times = [], []
     for _ in range(steps):
@@ -138,7 +124,7 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, threa
         times.append(time.perf_counter() - t0)
     state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                       if torch.is_tensor(v) and v.dim() > 0)
-    train_peak_kb = _rss_kb("VmHWM")
+    train_peak_kb = rss_kb("VmHWM")
     maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return dict(
         model=model_name, method=method, batch=batch, seq=seq, steps=steps, threads=threads,

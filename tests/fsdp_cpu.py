@@ -64,6 +64,7 @@ def main(spec_path: str) -> int:
     out = Path(spec["report"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()  # left to interpreter exit, gloo's threads once aborted a rank
     return 0
 
 

@@ -194,6 +194,17 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under a launcher (accelerate, torchrun), close the process group before the interpreter exits:
+    left to exit, gloo's threads can be torn down while running ('terminate called without an
+    active exception', SIGABRT on one rank; seen once in CI on FSDP2)."""
+    torch = sys.modules.get("torch")  # only if this command imported it
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

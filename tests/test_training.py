@@ -137,7 +137,10 @@ def test_method_defaults_resolve_and_options_override():
     cfg, d = resolve("lora", {"r": 4})
     assert isinstance(cfg, up.LoRA) and cfg.r == 4 and d.train["lr"] > 0
     for name in DEFAULTS:  # every default builds a valid config and names its source
-        assert resolve(name)[1].source
+        given = {"adapters": ["a", "b"]} if DEFAULTS[name].kind == "adapter_fusion" else None  # what a run names
+        assert resolve(name, given)[1].source
+    with pytest.raises(UnipeftError, match="two or more adapter"):  # and without them, says so in one line
+        resolve("adapter_fusion")
     with pytest.raises(UnipeftError, match="unknown method 'lorra'.*lora"):
         resolve("lorra")
     with pytest.raises(UnipeftError, match="unknown option"):

@@ -177,6 +177,16 @@ def check_inputs(data: dict) -> dict:
     return {k: v[:CHECK_ROWS] for k, v in data["dev"][0].items() if k != "labels"}
 
 
+def train_stage(model, data: dict, part: str, stage: str, spec: dict) -> dict:
+    """One stage of an arm, the same on both sides: train on data[part], then its record."""
+    n_train = trainable(model)
+    times: list[float] = []
+    torch.manual_seed(spec["seed"])
+    train(model, data[part], stage_lr(spec, stage), step_times=times)
+    return {"step_s": times, "s_per_step": median(times), "trainable": n_train,
+            "accuracy": accuracy(model, data["dev"]), "steps": len(times)}
+
+
 # ------------------------------------------------------------------------------ unipeft side ----
 def unipeft_method(up, stage: str, spec: dict):
     m = spec["bottleneck"]
@@ -270,12 +280,7 @@ def run_unipeft(up, arm: str, spec: dict, data: dict, head: dict) -> tuple[dict,
         if arm != "limit":
             up.attach(model, unipeft_method(up, stage, spec), name=stage)
             init[stage] = export(model, [stage], stage)
-        n_train = trainable(model)
-        times: list[float] = []
-        torch.manual_seed(spec["seed"])
-        train(model, data[part], stage_lr(spec, stage), step_times=times)
-        res["stages"][stage] = {"step_s": times, "s_per_step": median(times), "trainable": n_train,
-                                "accuracy": accuracy(model, data["dev"]), "steps": len(times)}
+        res["stages"][stage] = train_stage(model, data, part, stage, spec)
     last = res["stages"][plan[-1][0]]
     res.update(s_per_step=last["s_per_step"], trainable=last["trainable"], accuracy=last["accuracy"])
     return res, init
@@ -370,12 +375,7 @@ def run_adapterhub(ah, arm: str, spec: dict, data: dict, head: dict, job: dict) 
             adapterhub_add(ah, model, stage, spec)
             if not spec["stock"]:
                 load_weights(model, job["init"][stage])
-        n_train = trainable(model)
-        times: list[float] = []
-        torch.manual_seed(spec["seed"])
-        train(model, data[part], stage_lr(spec, stage), step_times=times)
-        res["stages"][stage] = {"step_s": times, "s_per_step": median(times), "trainable": n_train,
-                                "accuracy": accuracy(model, data["dev"]), "steps": len(times)}
+        res["stages"][stage] = train_stage(model, data, part, stage, spec)
     last = res["stages"][plan[-1][0]]
     res.update(s_per_step=last["s_per_step"], trainable=last["trainable"], accuracy=last["accuracy"])
     return res

@@ -224,8 +224,15 @@ def _ok(report):
     return [m for m in report.get("methods", []) if not m.get("error")]
 
 
+LABELLED_POINTS = 10  # up to this many methods the scatter names each point; beyond, a numbered key
+
+
 def plot_metric_vs_params(report, png) -> Path | None:
-    """Main metric against % trainable parameters (log x), one labelled point per method."""
+    """Main metric against % trainable parameters (log x), one point per method.
+
+    A few methods get their names beside the points; many (the main job's 27) would print names
+    over each other, so each point then carries a number and a key beside the axes names it,
+    sorted by the metric as the table is read."""
     main = report.get("main_metric", "")
     pts = []
     for m in _ok(report):
@@ -235,10 +242,19 @@ def plot_metric_vs_params(report, png) -> Path | None:
     if not pts:
         return None
     plt = plotting.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for label, x, y in pts:
-        ax.scatter([x], [y], s=40, zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    keyed = len(pts) > LABELLED_POINTS
+    fig, ax = plt.subplots(figsize=(9.6, max(4.4, 0.2 * len(pts) + 1.0)) if keyed else (6.4, 4.4))
+    if keyed:
+        pts.sort(key=lambda p: -p[2])
+        ax.scatter([x for _, x, _ in pts], [y for _, _, y in pts], s=40, zorder=3, color="tab:blue")
+        for i, (label, x, y) in enumerate(pts, 1):
+            ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        key = "\n".join(f"{i:2d}  {label}  ({y:.3f})" for i, (label, _, y) in enumerate(pts, 1))
+        ax.text(1.03, 1.0, key, transform=ax.transAxes, va="top", ha="left", fontsize=7, family="monospace")
+    else:
+        for label, x, y in pts:
+            ax.scatter([x], [y], s=40, zorder=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.margins(x=0.15, y=0.1)
     ax.set_xlabel("trainable parameters (% of base, log scale)")
@@ -249,7 +265,8 @@ def plot_metric_vs_params(report, png) -> Path | None:
 
 
 def plot_cost(report, png) -> Path | None:
-    """Two bar panels: training time and peak memory per method."""
+    """Two panels of horizontal bars, training time and peak memory, one row per method (in the
+    table's order, first at the top): names stay level and readable however many methods ran."""
     ms = _ok(report)
     if not ms:
         return None
@@ -258,17 +275,19 @@ def plot_cost(report, png) -> Path | None:
     mem = [float(m.get("peak_memory_mb") or 0.0) for m in ms]
     kinds = sorted({str(m.get("memory_kind", "")).upper() for m in ms if m.get("memory_kind")})
     plt = plotting.pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(ms) + 4), 4.2))
-    ax1.bar(range(len(ms)), secs, color="tab:blue")
-    ax1.set_ylabel("training time (s)")
+    fig, (ax1, ax2) = plt.subplots(1, 2, sharey=True, figsize=(9.0, 0.28 * len(ms) + 1.6))
+    rows = range(len(ms))
+    ax1.barh(rows, secs, color="tab:blue")
+    ax1.set_xlabel("training time (s)")
     ax1.set_title("training time")
-    ax2.bar(range(len(ms)), mem, color="tab:orange")
-    ax2.set_ylabel(f"peak memory (MB{', ' + '/'.join(kinds) if kinds else ''})")
+    ax2.barh(rows, mem, color="tab:orange")
+    ax2.set_xlabel(f"peak memory (MB{', ' + '/'.join(kinds) if kinds else ''})")
     ax2.set_title("peak memory")
+    ax1.set_yticks(list(rows))
+    ax1.set_yticklabels(labels, fontsize=8)
+    ax1.invert_yaxis()  # the table's first method at the top
     for ax in (ax1, ax2):
-        ax.set_xticks(range(len(ms)))
-        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-        ax.grid(True, axis="y", alpha=0.3)
+        ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     return _save_fig(fig, png)
 

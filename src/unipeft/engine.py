@@ -25,8 +25,8 @@ from . import positions as pos
 from .architectures import ModelMap, base_named_modules, base_named_parameters, map_model
 from .config import MethodConfig
 from .errors import UnipeftError, choices
+from .model_parts import MODULES_ATTR, add_head, head_modules, input_stacks  # noqa: F401  (up.engine.head_modules)
 
-MODULES_ATTR = "unipeft_modules"
 
 
 @dataclasses.dataclass
@@ -174,109 +174,6 @@ def original_base_tensors(model: nn.Module, heads: bool = False) -> dict[str, to
 
 
 # ---------------------------------------------------------------------------
-# Task heads
-# ---------------------------------------------------------------------------
-
-def head_modules(model: nn.Module) -> list[str]:
-    """Names of the model's task head: children of the top model that are neither
-    the backbone nor contain the (pretrained) output embeddings.
-
-    BertForSequenceClassification -> ["classifier"]; GPT2LMHeadModel -> [];
-    BertForMaskedLM -> [] (its MLM head is pretrained and holds the decoder).
-    """
-    base = getattr(model, "base_model", model)
-    if base is model:
-        return []
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    heads = []
-    for name, child in model.named_children():
-        if child is base or name == MODULES_ATTR:
-            continue
-        if out_emb is not None and any(m is out_emb for m in child.modules()):
-            continue
-        if any(True for _ in child.parameters()):
-            heads.append(name)
-    return heads
-
-
-class HeadDelta(pos.LinearDelta):
-    """A task head owned by one delta: its own copy of the head's weights.
-
-    Each delta trains and saves its own head, so two task deltas on one base
-    each keep their classifier. Merging copies it into the base head.
-    """
-
-    replaces_base = True
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        w = module.unipeft_weight_out_in() if isinstance(module, pos.LinearSite) else (
-            module.weight.T if not isinstance(module, nn.Linear) else module.weight)
-        self.weight = nn.Parameter(w.detach().clone())
-        self.bias = nn.Parameter(module.bias.detach().clone()) if module.bias is not None else None
-
-    def replace(self, x):
-        return nn.functional.linear(x, self.weight, self.bias)
-
-    def merged(self, weight, bias):
-        return self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone()
-
-
-def _add_head(model: nn.Module, view: ModelView, delta: Delta) -> None:
-    from .architectures import is_linear_like
-
-    setting = getattr(delta.config, "train_head", True)
-    if setting is False:
-        return
-    heads = head_modules(model)
-    if isinstance(setting, (list, tuple)):
-        heads = list(setting)
-    for h in heads:
-        try:
-            mod = model.get_submodule(h)
-        except AttributeError:
-            raise UnipeftError(f"train_head: no module {h!r}; the model's head is {choices(head_modules(model))}") from None
-        for sub, m in mod.named_modules():
-            if "unipeft_deltas" in sub.split("."):
-                continue  # another delta's copy of this head
-            if is_linear_like(m):
-                path = f"{h}.{sub}" if sub else h
-                view.add_linear(path, HeadDelta(m))
-                delta.head.append(path)
-            elif any(True for _ in m.parameters(recurse=False)):
-                # a LayerNorm or similar inside the head: train it in place as a selected parameter
-                for pn, _ in m.named_parameters(recurse=False):
-                    full = f"{h}.{sub}.{pn}" if sub else f"{h}.{pn}"
-                    delta.selected[full] = model.get_parameter(full).detach().clone()
-
-
-# ---------------------------------------------------------------------------
-# Input stacks (for prompt methods)
-# ---------------------------------------------------------------------------
-
-def input_stacks(model: nn.Module):
-    base = getattr(model, "base_model", model)
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "is_encoder_decoder", False):
-        enc = model.get_encoder() if hasattr(model, "get_encoder") else None
-        dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if enc is None:
-            raise UnipeftError(f"{type(model).__name__}: cannot find the encoder for prompt tuning")
-        path = _path_of(model, enc)
-        embed = enc.get_input_embeddings() if hasattr(enc, "get_input_embeddings") else model.get_input_embeddings()
-        return [(path, enc, embed, False, dec)]
-    path = _path_of(model, base)
-    return [(path, base, model.get_input_embeddings(), True, None)]
-
-
-def _path_of(model: nn.Module, target: nn.Module) -> str:
-    for n, m in model.named_modules():
-        if m is target:
-            return n
-    raise UnipeftError(f"module {type(target).__name__} is not part of the model")
-
-
-# ---------------------------------------------------------------------------
 # attach / detach
 # ---------------------------------------------------------------------------
 
@@ -307,7 +204,7 @@ def attach(model: nn.Module, method: MethodConfig, name: str = "default", *, act
         from . import layers
 
         layers.install(method, view, name)  # with layers=: the method sees only the chosen blocks
-        _add_head(model, view, delta)
+        add_head(model, view, delta)
         _place(model, reg, delta)
     except BaseException:
         _unplace(model, reg, delta)

@@ -22,6 +22,7 @@ compare report.
 
     python benchmarks/screen_defaults.py --glue ../shared/data/glue                 # every candidate
     python benchmarks/screen_defaults.py --glue ../shared/data/glue --only lora      # one method's candidates
+    python benchmarks/screen_defaults.py --glue ../shared/data/glue --only round4 --max-length 64 --out benchmarks/results/screen_defaults4
     python benchmarks/screen_defaults.py --model smollm2 --glue ../shared/data/glue --e2e ../shared/data/e2e
 """
 from __future__ import annotations
@@ -72,7 +73,55 @@ CANDIDATES = {
     "freeze:lr1e-4": ("freeze", {}, {"lr": 1e-4}),
     "freeze:lr3e-4": ("freeze", {}, {"lr": 3e-4}),
     "freeze:lr1e-3": ("freeze", {}, {"lr": 1e-3}),
+    # round 4 (2026-12-01, --max-length 64 as the main job): issue 16-18's methods, adapter warm-up,
+    # prompt and prefix lengths; each method's default first
+    "p_tuning:lr1e-3": ("p_tuning", {}, {"lr": 1e-3}),
+    "p_tuning:lr3e-3": ("p_tuning", {}, {"lr": 3e-3}),
+    "p_tuning:lr1e-2": ("p_tuning", {}, {"lr": 1e-2}),
+    "p_tuning_v2:lr5e-3": ("p_tuning_v2", {}, {"lr": 5e-3}),
+    "p_tuning_v2:lr2e-3": ("p_tuning_v2", {}, {"lr": 2e-3}),
+    "p_tuning_v2:lr1e-2": ("p_tuning_v2", {}, {"lr": 1e-2}),
+    "pasta:lr1e-2": ("pasta", {}, {"lr": 1e-2}),
+    "pasta:lr3e-2": ("pasta", {}, {"lr": 3e-2}),
+    "pasta:lr1e-1": ("pasta", {}, {"lr": 1e-1}),
+    "adapter_bias:lr1e-2": ("adapter_bias", {}, {"lr": 1e-2}),
+    "adapter_bias:lr3e-3": ("adapter_bias", {}, {"lr": 3e-3}),
+    "adapter_bias:lr3e-2": ("adapter_bias", {}, {"lr": 3e-2}),
+    "compacter:lr3e-2": ("compacter", {}, {"lr": 3e-2}),
+    "compacter:lr1e-2": ("compacter", {}, {"lr": 1e-2}),
+    "compacter_pp:lr3e-2": ("compacter_pp", {}, {"lr": 3e-2}),
+    "compacter_pp:lr1e-2": ("compacter_pp", {}, {"lr": 1e-2}),
+    "adamix:lr3e-3": ("adamix", {}, {"lr": 3e-3}),
+    "adamix:lr1e-3": ("adamix", {}, {"lr": 1e-3}),
+    "mam:lr1e-3": ("mam", {}, {"lr": 1e-3}),
+    "mam:lr3e-3": ("mam", {}, {"lr": 3e-3}),
+    "unipelt:lr2e-3": ("unipelt", {}, {"lr": 2e-3}),
+    "unipelt:lr5e-3": ("unipelt", {}, {"lr": 5e-3}),
+    "dylora:lr2e-3": ("dylora", {}, {"lr": 2e-3}),
+    "dylora:lr5e-3": ("dylora", {}, {"lr": 5e-3}),
+    "adalora:lr2e-2": ("adalora", {}, {"lr": 2e-2}),
+    "adalora:lr5e-3": ("adalora", {}, {"lr": 5e-3}),
+    "diff_pruning:lr1e-3": ("diff_pruning", {}, {"lr": 1e-3}),
+    "diff_pruning:lr3e-3": ("diff_pruning", {}, {"lr": 3e-3}),
+    "intrinsic:lr2e-3": ("intrinsic", {}, {"lr": 2e-3}),
+    "intrinsic:lr1e-2": ("intrinsic", {}, {"lr": 1e-2}),
+    "adapter:lr3e-3-warmup0.06": ("adapter", {}, {"lr": 3e-3}),
+    "adapter:lr3e-3-warmup0": ("adapter", {}, {"lr": 3e-3, "warmup_ratio": 0.0}),
+    "adapter:lr3e-3-warmup0.2": ("adapter", {}, {"lr": 3e-3, "warmup_ratio": 0.2}),
+    "adapter:lr5e-3": ("adapter", {}, {"lr": 5e-3}),
+    "parallel:lr1e-3-warmup0.06": ("parallel", {}, {"lr": 1e-3}),
+    "parallel:lr2e-3": ("parallel", {}, {"lr": 2e-3}),
+    "parallel:lr1e-3-warmup0.2": ("parallel", {}, {"lr": 1e-3, "warmup_ratio": 0.2}),
+    "houlsby:lr3e-3-warmup0.06": ("houlsby", {}, {"lr": 3e-3}),
+    "houlsby:lr3e-3-warmup0.2": ("houlsby", {}, {"lr": 3e-3, "warmup_ratio": 0.2}),
+    "prompt:len20-lr3e-2": ("prompt", {}, {"lr": 3e-2}),
+    "prompt:len50-lr3e-2": ("prompt", {"length": 50}, {"lr": 3e-2}),
+    "prompt:len10-lr3e-2": ("prompt", {"length": 10}, {"lr": 3e-2}),
+    "prefix:len10-lr5e-3": ("prefix", {}, {"lr": 5e-3}),
+    "prefix:len20-lr5e-3": ("prefix", {"length": 20}, {"lr": 5e-3}),
+    "prefix:len5-lr5e-3": ("prefix", {"length": 5}, {"lr": 5e-3}),
 }
+ROUND4 = tuple(list(CANDIDATES)[list(CANDIDATES).index("p_tuning:lr1e-3"):])
 
 # the decoder screen: each method's default (as in training/defaults.py) against its nearest rival
 DECODER_CANDIDATES = {
@@ -140,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma list of methods or method:variant names (default: all candidates)")
     ap.add_argument("--out", default=str(HERE / "results" / "screen_defaults"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=BUDGET["max_length"],
+                    help=f"tokens per example (default {BUDGET['max_length']}, the first rounds; round 4 ran at 64, "
+                         "the main job's)")
     args = ap.parse_args(argv)
     from unipeft import progress
     from unipeft.comparison import compare
@@ -149,6 +201,8 @@ def main(argv=None) -> int:
     candidates = CANDIDATES if args.model == "minilm" else DECODER_CANDIDATES
     args.tasks = args.tasks or ("bbc,sst2,tweets" if args.model == "minilm" else "bbc,sst2,e2e")
     wanted = set((args.only or "").split(",")) - {""}
+    if "round4" in wanted:  # --only round4: the fourth round's candidates
+        wanted = (wanted - {"round4"}) | set(ROUND4)
     names = [c for c in candidates if not wanted or c in wanted or c.split(":")[0] in wanted]
     out = Path(args.out) / args.model
     results: dict[str, dict[str, float]] = {}
@@ -169,7 +223,8 @@ def main(argv=None) -> int:
                     c.replace(":", "-") for c in batch)), data={**data, **DATA_BUDGET},
                     method_options={candidates[c][0]: candidates[c][1] for c in batch},
                     method_settings={candidates[c][0]: candidates[c][2] for c in batch},
-                    threads=args.threads, in_process=True, quiet=True, **BUDGET, **TASK_SETTINGS.get(task_key, {}))
+                    threads=args.threads, in_process=True, quiet=True, **{**BUDGET, "max_length": args.max_length},
+                    **TASK_SETTINGS.get(task_key, {}))
                 metric = report["main_metric"]
                 for c, rec in zip(batch, report["methods"]):
                     value = None if rec.get("error") else rec["metrics"].get(metric)
@@ -187,7 +242,7 @@ def main(argv=None) -> int:
         cells = " | ".join("error" if v is None else f"{v:.3f}" for v in vals)
         print(f"| {c} | {cells} | {'' if mean is None else f'{mean:.3f}'} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "screen.json").write_text(json.dumps({"model": args.model, "budget": {**DATA_BUDGET, **BUDGET},
+    (out / "screen.json").write_text(json.dumps({"model": args.model, "budget": {**DATA_BUDGET, **BUDGET, "max_length": args.max_length},
                                                  "task_settings": TASK_SETTINGS, "results": results}, indent=1))
     print(f"\nwrote {out / 'screen.json'}")
     return 0

@@ -88,3 +88,53 @@ def test_all_failed_writes_no_plots(report, tmp_path):
     paths = write_report(report, tmp_path)
     assert paths["plots"] == []
     assert "failed: out of memory" in paths["md"].read_text()
+
+
+def test_undertrained_methods_are_named_not_ranked(report, tmp_path):
+    """A method the budget left at the majority label's accuracy gets 'too few steps' in its cell
+    and a note that says why, not a bare number a reader would take as the method's quality."""
+    from types import SimpleNamespace
+
+    from unipeft.compare_report import notes
+    from unipeft.comparison import flag_undertrained, majority_baseline
+
+    task = SimpleNamespace(kind="classification", main_metric="accuracy", labels=("neg", "pos"))
+    dev = [{"target": 1}] * 120 + [{"target": 0}] * 80
+    base = majority_baseline(SimpleNamespace(task=task, splits={"dev": dev}))
+    assert base["label"] == "pos" and base["accuracy"] == 0.6 and base["examples"] == 200
+    assert abs(base["margin"] - 2 * (0.6 * 0.4 / 200) ** 0.5) < 1e-12
+    stuck, fine = _method(metrics={"accuracy": 0.62}, steps=40), _method(metrics={"accuracy": 0.75})
+    for rec in (stuck, fine):
+        flag_undertrained(rec, base)
+    assert stuck["undertrained"] and "'pos'" in stuck["note"] and "40 steps" in stuck["note"]
+    assert "undertrained" not in fine and "note" not in fine
+    report["methods"] = [stuck, fine]
+    table = markdown_table(report)
+    assert "too few steps (0.620)" in table and "too few steps" not in table.splitlines()[-1]
+    assert "no better than always answering 'pos'" in notes(report)
+    # tasks without a majority label (regression, generation) or with another main metric: no baseline
+    reg = SimpleNamespace(task=SimpleNamespace(kind="regression", main_metric="pearson", labels=None),
+                          splits={"dev": [{"target": 0.5}]})
+    assert majority_baseline(reg) is None
+    rec = _method(metrics={"accuracy": 0.1})
+    flag_undertrained(rec, None)
+    assert "undertrained" not in rec
+
+
+def test_plots_with_many_methods(report, tmp_path):
+    """The main job's 27 methods: numbered points with a key, one bar row per method."""
+    from unipeft.compare_report import plot_cost, plot_metric_vs_params
+
+    import struct
+
+    def size(path):  # a PNG's width and height, from its IHDR chunk
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC
+        return struct.unpack(">II", data[16:24])
+
+    few = dict(report, methods=[_method(label=f"method {i}", metrics={"accuracy": i / 30}) for i in range(3)])
+    many = dict(report, methods=[_method(label=f"method {i}", metrics={"accuracy": i / 30}) for i in range(27)])
+    (w3, h3), (w27, h27) = (size(plot_metric_vs_params(r, tmp_path / f"m{len(r['methods'])}.png")) for r in (few, many))
+    assert w27 > w3 * 1.2  # the key beside the axes
+    (_, c3), (_, c27) = (size(plot_cost(r, tmp_path / f"c{len(r['methods'])}.png")) for r in (few, many))
+    assert c27 > 3 * c3  # a row per method, not 27 labels squeezed under a fixed-width axis

@@ -153,6 +153,8 @@ def _row(report, m) -> list[str]:
     merged = ratio(lat.get("merged"), lat.get("base")) if m.get("mergeable", True) else DASH
     metrics = m.get("metrics") or {}
     main_cell = metric(metrics.get(main))
+    if m.get("undertrained"):  # at the majority label's level: the budget speaks, not the method (see notes)
+        main_cell = f"too few steps ({main_cell})"
     if m.get("metric_before") is not None and main in metrics:
         main_cell += f" (from {metric(m['metric_before'])})"
     others = ", ".join(f"{k} {metric(v)}" for k, v in metrics.items() if k != main) or DASH
@@ -184,7 +186,8 @@ def markdown_table(report) -> str:
 
 
 def notes(report) -> str:
-    """Lines for the methods whose row needs a word (AdapterFusion: what it fused, how its numbers add up)."""
+    """Lines for the methods whose row needs a word (AdapterFusion: what it fused, how its numbers add up;
+    a method the budget left at the majority label's accuracy: why its number says nothing yet)."""
     lines = [f"- *{m.get('label') or m.get('method', '?')}*: {_cell(m['note'])}"
              for m in report.get("methods", []) if m.get("note") and not m.get("error")]
     return "\n".join(["**Notes.**", ""] + lines) + "\n" if lines else ""
@@ -319,14 +322,16 @@ def write_report(report, out_dir) -> dict:
 
     ``report`` is the dict ``unipeft compare`` builds: ``model``, ``task``, ``main_metric``,
     ``device``, ``threads``, ``budget`` (steps, batch_size, max_length, train_examples,
-    dev_examples), ``base_params``, ``unipeft_version``, ``created`` and ``methods``, a list
+    dev_examples), ``base_params``, ``unipeft_version``, ``created``, ``baseline`` (the majority
+    label's dev accuracy: comparison.majority_baseline, or None) and ``methods``, a list
     of dicts with ``method``, ``label``, ``type``, ``mergeable``, ``config``, ``lr``,
     ``trainable_params``, ``trainable_pct``, ``delta_bytes``, ``train_seconds``,
     ``examples_per_s``, ``tokens_per_s``, ``steps``, ``peak_memory_mb``, ``memory_kind``
     (``"rss"``/``"cuda"``), ``latency_ms`` (``base``, ``unmerged``, ``merged`` or None),
     ``metrics``, ``metric_before``, ``changed_params``/``changed_pct``/``changed_how`` (analysis.forgetting.
-    changed_parameters), ``forgetting`` (None, or analysis.forgetting.forgetting's dict) and ``error``
-    (None, or why the method failed).
+    changed_parameters), ``forgetting`` (None, or analysis.forgetting.forgetting's dict), ``error``
+    (None, or why the method failed), and where they apply ``note`` (words for the notes) and
+    ``undertrained`` (True: at the majority label's accuracy, comparison.flag_undertrained).
 
     Returns ``{"md": Path, "json": Path, "plots": [Path, ...]}``; a plot with nothing to
     show (every method failed) is not written.

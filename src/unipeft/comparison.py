@@ -283,6 +283,9 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
                 say(f"[{i}/{len(methods)}] {m}: {main} {val:.4f}, {rec['trainable_params']:,} trainable, "
                     f"trained in {rec['train_seconds']:.1f} s ({time.perf_counter() - t:.0f} s in all)")
     base_params = next((r["base_params"] for r in records if "base_params" in r), 0)
+    baseline = majority_baseline(dataset)
+    for rec in records:
+        flag_undertrained(rec, baseline)
     report = {
         "model": model, "task": dataset.task.name, "main_metric": dataset.task.main_metric, "device": device,
         "threads": threads,
@@ -293,11 +296,43 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
                    "dev_examples": len(dataset.splits.get("dev", []))},
         "base_params": base_params, "unipeft_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": dataset.source,
-        "in_process": in_process, "methods": records,
+        "in_process": in_process, "baseline": baseline, "methods": records,
     }
     report["files"] = {k: (str(v) if not isinstance(v, list) else [str(p) for p in v])
                        for k, v in write_report(report, out).items()}
     return report
+
+
+def majority_baseline(dataset) -> dict | None:
+    """What always answering the dev split's most common label scores, for classification tasks
+    whose main metric is accuracy (None elsewhere): {"label", "accuracy", "margin", "examples"},
+    the margin two standard errors of that accuracy on this many examples."""
+    import collections
+    import math
+
+    dev = dataset.splits.get("dev") or []
+    if dataset.task.kind != "classification" or dataset.task.main_metric != "accuracy" or not dev:
+        return None
+    counts = collections.Counter(ex["target"] for ex in dev)
+    target, hits = counts.most_common(1)[0]
+    p, n = hits / len(dev), len(dev)
+    labels = dataset.task.labels or ()
+    label = labels[target] if isinstance(target, int) and 0 <= target < len(labels) else str(target)
+    return {"label": label, "accuracy": p, "margin": 2 * math.sqrt(p * (1 - p) / n), "examples": n}
+
+
+def flag_undertrained(rec: dict, baseline: dict | None) -> None:
+    """Mark a record whose accuracy is within two standard errors of the majority label's: its
+    number says how short the budget was for this method, not how good the method is, so the
+    table prints it as such and the notes say why (issue 13: no misleading numbers)."""
+    value = (rec.get("metrics") or {}).get("accuracy")
+    if rec.get("error") or baseline is None or value is None or value > baseline["accuracy"] + baseline["margin"]:
+        return
+    rec["undertrained"] = True
+    why = (f"no better than always answering {baseline['label']!r} ({baseline['accuracy']:.3f} of these "
+           f"{baseline['examples']} dev examples, within two standard errors): {rec.get('steps', '?')} steps are "
+           f"too few for this method to show what it can do; give it more (--max-steps, --epochs) before judging it")
+    rec["note"] = f"{rec['note']}; {why}" if rec.get("note") else why
 
 
 class Workers:

@@ -46,7 +46,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import storage
 from ..errors import UnipeftError, choices
 from .engine import NAME, BadRequest, DeltaNotFound, Engine
-from .metrics import Metrics
 from .store import STATE_DIR, TENANTS_DIR, Store, db_path, hash_key
 from .uploads import HTTPError, prepare, read_multipart
 from .uploads import store as store_files

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 from .. import storage
 from ..config import METHODS, MethodConfig
@@ -51,6 +50,7 @@ from ..engine import detach, registry
 from ..errors import UnipeftError, choices
 from ..routing import route
 from . import batch as B
+from .base_model import load_base, max_positions, pad_id
 from .metrics import Metrics
 
 # a delta's name, optionally "tenant/name": letters, digits, '_' and '-', never a path
@@ -98,33 +98,6 @@ class _Job:
     root: "_Job | None" = None             # a resumed wave's job: the request it continues (answered as a whole)
 
 
-def load_base(base, tokenizer=None):
-    """(model, tokenizer, name) from a zoo name ("smollm2", "minilm"), a transformers folder,
-    a model (with ``tokenizer``) or a (model, tokenizer) pair."""
-    if isinstance(base, tuple):
-        base, tokenizer = base
-    if isinstance(base, nn.Module):
-        if tokenizer is None:
-            raise UnipeftError("Engine: a model object needs its tokenizer (tokenizer=...)")
-        return base, tokenizer, getattr(base.config, "model_type", type(base).__name__)
-    name = str(base)
-    if name in ("smollm2", "minilm"):
-        from .. import zoo
-
-        model, tok = zoo.smollm2() if name == "smollm2" else zoo.minilm()
-        return model, tok, name
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise UnipeftError(f"--model {name!r}: not a transformers model folder (no config.json there) and not one "
-                           f"of the embedded models {choices(['smollm2', 'minilm'])}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    cfg = AutoConfig.from_pretrained(path)
-    cls_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
-    auto = AutoModelForSequenceClassification if cls_head else AutoModelForCausalLM
-    return auto.from_pretrained(path), AutoTokenizer.from_pretrained(path), path.name
-
-
 class Engine:
     """One base model serving many deltas; see the module docstring."""
 
@@ -153,8 +126,8 @@ class Engine:
         self.rejoin = rejoin                   # cut a wave for waiting requests once rows have finished
         self.bucket_overhead = bucket_overhead  # classification: one more forward costs this many tokens
         self.waves_cut = 0
-        self.max_positions = _max_positions(model, tok)
-        self.pad_id = _pad_id(tok, model)
+        self.max_positions = max_positions(model, tok)
+        self.pad_id = pad_id(tok, model)
         eos = model.generation_config.eos_token_id if self.kind == "generate" else None
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.metrics = metrics or Metrics()
@@ -612,17 +585,3 @@ class Engine:
         return {"cache_bytes": self._used, "cache_capacity_bytes": self.cache_bytes,
                 "deltas_loaded": len(self._loaded), "deltas_known": len(self._known), "queue_depth": self.queued(),
                 "batches": self.batches, "batch_rows": self.batch_rows}
-
-
-def _max_positions(model, tok) -> int:
-    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    t = getattr(tok, "model_max_length", None)
-    vals = [v for v in (n, t) if isinstance(v, int) and 0 < v < 10 ** 7]
-    return min(vals) if vals else 2048
-
-
-def _pad_id(tok, model) -> int:
-    for v in (tok.pad_token_id, getattr(model.config, "pad_token_id", None), tok.eos_token_id):
-        if isinstance(v, int):
-            return v
-    return 0

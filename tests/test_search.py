@@ -72,3 +72,15 @@ def test_unipeft_search_runs_the_stages_resumes_and_writes_a_config_train_takes(
                  "--out", str(root / "run"), "--max-steps", "1", "--batch-size", "8", "--precision", "fp32",
                  "--threads", "1", "--json"]) == 0
     del model
+
+
+def test_a_design_key_reads_back_and_bad_keys_get_one_line_errors():
+    d = Design("spindle", "uniform", (True, False, True, True), ("AL", "P", "APB", "PBL"))
+    back = Design.from_key(d.key())
+    assert back.key() == "spindle/uniform/AL,-,APB,PBL" and back.tuned == d.tuned
+    for key, message in (("spindle/uniform", "expected grouping/allocation"),
+                         ("round/uniform/A", "unknown grouping 'round'; valid:"),
+                         ("spindle/even/A", "unknown allocation 'even'; valid:"),
+                         ("spindle/uniform/A,LA", "group 'LA' is not a set of")):
+        with pytest.raises(up.UnipeftError, match=message):
+            Design.from_key(key)

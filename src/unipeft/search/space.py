@@ -71,6 +71,26 @@ class Design:
         return f"{self.grouping}/{self.allocation}/" + ",".join(
             s if t else "-" for t, s in zip(self.tuned, self.strategies))
 
+    @classmethod
+    def from_key(cls, key: str) -> "Design":
+        """The design a ``key()`` names ("spindle/uniform/AL,AP,-,PBL": '-' is a frozen group)."""
+        parts = key.split("/")
+        if len(parts) != 3:
+            raise UnipeftError(f"design {key!r}: expected grouping/allocation/G1,G2,... "
+                               f"(e.g. spindle/uniform/AL,AP,APB,PBL)")
+        grouping, allocation, groups = parts
+        if grouping not in GROUPINGS:
+            raise UnipeftError(f"design {key!r}: unknown grouping {grouping!r}; valid: {choices(GROUPINGS)}")
+        if allocation not in ALLOCATIONS:
+            raise UnipeftError(f"design {key!r}: unknown allocation {allocation!r}; valid: {choices(ALLOCATIONS)}")
+        strategies = groups.split(",")
+        for s in strategies:
+            if s != "-" and s not in SUBSETS:
+                raise UnipeftError(f"design {key!r}: group {s!r} is not a set of {choices(STRATEGIES)} "
+                                   f"(in that order) or '-' (frozen)")
+        tuned = tuple(s != "-" for s in strategies)
+        return cls(grouping, allocation, tuned, tuple(s if s != "-" else "A" for s in strategies))
+
 
 class Sizer:
     """Turns designs into compositions at a parameter budget on one model (see the module docstring)."""

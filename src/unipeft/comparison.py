@@ -34,7 +34,7 @@ from . import fileio, progress
 from .errors import UnipeftError, choices
 
 # the main job's budget per method on the embedded default (BBC News), the one place it is set: 40 steps of 16
-# articles cut to 64 tokens, for the 27 methods of COMPARE_DEFAULT in under 10 minutes on 2 CPU cores (6 min 49 s
+# articles cut to 64 tokens, for the 27 methods of COMPARE_DEFAULT in under 10 minutes on 2 CPU cores (7 min 40 s
 # measured, docs/guides/training.md). Until 2026-12 it was 640 articles of 96 tokens for eight methods (2 min 58 s);
 # 96 tokens for all 27 would take ~10 minutes.
 MAIN_JOB_BUDGET = {"train_size": 640, "dev_size": 200, "max_length": 64, "epochs": 1.0, "batch_size": 16}

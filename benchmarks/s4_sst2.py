@@ -28,7 +28,6 @@ Prints a markdown table (accuracy per seed and their mean, trainable parameters)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -66,18 +65,19 @@ def main(argv=None) -> int:
     setup_runtime(args.threads, quiet=True)
     out = Path(args.out)
     data = {"data_dir": args.data_dir, "train_size": args.train_size}
-    settings = dict(epochs=1.0, batch_size=32, max_length=64, precision="fp32", lr=args.lr, threads=args.threads,
+    settings = dict(epochs=1.0, batch_size=32, max_length=64, precision="fp32", lr=args.lr,
                     progress=False)
     if args.max_steps:
         settings["max_steps"] = args.max_steps
     t0 = time.perf_counter()
     found = search("minilm", "sst2", out=out / "search", budget=args.budget, groups=args.groups, runs=args.runs,
-                   seed=0, data=data, say=print, **{k: v for k, v in settings.items() if k != "threads"})
+                   seed=0, data=data, say=print, **settings)
     search_s = time.perf_counter() - t0
 
     dataset = load_task("sst2", seed=0, **data)
     base, _ = load_model("minilm", dataset.task)
-    budget = int(args.budget * sum(p.numel() for p in base.parameters()))
+    n_base = sum(p.numel() for p in base.parameters())
+    budget = int(args.budget * n_base)
     grouped, whole = Sizer(base, budget, args.groups), Sizer(base, budget, 1)
     arms = {f"S4 winner ({found['best']})": grouped.compose(Design.from_key(found["best"])),
             f"the notes' S4 design ({PAPER})": grouped.compose(Design.from_key(PAPER))}
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     def run(cfg, seed: int, train_size: int) -> dict:
         res = train("minilm", "sst2", "compose", method_options={"methods": cfg.to_dict()["methods"]},
                     data={**data, "train_size": train_size}, seed=seed, evaluate_test=False,
-                    **{k: v for k, v in settings.items() if k != "threads"})
+                    **settings)
         return {"accuracy": res["dev"]["accuracy"], "trainable": res["trainable_params"],
                 "seconds": res["train_seconds"]}
 
@@ -102,18 +102,18 @@ def main(argv=None) -> int:
             rows[label]["final"] = run(arms[label][0], 0, args.final_train_size)
             print(f"{label}, {args.final_train_size} sentences: {rows[label]['final']['accuracy']:.4f}", flush=True)
 
-    lines = [f"| design | parameters (no head) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |"
+    lines = ["| design | parameters (no head) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |"
              + (f" {args.final_train_size:,} sentences |" if args.final_train_size else ""),
              "|---|---:|" + "---:|" * (len(seeds) + 1) + ("---:|" if args.final_train_size else "")]
     for label, row in rows.items():
         accs = [row["runs"][s]["accuracy"] for s in seeds]
         final = row.get("final")
-        lines.append(f"| {label} | {row['params']:,} ({100 * row['params'] / sum(p.numel() for p in base.parameters()):.2f}%) | "
+        lines.append(f"| {label} | {row['params']:,} ({100 * row['params'] / n_base:.2f}%) | "
                      + " | ".join(f"{a:.3f}" for a in accs) + f" | {statistics.fmean(accs):.3f} |"
                      + ((f" {final['accuracy']:.3f} |" if final else " |") if args.final_train_size else ""))
     print("\n".join(lines))
     print(f"\nsearch: {found['runs']} runs, {search_s:.0f} s (0 when every run came from runs.jsonl)")
-    fileio.write_json(out / "s4_sst2.json", {"search": found, "budget": budget, "settings": settings,
+    fileio.write_json(out / "s4_sst2.json", {"search": found, "budget": budget, "settings": settings, "threads": args.threads,
                                              "train_size": args.train_size, "seeds": seeds, "rows": rows,
                                              "table": lines}, indent=1, default=str)
     return 0

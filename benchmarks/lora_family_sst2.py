@@ -139,8 +139,9 @@ def main(argv=None) -> int:
                    "trainable": statistics.mean(r["trainable"] for r in runs),
                    "s_per_step": statistics.mean(r["s_per_step"] for r in runs)}
         results["arms"][arm] = summary
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        # written after every arm, so a long run stopped early keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nSST-2 dev accuracy, MiniLM, {args.train_size} training sentences, one epoch "
           f"({len(train_batches)} steps of 32), fp32, {torch.get_num_threads()} thread(s)")
     print(f"{'arm':<14}{'lr':>8}{'accuracy':>10}{'trainable':>12}{'saved':>12}{'s/step':>9}")

@@ -134,7 +134,7 @@ def test_compare_method_setting_errors_come_before_training(setup, tmp_path, set
 def test_compare_forks_each_method_from_one_server_that_outlives_a_dead_worker(setup, tmp_path, capsys):
     import os
 
-    from unipeft.comparison import Workers
+    from unipeft.compare_workers import Workers
 
     out = tmp_path / "cmp"
     assert cli("compare", *common(setup, out), "--methods", "ia3,bitfit", "--max-steps", "2", "--batch-size", "8",

@@ -3,7 +3,7 @@ that matter in PEFT (lecture notes, "What Matters in PEFT?"): parameters, traini
 inference efficiency and accuracy.
 
 For each method, in a fresh process (so its peak memory is its own; forked from one server that
-imported torch and transformers once, ``Workers``):
+imported torch and transformers once, ``compare_workers.Workers``):
 
 * trainable parameters (count and % of the base) and the saved delta's size on disk;
 * training time, examples/s and tokens/s (evaluation excluded);
@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import fileio, progress
+from . import progress
 from .errors import UnipeftError, choices
 
 # the main job's budget per method on the embedded default (BBC News), the one place it is set: 40 steps of 16
@@ -168,21 +165,6 @@ def run_method(spec: dict) -> dict:
     return record
 
 
-def _worker(spec_path: str) -> int:
-    from .training.cli import setup_runtime
-
-    spec = json.loads(Path(spec_path).read_text())
-    setup_runtime()  # run_method sets the threads
-    try:
-        record = run_method(spec)
-    except UnipeftError as e:
-        record = {"method": spec["method"], "error": " ".join(str(e).split())}
-    except Exception as e:  # noqa: BLE001 -- reported in the table, the other methods still run
-        record = {"method": spec["method"], "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-    fileio.write_json(spec["result"], record, default=str)
-    return 0
-
-
 # ---------------------------------------------------------------------------
 # the comparison
 # ---------------------------------------------------------------------------
@@ -254,6 +236,8 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     say(f"comparing {len(methods)} methods on {dataset.task.name} ({len(dataset.splits['train'])} train / "
         f"{len(dataset.splits.get('dev', []))} dev examples) with {model}, {device}, {threads} threads")
     records = []
+    from .compare_workers import Workers
+
     with Workers() as workers:  # one fork server for the whole comparison
         for i, m in enumerate(methods, 1):
             spec = {"model": model, "task": task, "method": m, "options": method_options.get(m, {}),
@@ -335,114 +319,6 @@ def flag_undertrained(rec: dict, baseline: dict | None) -> None:
     rec["note"] = f"{rec['note']}; {why}" if rec.get("note") else why
 
 
-class Workers:
-    """Runs each method in a fresh process of its own (its own peak memory, nothing left over from the
-    method before). Where the platform can fork, the processes fork from one server that imported
-    torch, transformers and unipeft once, which saves ~3 s of imports per method (a minute and more
-    of the main job); elsewhere each method starts a new interpreter."""
-
-    DONE = "[unipeft-worker-done]"
-
-    def __init__(self):
-        self.server = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.server is not None:
-            self.server.stdin.close()
-            self.server.wait()
-            self.server = None
-
-    def run(self, spec: dict) -> dict:
-        with tempfile.TemporaryDirectory(prefix="unipeft-compare-") as tmp:
-            spec = {**spec, "result": str(Path(tmp) / "result.json")}
-            path = Path(tmp) / "spec.json"
-            path.write_text(json.dumps(spec))
-            last, code = self._fork(path) if hasattr(os, "fork") else self._spawn(path)
-            if Path(spec["result"]).is_file():
-                return json.loads(Path(spec["result"]).read_text())
-            return {"method": spec["method"], "error": f"worker process died: {last or f'exit code {code}'}"}
-
-    def _spawn(self, path: Path):
-        proc = subprocess.Popen([sys.executable, "-m", "unipeft.comparison", "--worker", str(path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        last = self._relay(proc.stderr)[0]
-        return last, proc.wait()
-
-    def _fork(self, path: Path):
-        if self.server is None or self.server.poll() is not None:
-            self.server = subprocess.Popen([sys.executable, "-m", "unipeft.comparison", "--server"],
-                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           text=True, bufsize=1)
-        try:
-            self.server.stdin.write(f"{path}\n")
-            self.server.stdin.flush()
-        except BrokenPipeError:
-            return "the worker server died", self.server.wait()
-        return self._relay(self.server.stderr)
-
-    def _relay(self, stream):
-        """Pass the worker's progress lines through (indented) until it ends; the last other line
-        names a failure."""
-        last = ""
-        for line in stream:
-            if line.startswith(self.DONE):
-                return last, int(line.split()[-1])
-            if line.startswith("[unipeft]"):
-                if not progress.quiet():
-                    sys.stderr.write("    " + line)
-                    sys.stderr.flush()
-            elif line.strip():
-                last = line.strip()
-        return last, None
-
-
-def _warm(spec_path: str, done: set) -> None:
-    """Import the model's own modules in the server, once per model, by building it on the meta
-    device (no weights, no memory): each child then loads in a fraction of a second instead of ~2 s."""
-    try:
-        import torch
-        import transformers
-
-        from .training import run
-
-        model = json.loads(Path(spec_path).read_text())["model"]
-        if model in done:
-            return
-        done.add(model)
-        with torch.device("meta"):
-            transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(run.model_path(model)))
-    except Exception:  # noqa: BLE001 -- only a head start: the child meets (and reports) any real problem
-        pass
-
-
-def _serve() -> int:
-    """The worker server: imports once, then forks one child per spec path read from stdin."""
-    import torch  # noqa: F401 -- imported here, once, for every child
-    import transformers  # noqa: F401
-
-    from .training import run  # noqa: F401
-
-    warm = set()
-    for line in sys.stdin:
-        _warm(line.strip(), warm)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _worker(line.strip())
-            except BaseException as e:  # noqa: BLE001 -- the child must end here, never run the loop; say why
-                print(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(f"{Workers.DONE} {os.waitstatus_to_exitcode(status)}", file=sys.stderr, flush=True)
-    return 0
-
-
 # ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
@@ -512,11 +388,3 @@ def run(args) -> int:
     plots = ", ".join(files.get("plots", [])) or "none"
     print(f"\nreport: {files['md']} (and {files['json']}); plots: {plots}")
     return 0 if all(not r.get("error") for r in report["methods"]) else 1
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2]))
-    if len(sys.argv) == 2 and sys.argv[1] == "--server":
-        sys.exit(_serve())
-    sys.exit("usage: python -m unipeft.comparison --worker SPEC.json | --server (internal; use `unipeft compare`)")

@@ -295,7 +295,8 @@ def test_shard_weights_reproduce_the_whole_batch_mean_loss():
     the mean one process computes on the whole batch, for every way a task averages its loss."""
     from unipeft.training import Task
     from unipeft.training.batching import Collator, encode
-    from unipeft.training.trainer import AuxLM, loss_units
+    from unipeft.training.aux_lm import AuxLM
+    from unipeft.training.trainer import loss_units
 
     rng = random.Random(1)
     gen = [{"text": s, "target": t + " very nice" * rng.randint(0, 3)} for s, t in tiny.table_rows(7)]

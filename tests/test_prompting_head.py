@@ -140,3 +140,33 @@ def test_sentence_pairs_go_into_the_template(tmp_path, capsys):
     with pytest.raises(UnipeftError, match="has {text_pair}: give every input's second text"):
         PromptHead.build("{text} . {text_pair} {label} .", VERB).prompts([{"text": "a", "target": 0}],
                                                                          tiny.tokenizer("gpt2"), 32)
+
+
+def test_compare_trains_every_method_prompt_based_with_head_verbalizer(files, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli("compare", "--model", files["gpt2"], "--task", "sent", "--train", files["train"], "--dev",
+               files["dev"], "--methods", "lora,bitfit", "--head", "verbalizer", "--template", PATTERN,
+               "--verbalizer", VERB, "--max-steps", "3", "--batch-size", "16", "--precision", "fp32",
+               "--threads", "1", "--in-process", "--json", "--out", out) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in report["methods"]] == ["LoRA, verbalizer head", "BitFit, verbalizer head"]
+    for rec in report["methods"]:
+        assert rec["error"] is None and 0 <= rec["metrics"]["accuracy"] <= 1
+        run = json.loads((out / "runs" / rec["method"] / "run.json").read_text())
+        assert run["head"]["template"] == PATTERN  # saved as a prompt-based run: eval/predict reload it so
+        assert rec["trainable_params"] < rec["base_params"]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--head", "verbalizer", "--template", PATTERN, "--verbalizer", "pos=good,meh=fine"],
+     r"no word for label\(s\) \['neg'\]"),
+    (["--template", PATTERN, "--verbalizer", VERB], "need --head verbalizer"),
+])
+def test_compare_head_errors_come_before_any_training(files, tmp_path, capsys, extra, msg):
+    out = tmp_path / "cmp"
+    assert cli("compare", "--model", files["gpt2"], "--task", "sent", "--train", files["train"], "--dev",
+               files["dev"], "--methods", "lora", "--max-steps", "2", "--in-process", "--quiet", "--out", out,
+               *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and re.search(msg, err), err
+    assert not (out / "runs").exists()

@@ -122,8 +122,13 @@ def run_method(spec: dict) -> dict:
         from .compare_fusion import train_stage_one
 
         fused = train_stage_one(spec)
+    head = None
+    if spec.get("head"):  # prompt-based fine-tuning: the LM and the verbalizer instead of a new head
+        from .prompting.head import PromptHead
+
+        head = PromptHead.from_dict(spec["head"])
     res = run.train(spec["model"], spec["task"], method, out=spec["out"], method_options=spec.get("options"),
-                    data=spec.get("data"), evaluate_test=False, **spec.get("settings", {}))
+                    data=spec.get("data"), evaluate_test=False, head=head, **spec.get("settings", {}))
     model, tok, dataset = res.pop("_model"), res.pop("_tokenizer"), res.pop("_dataset")
     name = engine.active(model)[0]
     cfg = engine.deltas(model)[name]
@@ -143,7 +148,7 @@ def run_method(spec: dict) -> dict:
         text = fg.read_text(spec["forgetting"] if isinstance(spec["forgetting"], str) else None)
         forgot = fg.forgetting(run.model_path(spec["model"]), model, tok, name, text,
                                res["train_config"]["max_length"])
-    label = resolve(method, spec.get("options"))[1].label
+    label = resolve(method, spec.get("options"))[1].label + (", verbalizer head" if head is not None else "")
     base_params = engine.base_parameter_count(model)
     record = {
         "method": method, "label": label, "type": type(cfg).method_type, "mergeable": type(cfg).mergeable,
@@ -172,7 +177,7 @@ def run_method(spec: dict) -> dict:
 def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str | os.PathLike = "out/compare",
             data: dict | None = None, method_options: dict | None = None, method_settings: dict | None = None,
             threads: int | None = None, in_process: bool = False, quiet: bool = False,
-            forgetting: bool | str = False, train_sizes=None, seeds=(0, 1, 2), **settings) -> dict:
+            forgetting: bool | str = False, train_sizes=None, seeds=(0, 1, 2), head=None, **settings) -> dict:
     """Train and measure ``methods`` on ``task``; writes the report under ``out`` and returns it.
 
     ``settings`` (TrainConfig fields) apply to every method, on top of each method's defaults;
@@ -180,6 +185,8 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
     measure the base model's own ability before and after (True: on the shipped general text, or a
     text file; ``analysis.forgetting``). ``train_sizes`` ("10,50,100"): run the comparison at each
     training-set size and seed instead and return the low-data summary (``analysis.low_data``).
+    ``head``: a ``prompting.head.PromptHead``: every method trains with it (prompt-based fine-tuning:
+    the language model scores the verbalizer's words after the template) instead of a new head.
     """
     if train_sizes:
         from .analysis import low_data
@@ -187,7 +194,7 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
         return low_data.sweep(model, task, methods, train_sizes, seeds, out=out, data=data, quiet=quiet,
                               compare_kwargs={"method_options": method_options, "method_settings": method_settings,
                                               "threads": threads, "in_process": in_process,
-                                              "forgetting": forgetting}, **settings)
+                                              "forgetting": forgetting, "head": head}, **settings)
     if forgetting:
         from .analysis.forgetting import read_text
 
@@ -227,6 +234,11 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
             if settings.get(k) is None and not (k == "epochs" and settings.get("max_steps")):
                 settings[k] = MAIN_JOB_BUDGET[k]
     dataset = load_task(task, seed=settings.get("seed") or 0, **data)  # fail on bad data before any training
+    if head is not None:
+        head.check(dataset.task)  # a verbalizer that misses a label, a regression task: before any training
+        if FUSION in methods:
+            raise UnipeftError("AdapterFusion's row fuses adapters trained with a new classification head; "
+                               "run it without --head verbalizer")
     settings = {k: v for k, v in settings.items() if v is not None}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +254,8 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
         for i, m in enumerate(methods, 1):
             spec = {"model": model, "task": task, "method": m, "options": method_options.get(m, {}),
                     "data": data, "settings": {**settings, **method_settings.get(m, {})},
-                    "out": str(out / "runs" / m), "threads": threads, "forgetting": forgetting}
+                    "out": str(out / "runs" / m), "threads": threads, "forgetting": forgetting,
+                    "head": head.to_dict() if head is not None else None}
             t = time.perf_counter()
             progress.note(f"[{i}/{len(methods)}] training and measuring {m} ...")
             why = None
@@ -353,23 +366,32 @@ def add_arguments(p) -> None:
                         "writes low_data.md/.json/.png")
     p.add_argument("--seeds", default="0,1,2", help="--train-sizes: seeds, comma-separated (default 0,1,2)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (the table and report still come)")
+    p.add_argument("--head", choices=("auto", "verbalizer"), default="auto",
+                   help="verbalizer: every method trains prompt-based (the LM scores --verbalizer's words after "
+                        "--template; classification tasks) instead of with a new head")
+    p.add_argument("--template", help="--head verbalizer: e.g. '{text} It was {label}.' (\\n for a new line)")
+    p.add_argument("--verbalizer", help="--head verbalizer: label=word|word,label=word")
+    p.add_argument("--normalize", action="store_true", help="--head verbalizer: length-normalise multi-token words")
     add_data_arguments(p)
     add_train_arguments(p)
 
 
 def run(args) -> int:
     from .compare_report import markdown_table, notes
-    from .training.cli import TRAIN_FLAGS, collect, data_options, setup_runtime
+    from .training.cli import TRAIN_FLAGS, prompt_head, collect, data_options, setup_runtime
     from .training.defaults import parse_method_options
 
     setup_runtime(args.threads, args.quiet)
+    if args.head != "verbalizer" and (args.template or args.verbalizer):
+        raise UnipeftError("--template and --verbalizer need --head verbalizer (compare takes no chat template)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = parse_method_options(args.method_option, methods)
     per_method = parse_method_options(args.method_setting, methods, what="method setting")
     report = compare(args.model, args.task, methods, out=args.out, data=data_options(args),
                      method_options=options, method_settings=per_method, threads=args.threads, in_process=args.in_process, quiet=args.json,
                      forgetting=args.forgetting or False, train_sizes=args.train_sizes,
-                     seeds=[s for s in args.seeds.split(",") if s.strip()], **collect(args, TRAIN_FLAGS))
+                     seeds=[s for s in args.seeds.split(",") if s.strip()], head=prompt_head(args),
+                     **collect(args, TRAIN_FLAGS))
     if args.json:
         print(json.dumps(report, default=str))
         return 0

@@ -185,7 +185,7 @@ def _public(results: dict) -> dict:
     return {k: v for k, v in results.items() if not k.startswith("_")}
 
 
-def _prompt_head(args):
+def prompt_head(args):
     """The PromptHead of --head verbalizer (None for the usual new head)."""
     if args.head != "verbalizer":
         if args.verbalizer or (args.template and getattr(args, "kind", None) != "chat"):
@@ -209,7 +209,7 @@ def run_train(args) -> int:
         return _run_multitask(args, options)
     results = run.train(args.model, args.task, args.method, out=args.out, method_options=options,
                         resume=args.resume, data=data_options(args), evaluate_test=score_test(args),
-                        head=_prompt_head(args), **collect(args, TRAIN_FLAGS),
+                        head=prompt_head(args), **collect(args, TRAIN_FLAGS),
                         **({"chat_template": args.template} if args.kind == "chat" and args.template else {}))
     if not results["_main"]:
         return 0  # under several processes the main one reports

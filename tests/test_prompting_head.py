@@ -88,7 +88,7 @@ def test_full_prompt_fine_tuning_learns_and_eval_predict_reload_it(files, tmp_pa
 
 
 @pytest.mark.parametrize("family, method", [("gpt2", "lora"), ("gpt2", "bitfit"), ("gpt2", "prompt"),
-                                            ("bert", "lora")])
+                                            ("bert", "lora"), ("gpt2", "sparse_ft"), ("gpt2", "diff_pruning")])
 def test_combines_with_peft_methods(files, tmp_path, capsys, family, method):
     out = tmp_path / method
     assert cli(*train_args(files, family, "--method", method, "--max-steps", "4", "--out", out)) == 0

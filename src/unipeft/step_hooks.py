@@ -123,11 +123,13 @@ def controllers(model: nn.Module) -> list[StepController]:
         c = m.__dict__.get(ATTR)
         if c is not None and c not in out:
             out.append(c)
-    reg = model.__dict__.get("_unipeft")  # sparse deltas have no modules: their controllers live on the delta
-    for d in (reg.deltas.values() if reg is not None else ()):
-        c = getattr(d.sparse, "controller", None)
-        if c is not None and c not in out:
-            out.append(c)
+        # sparse deltas have no modules: their controllers live on the delta, in the registry of the model
+        # they were attached to -- which a wrapper (the verbalizer head, DDP) holds as a submodule
+        reg = m.__dict__.get("_unipeft")
+        for d in (reg.deltas.values() if reg is not None else ()):
+            c = getattr(d.sparse, "controller", None)
+            if c is not None and c not in out:
+                out.append(c)
     return out
 
 

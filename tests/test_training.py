@@ -311,6 +311,34 @@ def test_resume_in_process_reaches_the_uninterrupted_parameters(models, tmp_path
         t3.fit(resume=True)
 
 
+@pytest.mark.parametrize("method", [
+    lambda: up.AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1),  # masks at every step of 2..7
+    lambda: up.DyLoRA(r=4, seed=3),                                          # a new rank at every step
+], ids=["adalora", "dylora"])
+def test_resume_restores_what_a_delta_learns_between_steps(models, tmp_path, method):
+    """AdaLoRA's smoothed importance and kept triplets, DyLoRA's next rank: not parameters, not optimizer
+    state, yet a resumed run must continue with them to reach the uninterrupted run's parameters."""
+    exs = sent_examples(40)
+    cfg = dict(lr=5e-3, batch_size=8, epochs=2, save_every=4, precision="fp32", progress=False)
+
+    def trainer(seed, out):
+        torch.manual_seed(seed)
+        model, tok = load(models["bert-cls"], SENT)
+        up.attach(model, method(), name="t")
+        return Trainer(model, tok, SENT, exs, None, TrainConfig(**cfg), out, cache=False)
+
+    ref = trainer(0, tmp_path / "ref")
+    ref.fit()
+    t1 = trainer(0, tmp_path / "run")
+    t1.total_steps = 4  # a crash after step 4 (the schedule was planned for 10)
+    t1.fit()
+    t2 = trainer(1, tmp_path / "run")
+    assert t2.fit(resume=True)["resumed_from"].endswith("step-0000004")
+    a, b = trainable(ref.raw_model), trainable(t2.raw_model)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a), max(
+        float((a[n] - b[n]).abs().max()) for n in a)
+
+
 def test_keep_best_and_early_stopping(models):
     trainer, _ = fit(models["bert-cls"], SENT, sent_examples(16), sent_examples(8, 1), method=up.LoRA(r=4),
                      max_steps=1, batch_size=8, early_stopping=2)

@@ -63,6 +63,14 @@ class StepController:
     def set_total_steps(self, total: int) -> None:
         pass
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint must keep for a resumed run to continue exactly (beyond the
+        parameters, the optimizer and ``steps``, which the optimizer's state restores)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what ``state()`` gave (from a checkpoint)."""
+
 
 def register(controller: StepController, modules) -> None:
     """Run ``controller`` at every optimizer step; ``modules`` (the delta's modules) keep it alive."""

@@ -227,6 +227,30 @@ class RankAllocator(step_hooks.StepController):
         self.total = total
         self.tinit, self.tfinal = phase_steps(self.config, total)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The smoothed importance and uncertainty (Ī, Ū) per parameter, each module's kept triplets and
+        whether the final budget is set: a resumed run masks what the uninterrupted one would."""
+        out = {"final_fixed": torch.tensor(int(self.final_fixed))}
+        for k, p in enumerate(self.params):
+            if id(p) in self.smoothed:
+                out[f"avg.{k}"], out[f"unc.{k}"] = self.smoothed[id(p)]
+        for j, d in enumerate(r() for r in self.modules):
+            if d is not None and d.kept is not None:
+                out[f"kept.{j}"] = d.kept.to(torch.uint8)
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.final_fixed = bool(tensors.get("final_fixed", torch.tensor(0)))
+        self.smoothed = {}
+        for k, p in enumerate(self.params):
+            if f"avg.{k}" in tensors:
+                self.smoothed[id(p)] = (tensors[f"avg.{k}"].to(p.device, p.dtype).clone(),
+                                        tensors[f"unc.{k}"].to(p.device, p.dtype).clone())
+        for j, d in enumerate(r() for r in self.modules):
+            if d is not None:
+                kept = tensors.get(f"kept.{j}")
+                d.__dict__["kept"] = None if kept is None else kept.to(d.lora_E.device, torch.bool)
+
     def pattern(self) -> dict[str, list[bool]]:
         full = [True] * self.config.init_r
         return {p: (d.pattern().tolist() if d is not None else full) for p, d in

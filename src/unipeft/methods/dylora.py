@@ -19,9 +19,9 @@ How b is drawn (the choice, and why): a ``RankSampler`` per delta draws the b of
 optimizer step (``step_hooks``: a process-wide ``torch.optim`` post-step hook). So b changes once
 per *optimizer step*, not per forward: with gradient accumulation every micro-batch of a step
 trains the same b, as one large batch would; no call in the training loop is needed; and the
-draws are a function of the step, so every process of a distributed run draws the same b and a
-resumed run draws what the uninterrupted one would have (from the second step after resuming:
-the first still trains the b drawn at attach). A forward in training mode (``model.train()``)
+draws are a function of the step, so every process of a distributed run draws the same b, and a
+resumed run draws what the uninterrupted one would have (the b of its first step comes back with
+the training checkpoint: ``RankSampler.state``). A forward in training mode (``model.train()``)
 uses the drawn b; eval mode uses the inference rank (``rank``, default r).
 
 "Frozen" here is the paper's: no gradient reaches the lower rows that step. An optimizer with
@@ -115,6 +115,12 @@ class RankSampler(step_hooks.StepController):
 
     def after(self):
         self.b = self.draw(self.steps + 1)
+
+    def state(self):  # the rank of the next step: a resumed run trains the b the uninterrupted one would
+        return {"b": torch.tensor(self.b)}
+
+    def load_state(self, tensors):
+        self.b = int(tensors["b"])
 
 
 class DyLoRADelta(LoRADelta):

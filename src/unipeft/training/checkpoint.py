@@ -2,8 +2,10 @@
 
 A checkpoint is a directory ``checkpoints/step-000120/`` holding
 
-* ``state.safetensors`` -- the trainable parameters (by name), AdamW's moments, and the RNG
-  states of every process (torch CPU/CUDA generators as byte tensors, ``rng.torch.<rank>``);
+* ``state.safetensors`` -- the trainable parameters (by name), AdamW's moments, the training state of
+  the deltas' step controllers (``step_hooks``: AdaLoRA's smoothed importance, DyLoRA's next rank;
+  ``controller.<i>.<key>``), and the RNG states of every process (torch CPU/CUDA generators as byte
+  tensors, ``rng.torch.<rank>``);
 * ``state.json``        -- step, epoch and batch position in the data, scheduler position,
   the optimizer's hyperparameters, Python's RNG state of every process, the best metric so far,
   and the run's settings.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import step_hooks
 from ..errors import UnipeftError
 from . import distributed as dist
 
@@ -101,6 +104,9 @@ def collect_state(model, optimizer, device="cpu") -> tuple[dict, dict, list]:
                     tensors[f"optim.{key}.{n}"] = dist.full(val.detach()).to("cpu").contiguous()
                 else:
                     steps[f"{key}.{n}"] = float(dist.local(val) if torch.is_tensor(val) else val)
+    for i, c in enumerate(step_hooks.controllers(model)):  # AdaLoRA's importance, DyLoRA's next rank, ...
+        for key, val in c.state().items():
+            tensors[f"controller.{i}.{key}"] = val.detach().to("cpu").contiguous()
     rng, python = _gather_rng(device)
     tensors.update(rng)
     return tensors, steps, python
@@ -217,5 +223,16 @@ def load_checkpoint(path: Path, model, optimizer, *, rank: int = 0, device="cpu"
                 state["step"] = torch.tensor(opt["scalars"][f"step.{n}"], dtype=torch.float32)
             if state:
                 optimizer.state[p] = state
+    controllers = step_hooks.controllers(model)
+    saved = {}
+    for k, t in tensors.items():
+        if k.startswith("controller."):
+            i, key = k[len("controller."):].split(".", 1)
+            saved.setdefault(int(i), {})[key] = t
+    if saved and max(saved) >= len(controllers):
+        raise UnipeftError(f"checkpoint {path} holds the training state of {max(saved) + 1} delta controller(s), "
+                           f"this model has {len(controllers)}: was it made with another method?")
+    for i, c in enumerate(controllers):
+        c.load_state(saved.get(i, {}))
     meta["rng_restored"] = _set_rng_state(tensors, meta["python_rng"], rank, device)
     return meta

@@ -412,6 +412,47 @@ def test_transformers_trainer_reallocates_with_the_integration_callback(tmp_path
     assert {p: sum(v) for p, v in saved["method"]["options"]["rank_pattern"].items()} == kept
 
 
+def test_transformers_trainer_resume_takes_back_the_importance(tmp_path):
+    """A run stopped at a checkpoint and resumed with resume_from_checkpoint=True reaches the
+    uninterrupted run's parameters: the callback saved AdaLoRA's smoothed importance with the checkpoint."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from unipeft.integrations import SaveDeltaCallback
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, tiny.VOCAB, (4, 12), generator=g)
+    rows = [{"input_ids": ids[i % 4], "attention_mask": torch.ones(12, dtype=torch.long), "labels": ids[i % 4]}
+            for i in range(32)]
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step == 4
+
+    def run(out, resume=None, stop=False):
+        torch.manual_seed(0)
+        model = tiny.make("gpt2")  # its dropout draws from the RNG the Trainer's checkpoint restores
+        up.attach(model, up.AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1), name="a")
+        args = TrainingArguments(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="steps", save_steps=4,
+                                 seed=0)
+        Trainer(model=model, args=args, train_dataset=rows,
+                callbacks=[SaveDeltaCallback()] + ([StopAt()] if stop else [])).train(resume_from_checkpoint=resume)
+        return model
+
+    ref = run(tmp_path / "ref")
+    run(tmp_path / "run", stop=True)
+    assert (tmp_path / "run" / "checkpoint-4" / "unipeft" / "step_state.safetensors").is_file()
+    resumed = run(tmp_path / "run", resume=True)
+    a = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert kept_triplets(resumed) == kept_triplets(ref)
+    # without the file the resumed run warns that the importance starts afresh
+    (tmp_path / "run" / "checkpoint-4" / "unipeft" / "step_state.safetensors").unlink()
+    with pytest.warns(UserWarning, match="starts afresh"):
+        run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-4"))
+
+
 @torch.no_grad()
 def orthogonality(model):
     return sum(float((d.lora_B.t() @ d.lora_B - torch.eye(d.lora_B.shape[1])).pow(2).sum()

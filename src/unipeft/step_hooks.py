@@ -141,6 +141,33 @@ def controllers(model: nn.Module) -> list[StepController]:
     return out
 
 
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every controller's ``state()`` as flat tensors ``controller.<i>.<key>`` (i: its place in
+    ``controllers(model)``), on the CPU: what training checkpoints keep beside the parameters."""
+    out = {}
+    for i, c in enumerate(controllers(model)):
+        for key, val in c.state().items():
+            out[f"controller.{i}.{key}"] = val.detach().to("cpu").contiguous()
+    return out
+
+
+def load_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Give each controller back its part of ``state_tensors`` (other keys in ``tensors`` are ignored)."""
+    from .errors import UnipeftError
+
+    found = controllers(model)
+    saved: dict[int, dict] = {}
+    for k, t in tensors.items():
+        if k.startswith("controller."):
+            i, key = k[len("controller."):].split(".", 1)
+            saved.setdefault(int(i), {})[key] = t
+    if saved and max(saved) >= len(found):
+        raise UnipeftError(f"{where} holds the training state of {max(saved) + 1} delta controller(s), this model "
+                           f"has {len(found)}: was it made with another method?")
+    for i, c in enumerate(found):
+        c.load_state(saved.get(i, {}))
+
+
 def plan(model: nn.Module, total_steps: int) -> None:
     """Tell every controller of ``model`` that training will take ``total_steps`` optimizer steps."""
     for c in controllers(model):

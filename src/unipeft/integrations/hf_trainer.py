@@ -24,7 +24,11 @@ What is saved where, and why:
   a folder gives the plain base for the same reason.
 * ``SaveDeltaCallback`` also tells methods that follow a schedule over the whole
   training how many steps it has (AdaLoRA's ``total_step``: ``state.max_steps``).
-  Everything such methods do at each step runs by itself (``step_hooks``).
+  Everything such methods do at each step runs by itself (``step_hooks``). What
+  they learn between steps outside their parameters (AdaLoRA's smoothed
+  importance, DyLoRA's next rank) goes into ``checkpoint-N/unipeft/step_state.safetensors``,
+  and a run resumed from ``<output_dir>/checkpoint-N`` takes it back, so it
+  continues as the uninterrupted run would (from a checkpoint elsewhere: a warning).
 * ``SaveDeltaCallback`` adds the delta-only artefact: ``up.save`` of each
   trained delta into ``checkpoint-N/unipeft/<name>/`` at every checkpoint and
   into ``<output_dir>/unipeft/<name>/`` when training ends (after
@@ -40,6 +44,7 @@ send gradients to a delta behind a frozen embedding. Both modes are tested.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -87,10 +92,21 @@ class SaveDeltaCallback(TrainerCallback):
         for n in names:
             save(model, directory / self.folder / n, name=n)
 
+    STEP_STATE = "step_state.safetensors"
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model, _ = self._deltas(model)  # fail before the first step, not at the first checkpoint
         # methods that follow a schedule over the whole training (AdaLoRA's rank budget) learn its length
         step_hooks.plan(model, state.max_steps)
+        if state.global_step > 0:  # resumed: the Trainer restored the state of this checkpoint
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.folder / self.STEP_STATE
+            if path.is_file():
+                from safetensors.torch import load_file
+
+                step_hooks.load_state_tensors(model, load_file(str(path)), str(path))
+            elif any(c.state() for c in step_hooks.controllers(model)):
+                warnings.warn(f"SaveDeltaCallback: resumed at step {state.global_step} without {path}: the deltas' "
+                              f"state between steps (AdaLoRA's importance, DyLoRA's rank) starts afresh", stacklevel=2)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not args.should_save:  # only the main process writes, as the Trainer does
@@ -102,6 +118,13 @@ class SaveDeltaCallback(TrainerCallback):
             raise UnipeftError(f"SaveDeltaCallback: the Trainer saved no checkpoint folder at {str(checkpoint)!r}; "
                                f"hyperparameter-search runs are not supported")
         self._save(model, checkpoint)
+        tensors = step_hooks.state_tensors(self._deltas(model)[0])
+        if tensors:
+            from safetensors.torch import save_file
+
+            from ..fileio import atomic_write
+
+            atomic_write(checkpoint / self.folder / self.STEP_STATE, lambda tmp: save_file(tensors, str(tmp)))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if args.should_save:

@@ -104,9 +104,7 @@ def collect_state(model, optimizer, device="cpu") -> tuple[dict, dict, list]:
                     tensors[f"optim.{key}.{n}"] = dist.full(val.detach()).to("cpu").contiguous()
                 else:
                     steps[f"{key}.{n}"] = float(dist.local(val) if torch.is_tensor(val) else val)
-    for i, c in enumerate(step_hooks.controllers(model)):  # AdaLoRA's importance, DyLoRA's next rank, ...
-        for key, val in c.state().items():
-            tensors[f"controller.{i}.{key}"] = val.detach().to("cpu").contiguous()
+    tensors.update(step_hooks.state_tensors(model))  # AdaLoRA's importance, DyLoRA's next rank, ...
     rng, python = _gather_rng(device)
     tensors.update(rng)
     return tensors, steps, python
@@ -223,16 +221,6 @@ def load_checkpoint(path: Path, model, optimizer, *, rank: int = 0, device="cpu"
                 state["step"] = torch.tensor(opt["scalars"][f"step.{n}"], dtype=torch.float32)
             if state:
                 optimizer.state[p] = state
-    controllers = step_hooks.controllers(model)
-    saved = {}
-    for k, t in tensors.items():
-        if k.startswith("controller."):
-            i, key = k[len("controller."):].split(".", 1)
-            saved.setdefault(int(i), {})[key] = t
-    if saved and max(saved) >= len(controllers):
-        raise UnipeftError(f"checkpoint {path} holds the training state of {max(saved) + 1} delta controller(s), "
-                           f"this model has {len(controllers)}: was it made with another method?")
-    for i, c in enumerate(controllers):
-        c.load_state(saved.get(i, {}))
+    step_hooks.load_state_tensors(model, tensors, f"checkpoint {path}")
     meta["rng_restored"] = _set_rng_state(tensors, meta["python_rng"], rank, device)
     return meta

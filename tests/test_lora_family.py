@@ -543,6 +543,27 @@ def test_random_rank_lora_exports_to_peft_with_its_rank_pattern(tmp_path):
     up.export_peft(model, tmp_path / "p", name="t")
     theirs = peft.PeftModel.from_pretrained(tiny.make("bert", "cls"), str(tmp_path / "p"))
     torch.testing.assert_close(run(theirs.eval(), x), run(model, x), rtol=1e-5, atol=1e-6)
+    # and back: per-module ranks come in as the same rank_pattern
+    back = up.import_peft(tiny.make("bert", "cls"), tmp_path / "p", name="t")
+    assert up.deltas(back)["t"].rank_pattern == up.deltas(model)["t"].rank_pattern
+    torch.testing.assert_close(run(back, x), run(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_peft_lora_with_a_rank_pattern_imports_as_lora_with_that_pattern(tmp_path):
+    peft = pytest.importorskip("peft")
+    x = tiny.batch("llama")
+    pm = peft.get_peft_model(tiny.make("llama"), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}))
+    with torch.no_grad():  # B starts at zero in peft: give the delta something to carry
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    pm.save_pretrained(str(tmp_path / "p"))
+    ours = up.import_peft(tiny.make("llama"), tmp_path / "p", name="t")
+    ranks = up.deltas(ours)["t"].rank_pattern
+    assert sorted(set(ranks.values())) == [2, 4] and all((r == 2) == p.endswith("v_proj") for p, r in ranks.items())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**x).logits, pm.eval()(**x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_adalora_crosses_to_peft_and_back(tmp_path):

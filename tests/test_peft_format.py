@@ -189,7 +189,7 @@ def test_peft_features_unipeft_lacks_are_refused_and_the_model_is_untouched(tmp_
     with torch.no_grad():
         before = base(**tiny.batch("llama")).logits
     up.attach(base, up.LoRA(r=2), name="keep")
-    for extra, match in [({"use_dora": True}, "DoRA"), ({"rank_pattern": {"q_proj": 2}}, "ranks differ"),
+    for extra, match in [({"use_dora": True}, "DoRA"), ({"alpha_pattern": {"q_proj": 2}}, "sets a scale per module"),
                          ({"bias": "all"}, "trains biases")]:
         pm = peft.get_peft_model(tiny.make("llama"), peft.LoraConfig(task_type="CAUSAL_LM", r=4, **extra))
         d = tmp_path / next(iter(extra))

@@ -10,7 +10,8 @@ What crosses, and why the rest does not:
 
 * **LoRA** and **(IA)3** are weight-site methods, so the exchange is exact on every
   architecture: tensor ``base_model.model.<module path>.lora_A.weight`` is the same
-  matrix in both libraries. Random-rank LoRA's ranks go to peft's ``rank_pattern``.
+  matrix in both libraries. Random-rank LoRA's ranks go to peft's ``rank_pattern``, and a
+  peft LoRA with per-module ranks comes in as LoRA with that ``rank_pattern``.
 * **AdaLoRA**: P, Q and λ are peft's ``lora_B``, ``lora_A`` and ``lora_E`` (an (r, 1)
   column there), the kept triplets only, with the rank pattern under peft's keys
   (``<module path>.lora_E``). peft scales by alpha / (init_r + 1e-5), unipeft by
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -382,12 +384,16 @@ def _import_lora(model, config, remaining, d):
     paths = _sites(remaining, ".lora_A.weight")
     if not paths:
         raise UnipeftError(f"{d}: a LORA adapter without lora_A tensors")
-    ranks = {remaining[f"{PREFIX}{p}.lora_A.weight"].shape[0] for p in paths}
-    if len(ranks) != 1:
-        raise UnipeftError(f"{d}: ranks differ between modules ({sorted(ranks)}); a unipeft LoRA delta has one rank")
-    r = ranks.pop()
+    ranks = {p: remaining[f"{PREFIX}{p}.lora_A.weight"].shape[0] for p in paths}
+    # one rank: plain LoRA; per-module ranks (peft's rank_pattern): LoRA with the same rank_pattern, which
+    # scales each module by alpha / r_i as peft does
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = dict(ranks) if len(set(ranks.values())) > 1 else None
     alpha = float(config.get("lora_alpha", 8))
     if config.get("use_rslora"):
+        if pattern:
+            raise UnipeftError(f"{d}: use_rslora with ranks that differ between modules scales each by alpha / "
+                               f"sqrt(r_i), which unipeft's counterpart cannot represent")
         alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); unipeft by alpha / r
     ours = {}
     for p in paths:
@@ -396,7 +402,8 @@ def _import_lora(model, config, remaining, d):
         if b is None:
             raise UnipeftError(f"{d}: {p} has lora_A but no lora_B")
         ours[f"linear:{p}.lora_B"] = b
-    method = LoRA(r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(paths))
+    method = LoRA(r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(paths),
+                  rank_pattern=pattern)
     return method, ours
 
 

@@ -214,6 +214,30 @@ def test_shared_delta_and_task_names_on_the_command_line(setup, tmp_path, capsys
     assert json.loads((out / "sent" / "run.json").read_text())["delta_name"] == "sent"
 
 
+def test_a_killed_multitask_run_resumes_to_the_uninterrupted_deltas(setup, tmp_path, monkeypatch):
+    kw = dict(method="lora", deltas="per_task", sampling="temperature", temperature=2.0, batch_size=8, epochs=1.0,
+              save_every=3, precision="fp32", progress=False, lr=5e-3, eval_every=0)  # the cut run evaluates nothing
+    ref = multitask.train(setup["model"], task_list(setup), out=tmp_path / "ref", **kw)
+
+    class CutAfter4(multitask.MultiTaskTrainer):  # a crash after step 4 (the run plans 25)
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.total_steps = 4
+
+    with monkeypatch.context() as m:
+        m.setattr(multitask, "MultiTaskTrainer", CutAfter4)
+        multitask.train(setup["model"], task_list(setup), out=tmp_path / "run", **kw)
+    # the same run resumed; another mix is refused before anything is loaded
+    with pytest.raises(UnipeftError, match="task mix differs.*temperature: checkpoint 2.0, now 3.0"):
+        multitask.train(setup["model"], task_list(setup), out=tmp_path / "run", resume=True,
+                        **{**kw, "temperature": 3.0})
+    res = multitask.train(setup["model"], task_list(setup), out=tmp_path / "run", resume=True, **kw)
+    assert res["resumed_from"].endswith("step-0000004") and res["steps"] == ref["steps"] > 4
+    a = {n: p for n, p in ref["_model"].named_parameters() if p.requires_grad}
+    b = {n: p for n, p in res["_model"].named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
 def test_bad_multitask_setups_are_one_line_errors(setup, tmp_path):
     gen = tiny.write_csv(tmp_path / "g.csv", ["text", "target"], tiny.table_rows(20))
     with pytest.raises(UnipeftError, match="mixes tasks of one model head"):

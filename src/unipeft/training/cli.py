@@ -231,9 +231,10 @@ def run_train(args) -> int:
 def _run_multitask(args, options) -> int:
     from . import multitask
 
-    if args.head != "auto" or args.resume:
-        raise UnipeftError("multi-task training takes neither --head verbalizer nor --resume")
+    if args.head != "auto":
+        raise UnipeftError("multi-task training takes no --head verbalizer")
     results = multitask.train(args.model, args.task, args.method, data=data_options(args), out=args.out,
+                              resume=args.resume,
                               method_options=options, deltas=args.deltas, sampling=args.sampling,
                               temperature=args.temperature, evaluate_test=score_test(args),
                               chat_template=args.template, **collect(args, TRAIN_FLAGS))

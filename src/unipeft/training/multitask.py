@@ -252,6 +252,29 @@ class MultiTaskTrainer(Trainer):
             encs.append(enc)
         return concat(encs)
 
+    def mixing(self) -> dict:
+        """What fixes the mixed batches beside the trainer's settings: a resumed run must share it."""
+        return {"tasks": [m.name for m in self.members], "sizes": self.sizes, "sampling": self.sampling,
+                "temperature": self.temperature if self.sampling == "temperature" else None,
+                "per_task": self.per_task}
+
+    def _info(self) -> dict:
+        return {**super()._info(), "mixing": self.mixing()}
+
+    def resume(self):
+        """The trainer's resume, after checking (before anything is loaded) that the checkpoint mixed the same
+        tasks, of the same sizes, by the same rule, with the same deltas."""
+        from . import checkpoint as ckpt
+
+        path = self._latest_checkpoint()
+        if path is not None:
+            saved = json.loads((path / ckpt.STATE_JSON).read_text()).get("mixing")
+            diff = [f"{k}: checkpoint {saved[k]!r}, now {v!r}" for k, v in self.mixing().items()
+                    if saved is not None and saved.get(k) != v]
+            if diff:
+                raise UnipeftError(f"cannot resume from {path}: the task mix differs ({'; '.join(diff)})")
+        return super().resume()
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return mixed_batches(self.sizes, self.config.batch_size, self.config.seed, epoch, self.sampling,
                              self.temperature, self.lengths if self.config.group_by_length else None)
@@ -341,8 +364,10 @@ class MultiTaskTrainer(Trainer):
 def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *, data: dict | None = None,
           out: str | os.PathLike | None = None, method_options: dict | None = None, deltas: str = "per_task",
           sampling: str = "proportional", temperature: float = 2.0, evaluate_test: bool | None = False,
-          accelerator=None, chat_template: str | None = None, **settings) -> dict:
+          accelerator=None, chat_template: str | None = None, resume: bool = False, **settings) -> dict:
     """Train ``method`` on several tasks at once; returns the results (per task) and writes the run under ``out``.
+
+    ``resume``: continue from the newest checkpoint under ``out`` (the same tasks, mix and settings).
 
     ``chat_template``: a Jinja chat template (or its file) for the chat tasks among them (default: the tokenizer's).
     """
@@ -382,7 +407,7 @@ def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *
     trainer = MultiTaskTrainer(base, tokenizer, members, cfg, out_dir, per_task=deltas == "per_task",
                                sampling=sampling, temperature=temperature, accelerator=acc)
     t0 = time.perf_counter()
-    summary = trainer.fit()
+    summary = trainer.fit(resume=resume)
     for n in names:
         up.finalize(base, n)
     results: dict[str, Any] = {

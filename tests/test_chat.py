@@ -75,6 +75,22 @@ def test_generation_prompt_is_the_training_sequence_up_to_the_reply():
     assert chat.prompt_ids(t, CONV[:-1], TEMPLATE) == prompt["input_ids"].tolist()
 
 
+def test_generation_stops_at_the_templates_end_of_turn(models):
+    """A template that closes turns with [SEP] (not the tokenizer's end-of-text [EOS]): replies stop there."""
+    sep_template = TEMPLATE.replace("[EOS]", "[SEP]")
+    assert chat.end_of_turn_ids(tok(), sep_template) == [tok().sep_token_id]
+    assert chat.end_of_turn_ids(tok(), TEMPLATE) == [tok().eos_token_id]
+    assert chat.end_of_turn_ids(tok(), "{% for m in messages %}{{ m['content'] }} {% endfor %}") == []
+    from unipeft.training.evaluation import generate
+
+    model, seen = run.load_model(models["gpt2"], CHAT)[0], []
+    original = model.generate
+    model.generate = lambda **kw: seen.append(kw["eos_token_id"]) or original(**kw)
+    source = json.dumps([{"role": "user", "content": "good movie"}])
+    generate(model, Task("c", "chat", chat_template=sep_template), [source], tok(), max_new_tokens=2)
+    assert seen == [[tok().eos_token_id, tok().sep_token_id]]
+
+
 def test_real_chat_template_masks_the_assistant_turns_when_smollm2_is_present():
     from unipeft import zoo
 

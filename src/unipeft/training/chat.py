@@ -178,6 +178,19 @@ def render(tokenizer, messages: list[dict], template: str | None, generation_pro
         raise UnipeftError(f"chat template failed: {first}") from None
 
 
+def end_of_turn_ids(tokenizer, template: str | None) -> list[int]:
+    """The special token that closes an assistant turn in the chat template, when there is one (Llama 3's
+    ``<|eot_id|>``, Gemma's ``<end_of_turn>``, SmolLM2's ``<|im_end|>``): generation stops there too, not only
+    at the tokenizer's end-of-text, which such templates never produce inside a reply."""
+    marker = "unipeft-reply-end"
+    text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], template)
+    tail = text[text.rfind(marker) + len(marker):].lstrip() if marker in text else ""
+    ids = _ids(tokenizer, tail) if tail else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None)
+                                                               or {}).items() if getattr(t, "special", False)}
+    return ids[:1] if ids and ids[0] in special else []
+
+
 def segments(tokenizer, messages: list[dict], template: str | None, generation_prompt: bool = False):
     """[(text piece, is assistant)] that concatenate to the rendered conversation; assistant pieces are
     the assistant turns (with the template's end-of-turn text). With ``generation_prompt`` the last

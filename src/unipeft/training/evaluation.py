@@ -141,6 +141,11 @@ def generate(model, task: Task, sources: list[str], tokenizer, *, max_length: in
                  quiet=True)
     causal = task.causal
     collate = Collator(pad_id(tokenizer), padding_side="left" if causal else "right")
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if task.kind == "chat":  # a reply ends at the template's end of turn
+        from .chat import end_of_turn_ids
+
+        stop += [i for i in end_of_turn_ids(tokenizer, task.chat_template) if i not in stop]
     dev = _device(model)
     local: list = []
     with eval_mode(model), progress.phase(f"{label}: generation", len(sources), "sources", _speaks(shard)) as bar:
@@ -149,7 +154,7 @@ def generate(model, task: Task, sources: list[str], tokenizer, *, max_length: in
             batch = {k: v.to(dev) for k, v in collate([enc.example(i) for i in idx]).items()}
             with autocast(precision, dev):
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                     pad_token_id=pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
+                                     pad_token_id=pad_id(tokenizer), eos_token_id=stop or None)
             if causal:
                 ids = ids[:, batch["input_ids"].shape[1]:]
             local += [[i, text.strip()] for i, text in zip(idx, tokenizer.batch_decode(ids, skip_special_tokens=True))]

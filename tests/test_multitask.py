@@ -274,6 +274,30 @@ def test_generation_tasks_train_together_and_each_evaluates_alone(setup, tmp_pat
     assert not torch.allclose(routed[0], routed[1])
 
 
+def test_seq2seq_tasks_train_together_and_serve_routed(setup, tmp_path):
+    t5 = tiny.save(tmp_path / "t5", "t5", "seq2seq", dropout=False)
+    a = tiny.write_csv(tmp_path / "a.csv", ["text", "target"], tiny.table_rows(24, seed=1))
+    b = tiny.write_csv(tmp_path / "b.csv", ["text", "target"], [(t, s) for s, t in tiny.table_rows(24, seed=2)])
+    out = tmp_path / "s2s"
+    res = multitask.train(t5, [{"task": "fwd", "train": a, "kind": "seq2seq"},
+                               {"task": "back", "train": b, "kind": "seq2seq"}], "lora",
+                          out=out, max_steps=4, batch_size=8, precision="fp32", progress=False, lr=1e-2,
+                          max_new_tokens=4)
+    for name in ("fwd", "back"):
+        assert run.evaluate(out / name, limit=2)["loss"] == pytest.approx(res["dev"][name]["loss"], rel=1e-4)
+    model, tok, _ = multitask.load(out)
+    ids = torch.tensor([tok("name = Alpha food = indian")["input_ids"]] * 2)
+    dec = torch.tensor([[0, 5, 6]] * 2)
+    with torch.no_grad():
+        with up.route(model, ["fwd", "back"]):  # encoder and decoder rows both on their task's delta
+            routed = model(input_ids=ids, decoder_input_ids=dec).logits
+        for row, name in enumerate(("fwd", "back")):
+            up.activate(model, [name])
+            alone = model(input_ids=ids[:1], decoder_input_ids=dec[:1]).logits[0]
+            assert torch.allclose(routed[row], alone, atol=1e-5)
+    assert not torch.allclose(routed[0], routed[1])
+
+
 def test_chat_and_causal_tasks_share_a_run_with_a_given_template(setup, tmp_path):
     from test_chat import TEMPLATE, table_chats, write_jsonl
 

@@ -191,6 +191,24 @@ def test_two_processes_train_the_delta_one_process_trains(setup, single, ddp):
 
 
 @needs_gloo
+def test_two_processes_train_per_task_deltas_as_one_process_does(setup):
+    """Multi-task training under DDP: mixed batches split between the processes, each row routed to its
+    task's delta; every task's saved delta as the single process trains it."""
+    args = ["train", "--model", setup["model"], "--task", "fwd,back", "--kind", "causal_lm", "--train",
+            setup["train"], "--dev", setup["dev"], "--text-column", "source", "--target-column", "target",
+            "--precision", "fp32", "--threads", "1", "--method", "lora", "--lr", "1e-2", "--batch-size", "8",
+            "--max-steps", "3", "--eval-every", "0", "--max-new-tokens", "4", "--seed", "0", "--json", "--quiet"]
+    one, two = setup["root"] / "mt-one", setup["root"] / "mt-two"
+    assert main([str(a) for a in args + ["--out", one]]) == 0
+    proc = run(accelerate_launch("-m", "unipeft", *args, "--out", two))
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("{")]) == 1, "only the main process reports"
+    for task in ("fwd", "back"):
+        assert_close_dicts(delta(one / task), delta(two / task))
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert b["dev"]["fwd"]["loss"] == pytest.approx(a["dev"]["fwd"]["loss"], rel=1e-5)
+
+
+@needs_gloo
 def test_a_killed_two_process_run_resumes_to_the_same_parameters(setup, ddp):
     out = setup["root"] / "killed"
     cmd = torchrun("-m", "unipeft", *train_args(setup, out))

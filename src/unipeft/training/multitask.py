@@ -403,6 +403,12 @@ def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *
     train_together(base, names)
     trainable, total = up.trainable_parameters(base)
     out_dir = Path(out) if out is not None else None
+    if accelerator is None and deltas == "per_task":
+        # a process's shard of a mixed batch may hold no row of some task: that task's delta then takes no part
+        # in its backward, and DDP must be told so (else it waits for those gradients)
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator = dist.make_accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     acc = accelerator or dist.make_accelerator()
     trainer = MultiTaskTrainer(base, tokenizer, members, cfg, out_dir, per_task=deltas == "per_task",
                                sampling=sampling, temperature=temperature, accelerator=acc)

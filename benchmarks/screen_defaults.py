@@ -133,13 +133,14 @@ ROUND4 = tuple(list(CANDIDATES)[list(CANDIDATES).index("p_tuning:lr1e-3"):])
 # DyLoRA's rate
 ROUND5_METHODS = ("lora", "ia3", "bitfit", "prompt", "prefix", "full", "freeze")
 ROUND5 = tuple(c for m in ROUND5_METHODS for c in (f"{m}:default", f"{m}:warmup0.2")) + (
-    "adapter:default", "adapter:warmup0.06", "dylora:default", "dylora:lr1e-3")
+    "adapter:default", "adapter:warmup0.06", "dylora:default", "dylora:lr1e-3", "dylora:warmup0.2")
 CANDIDATES.update({f"{m}:default": (m, {}, {}) for m in (*ROUND5_METHODS, "adapter")})
 CANDIDATES.update({f"{m}:warmup0.2": (m, {}, {"warmup_ratio": 0.2}) for m in ROUND5_METHODS})
 CANDIDATES["adapter:warmup0.06"] = ("adapter", {}, {"warmup_ratio": 0.06})
 # DyLoRA at 2e-3 stays at chance on 625 SST-2 steps (1e-3 0.828, 5e-4 0.812: benchmarks/lora_family_sst2.py)
 CANDIDATES["dylora:default"] = ("dylora", {}, {})
 CANDIDATES["dylora:lr1e-3"] = ("dylora", {}, {"lr": 1e-3})
+CANDIDATES["dylora:warmup0.2"] = ("dylora", {}, {"warmup_ratio": 0.2})
 
 # the decoder screen: each method's default (as in training/defaults.py) against its nearest rival
 DECODER_CANDIDATES = {

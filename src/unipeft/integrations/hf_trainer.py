@@ -87,10 +87,12 @@ class SaveDeltaCallback(TrainerCallback):
                                f"(attached deltas: {choices(list(reg.deltas))})")
         return model, names
 
-    def _save(self, model, directory: Path) -> None:
+    def _save(self, model, directory: Path):
+        """Save the deltas into ``directory``; returns the model that holds them (a compile wrapper seen through)."""
         model, names = self._deltas(model)
         for n in names:
             save(model, directory / self.folder / n, name=n)
+        return model
 
     STEP_STATE = "step_state.safetensors"
 
@@ -117,8 +119,7 @@ class SaveDeltaCallback(TrainerCallback):
             # checkpoint-N folder without a model that resume_from_checkpoint would then pick up
             raise UnipeftError(f"SaveDeltaCallback: the Trainer saved no checkpoint folder at {str(checkpoint)!r}; "
                                f"hyperparameter-search runs are not supported")
-        self._save(model, checkpoint)
-        tensors = step_hooks.state_tensors(self._deltas(model)[0])
+        tensors = step_hooks.state_tensors(self._save(model, checkpoint))
         if tensors:
             from safetensors.torch import save_file
 

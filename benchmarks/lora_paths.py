@@ -1,34 +1,75 @@
 """The fused LoRA node's two paths, layer by layer: factored vs merged (W_eff = W + sBA), forward +
 backward of one map at several token counts, and what the cost model in ``unipeft/fused.py`` picks.
 
-    python benchmarks/lora_paths.py            # fp32
-    python benchmarks/lora_paths.py bf16       # under bf16 autocast
+    python benchmarks/lora_paths.py                  # fp32
+    python benchmarks/lora_paths.py --bf16           # under bf16 autocast
+    python benchmarks/lora_paths.py --grad-b         # the two orientations of B's gradient product
 
 Shapes are SmolLM2-135M's (576 wide, 1,536 FFN, 192 for its grouped k/v) and MiniLM's (384, 1,536);
-r = 16; median of 10 timed calls after 2 warm-up calls, 2 threads. The ratio calibrates
-``fused.MERGED_BREAK_EVEN``.
+r = 16; median of 10 timed calls after 2 warm-up calls, ``--threads`` threads (default 2). The ratio
+calibrates ``fused.MERGED_BREAK_EVEN``. ``--grad-b`` times s g^T t (out x r, the textbook form) against
+(t^T g)^T (r x out, then transposed), the choice made in ``LoRALinear.backward``.
 """
-import time, torch, statistics, sys
+import argparse
+import statistics
+import time
+
+import torch
+
 from unipeft import fused
 from unipeft.methods.lora import LoRALinear
-torch.set_num_threads(2)
-dtype = torch.bfloat16 if len(sys.argv) > 1 and sys.argv[1] == "bf16" else None
-def run(N, out, inn, r, mode, reps=12):
-    x = torch.randn(N, inn, requires_grad=True)
-    w = torch.randn(out, inn) * 0.02
-    a = torch.nn.Parameter(torch.randn(r, inn) * 0.02); b = torch.nn.Parameter(torch.randn(out, r) * 0.02)
-    g = torch.randn(N, out)
-    ts = []
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (384, 384), (1536, 384)]
+
+
+def median_ms(fn, reps=12, warmup=2):
+    times = []
     for i in range(reps):
         t = time.perf_counter()
-        with fused.lora_path(mode), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[warmup:]) * 1e3
+
+
+def node(N, out, inn, r, mode, bf16):
+    x = torch.randn(N, inn, requires_grad=True)
+    w = torch.randn(out, inn) * 0.02
+    a = torch.nn.Parameter(torch.randn(r, inn) * 0.02)
+    b = torch.nn.Parameter(torch.randn(out, r) * 0.02)
+    g = torch.randn(N, out)
+
+    def call():
+        with fused.lora_path(mode), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = LoRALinear.apply(x, (2.0,), w, None, a, b)
         y.backward(g.to(y.dtype))
-        ts.append(time.perf_counter() - t)
         x.grad = a.grad = b.grad = None
-    return statistics.median(ts[2:])
-print("N out in r  factored  merged  merged/factored  model_says_merged")
-for (out, inn) in [(576, 576), (192, 576), (1536, 576), (576, 1536), (384, 384), (1536, 384)]:
-    for N in (256, 1024, 4096):
-        f = run(N, out, inn, 16, "factored"); m = run(N, out, inn, 16, "merged")
-        print(N, out, inn, 16, f"{f*1e3:.2f} {m*1e3:.2f} {m/f:.2f}", fused.lora_merged_is_cheaper(N, [(out, inn, 16)]), flush=True)
+    return median_ms(call)
+
+
+def paths(bf16):
+    print("N out in r  factored_ms  merged_ms  merged/factored  model_says_merged")
+    for out, inn in SHAPES:
+        for N in (256, 1024, 4096):
+            f, m = node(N, out, inn, 16, "factored", bf16), node(N, out, inn, 16, "merged", bf16)
+            print(N, out, inn, 16, f"{f:.2f} {m:.2f} {m / f:.2f}",
+                  fused.lora_merged_is_cheaper(N, [(out, inn, 16)]), flush=True)
+
+
+def grad_b():
+    print("N out r  g^T t (ms)  (t^T g)^T (ms)  ratio")
+    for out in sorted({o for o, _ in SHAPES}):
+        for N in (256, 1024, 4096):
+            g, t = torch.randn(N, out), torch.randn(N, 16)
+            tall = median_ms(lambda: (g.t() @ t).mul_(2.0), reps=32)
+            wide = median_ms(lambda: (t.t() @ g).mul_(2.0).t().contiguous(), reps=32)
+            print(N, out, 16, f"{tall:.3f} {wide:.3f} {wide / tall:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bf16", action="store_true", help="under bf16 autocast")
+    ap.add_argument("--grad-b", action="store_true", help="time the two orientations of B's gradient")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    grad_b() if args.grad_b else paths(args.bf16)

@@ -224,6 +224,27 @@ def test_gradient_checkpointing_gives_the_same_training(models):
     assert max((pa[n] - pb[n]).abs().max().item() for n in pa) < 1e-6
 
 
+def test_optimizer_is_fused_adamw_and_takes_the_same_steps_as_the_loop_kernel():
+    from unipeft.training.trainer import make_adamw
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = make_adamw([{"params": params, "weight_decay": 0.01}], lr=1e-2)
+    loop = torch.optim.AdamW([{"params": twins, "weight_decay": 0.01}], lr=1e-2)
+    assert fused.param_groups[0]["fused"] is True
+    for _ in range(3):
+        for group in (params, twins):
+            for p in group:
+                p.grad = torch.full_like(p, 0.5) * p.detach()
+        fused.step()
+        loop.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params, twins))
+    # sharded or unusual parameters keep the default kernel
+    assert not make_adamw([{"params": [torch.nn.Parameter(torch.randn(2))]}], 1e-3, distributed=True).param_groups[0][
+        "fused"]
+
+
 def test_bf16_autocast_trains_with_fp32_master_weights(models):
     trainer, summary = fit(models["bert-cls"], SENT, sent_examples(32), method=up.LoRA(r=4), precision="bf16",
                            max_steps=3, batch_size=8)

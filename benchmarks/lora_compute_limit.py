@@ -14,7 +14,9 @@ small products. Variants (each on its own copy of the model, all in one process)
   peft-ia3 / unipeft-ia3           (IA)3 with each library's defaults (k, v, FFN output)
   unipeft-adapter  a Pfeiffer bottleneck adapter (bottleneck 64) after every FFN
 
-A step is forward + backward + AdamW step + zero_grad (the limit has no optimizer).
+A step is forward + backward + AdamW step + zero_grad (the limit has no optimizer). AdamW runs
+PyTorch's fused kernel, what both libraries' users get (unipeft's trainer; transformers.Trainer's
+default ``adamw_torch_fused``); ``--optimizer loop`` runs the per-tensor kernel of ``AdamW()``.
 Timing: warm-up, then rounds in rotating order, ``--steps`` timed steps per variant per
 round; the table gives the median step time, the ratio of medians to the limit and the
 paired ratio (median over rounds of the per-round ratio, which cancels slow drifts).
@@ -73,6 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--optimizer", choices=("fused", "loop"), default="fused", help="AdamW's kernel")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS per variant (fresh processes)")
     ap.add_argument("--memory-only", action="store_true", help="measure peak RSS only (no timing)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round x 1 step, 1 warm-up step")
@@ -148,10 +151,10 @@ def build(name: str, base, args):
     return up.attach(model, up.Adapter(style="pfeiffer", bottleneck=64)), True, ctx
 
 
-def step_fn(model, uses_optimizer, ctx, batch, precision, device):
+def step_fn(model, uses_optimizer, ctx, batch, precision, device, optimizer="fused"):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if uses_optimizer else None
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=optimizer == "fused") if uses_optimizer else None
     kind = torch.device(device).type
     sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
 
@@ -187,7 +190,7 @@ def memory_worker(args) -> None:
     batch = make_batch(base, args.batch_size, args.seq_len, args.seed, args.device)
     model, opt, ctx = build(args.memory_worker, base, args)
     del base
-    step, _ = step_fn(model, opt, ctx, batch, args.precision, args.device)
+    step, _ = step_fn(model, opt, ctx, batch, args.precision, args.device, args.optimizer)
     # the peak of three training steps (the first allocates AdamW's state) over the loaded model
     if args.device == "cpu":
         rss0 = _status_kb("VmRSS")
@@ -222,7 +225,7 @@ def measure_memory(args) -> dict:
 def _forward_args(args) -> list[str]:
     return ["--model", args.model, "--r", str(args.r), "--targets", args.targets, "--batch-size",
             str(args.batch_size), "--seq-len", str(args.seq_len), "--precision", args.precision, "--device",
-            args.device, "--threads", str(args.threads), "--seed", str(args.seed)]
+            args.device, "--threads", str(args.threads), "--seed", str(args.seed), "--optimizer", args.optimizer]
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def main(argv=None) -> int:
     variants, trainable = {}, {}
     for v in args.variants:
         model, opt, ctx = build(v, base, args)
-        variants[v], trainable[v] = step_fn(model, opt, ctx, batch, args.precision, args.device)
+        variants[v], trainable[v] = step_fn(model, opt, ctx, batch, args.precision, args.device, args.optimizer)
     times, per_round, contention = run_interleaved(variants, args.rounds, args.steps, args.warmup, "train")
     st = {v: stats(times[v], per_round[v]) for v in variants}
     memory = measure_memory(args) if args.memory else {}

@@ -177,7 +177,7 @@ def test_train_sizes_sweep_writes_the_table_and_plot(tmp_path, capsys):
     dev = tiny.write_csv(root / "dev.csv", ["text", "label"], rows[60:])
     out = root / "low"
     assert main(["compare", "--model", model, "--task", "s", "--train", train, "--dev", dev, "--methods",
-                 "lora,bitfit", "--train-sizes", "8,16", "--seeds", "0,1", "--max-steps", "2", "--batch-size", "4",
+                 "lora,bitfit", "--train-sizes", "8,16", "--seeds", "0,1", "--max-steps", "4", "--batch-size", "4",
                  "--precision", "fp32", "--threads", "1", "--in-process", "--quiet", "--out", str(out)]) == 0
     summary = json.loads((out / "low_data.json").read_text())
     assert summary["sizes"] == [8, 16] and len(summary["runs"]) == 2 * 2 * 2
@@ -186,5 +186,9 @@ def test_train_sizes_sweep_writes_the_table_and_plot(tmp_path, capsys):
     assert (out / "low_data.png").read_bytes()[:4] == b"\x89PNG"
     assert "| n=8 | n=16 |" in (out / "low_data.md").read_text()
     assert (out / "runs" / "n8-s1" / "report.json").is_file()
+    # no evaluation during training, only compare's after the last step: at n=8 the 4 steps are two
+    # epochs, and per-epoch evaluations would let keep_best choose among checkpoints on the dev set
+    logs = list((out / "runs" / "n8-s0").rglob("log.jsonl"))
+    assert logs and not any('"eval"' in p.read_text() for p in logs)
     with pytest.raises(UnipeftError, match="distinct positive integers"):
         low_data.parse_sizes("10,0")

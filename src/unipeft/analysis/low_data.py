@@ -6,6 +6,12 @@ subset of ``size`` training examples (a different subset per seed), the same dev
 collects the main dev metric. ``low_data.md`` holds the table (mean +- standard deviation over
 seeds), ``low_data.json`` every run's numbers, ``low_data.png`` the plot (log x, one line per method,
 error bars over seeds); each run's own compare report stays under ``runs/n<size>-s<seed>/``.
+
+Every run is scored once, by the comparison after its last step (``eval_every=0``, no evaluation
+during training, unless given): at |T| = 10 an
+epoch is one step, and the trainer's usual per-epoch evaluation with ``keep_best`` would pick the best
+of a hundred checkpoints on the dev set -- model selection a learner with ten labels does not have,
+and a hundred dev passes per run.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ def sweep(model: str, task: str, methods, sizes, seeds=(0, 1, 2), *, out="out/lo
     if not seeds:
         raise UnipeftError("--seeds needs at least one seed")
     out = Path(out)
+    settings = {"eval_every": 0, **settings}  # scored once, after the last step (see the module docstring)
     runs, main = [], None
     for size in sizes:
         for seed in seeds:

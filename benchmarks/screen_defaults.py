@@ -160,6 +160,9 @@ DECODER_CANDIDATES = {
     "full:lr5e-5": ("full", {}, {"lr": 5e-5}),
     "freeze:lr3e-4": ("freeze", {}, {"lr": 3e-4}),
     "freeze:lr1e-4": ("freeze", {}, {"lr": 1e-4}),
+    # warm-up on the decoder (round 5 chose 20% for (IA)3 and prefix tuning on the encoder): the former 6%
+    "ia3:warmup0.06": ("ia3", {}, {"lr": 3e-2, "warmup_ratio": 0.06}),
+    "prefix:warmup0.06": ("prefix", {}, {"lr": 2e-3, "warmup_ratio": 0.06}),
 }
 # per-task training settings on top of BUDGET (generation: BLEU on a capped dev set, not the loss);
 # the instruction task's chats carry SmolLM2's system prompt, so they get more tokens

@@ -142,6 +142,21 @@ def test_bitfit_all_or_chosen_biases():
                                            for i in range(2) for m in ("query", "value"))
 
 
+def test_freeze_train_share_counts_blocks_as_a_share_of_each_stack():
+    cfg = tiny.config("gpt2")
+    cfg.n_layer = 6
+    model = tf.GPT2LMHeadModel(cfg)
+    up.attach(model, up.Freeze(train_share=1 / 3), name="t")  # the last 2 of 6
+    assert {n.split(".")[2] for n in selected(model)} == {"4", "5"}
+    model = tiny.make("bart")  # 2 blocks per stack: a third rounds to none, and one is the least
+    up.attach(model, up.Freeze(train_share=1 / 3), name="t")
+    names = selected(model)
+    assert names and all(n.startswith(("model.encoder.layers.1.", "model.decoder.layers.1.")) for n in names)
+    for bad in (0, 1.5, "half"):
+        with pytest.raises(up.UnipeftError, match="train_share"):
+            up.Freeze(train_share=bad)
+
+
 def test_freeze_selects_the_last_blocks_of_each_stack():
     model = tiny.make("bart")
     up.attach(model, up.Freeze(train_last=1), name="t")

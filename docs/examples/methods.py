@@ -138,7 +138,7 @@ model = up.attach(model, up.BitFit(), name="bitfit")
 check("bitfit")
 
 # --8<-- [start:freeze]
-model = up.attach(model, up.Freeze(train_last=2), name="freeze")     # train_last=0: linear probing
+model = up.attach(model, up.Freeze(), name="freeze")   # the last third of the blocks; train_last=0: linear probing
 # --8<-- [end:freeze]
 check("freeze")
 

@@ -8,10 +8,9 @@ seeds), ``low_data.json`` every run's numbers, ``low_data.png`` the plot (log x,
 error bars over seeds); each run's own compare report stays under ``runs/n<size>-s<seed>/``.
 
 Every run is scored once, by the comparison after its last step (``eval_every=0``, no evaluation
-during training, unless given): at |T| = 10 an
-epoch is one step, and the trainer's usual per-epoch evaluation with ``keep_best`` would pick the best
-of a hundred checkpoints on the dev set -- model selection a learner with ten labels does not have,
-and a hundred dev passes per run.
+during training, unless given): at |T| = 10 an epoch is one step, and the trainer's usual per-epoch
+evaluation with ``keep_best`` would pick the best of a hundred checkpoints on the dev set -- model
+selection a learner with ten labels does not have, and a hundred dev passes per run.
 """
 from __future__ import annotations
 

@@ -165,6 +165,7 @@ DECODER_CANDIDATES = {
     "prefix:warmup0.06": ("prefix", {}, {"lr": 2e-3, "warmup_ratio": 0.06}),
     # freezing by depth share: the last third of each stack (MiniLM: the same 2 of 6; SmolLM2: 10 of 30)
     "freeze:share-third": ("freeze", {"train_share": 1 / 3}, {"lr": 3e-4}),
+    "freeze:last2": ("freeze", {"train_last": 2}, {"lr": 3e-4}),  # the default until 2026-12-02
 }
 # per-task training settings on top of BUDGET (generation: BLEU on a capped dev set, not the loss);
 # the instruction task's chats carry SmolLM2's system prompt, so they get more tokens

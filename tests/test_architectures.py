@@ -148,6 +148,10 @@ def test_freeze_train_share_counts_blocks_as_a_share_of_each_stack():
     model = tf.GPT2LMHeadModel(cfg)
     up.attach(model, up.Freeze(train_share=1 / 3), name="t")  # the last 2 of 6
     assert {n.split(".")[2] for n in selected(model)} == {"4", "5"}
+    cfg.n_layer = 12
+    model = tf.GPT2LMHeadModel(cfg)
+    up.attach(model, up.Freeze(), name="t")  # the default: a third of the depth, 4 of 12 (not a fixed 2)
+    assert {n.split(".")[2] for n in selected(model)} == {"8", "9", "10", "11"}
     model = tiny.make("bart")  # 2 blocks per stack: a third rounds to none, and one is the least
     up.attach(model, up.Freeze(train_share=1 / 3), name="t")
     names = selected(model)

@@ -179,6 +179,9 @@ def linear_schedule(warmup: int, total: int, kind: str):
     return factor
 
 
+_FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def make_adamw(groups: list[dict], lr: float, distributed: bool = False) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel where it applies: one pass over each parameter instead of
     a dozen elementwise ops per tensor (measured 7.6 vs 26 ms per step for the 420 tensors of
@@ -189,9 +192,6 @@ def make_adamw(groups: list[dict], lr: float, distributed: bool = False) -> torc
                                     and p.device.type in ("cpu", "cuda") and p.layout == torch.strided
                                     for p in params)
     return torch.optim.AdamW(groups, lr=lr, fused=True) if fused else torch.optim.AdamW(groups, lr=lr)
-
-
-_FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ---------------------------------------------------------------------------

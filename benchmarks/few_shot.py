@@ -102,12 +102,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-text-tokens", type=int, default=None, help="ICL: cut texts (BBC articles) to N tokens")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a tiny random GPT-2 and synthetic data")
-    ap.add_argument("--out", help="JSON results")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--out", help="JSON results, rewritten after every cell; a rerun with the same settings "
+                                  "keeps the cells it holds (a killed run resumes)")
     args = ap.parse_args(argv)
     args.prompts = args.task
     from unipeft.training.cli import setup_runtime
 
-    setup_runtime(quiet=True)  # one JSON line per cell and the table; no loading reports
+    setup_runtime(threads=args.threads, quiet=True)  # one JSON line per cell and the table; no loading reports
     sizes, seeds, rows = ([int(x) for x in args.sizes.split(",")], [int(x) for x in args.seeds.split(",")],
                           args.rows.split(","))
     if args.tiny:
@@ -124,10 +126,15 @@ def main(argv=None) -> dict:
         data = {"data_dir": args.data_dir} if task == "sst2" else {}
     lm = icl.load_lm(model)
     results = {"model": model, "task": task, "sizes": sizes, "seeds": seeds, "settings": vars(args), "cells": []}
+    done = _finished_cells(args.out, results) if args.out else {}
     for row in rows:
         for size in sizes:
             if (row == "zero-shot") != (size == 0):
                 continue  # zero-shot is the |T| = 0 column; every other row needs labels
+            if (row, size) in done:
+                results["cells"].append(done[(row, size)])
+                print(json.dumps({**done[(row, size)], "resumed": True}), flush=True)
+                continue
             accs, secs = [], []
             for seed in (seeds[:1] if row == "zero-shot" else seeds):  # zero-shot has nothing to draw
                 t0 = time.perf_counter()
@@ -137,11 +144,37 @@ def main(argv=None) -> dict:
                    "std": statistics.pstdev(accs), "seconds_per_run": statistics.mean(secs)}
             results["cells"].append(rec)
             print(json.dumps(rec), flush=True)
+            if args.out:
+                _save(args.out, results)
     print(table(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        _save(args.out, results)
     return results
+
+
+# Settings that change a cell's numbers; the others (rows, sizes, seeds lists, out, threads) only choose
+# which cells run, so a rerun that adds rows or sizes keeps the finished ones.
+_CELL_SETTINGS = ("tiny", "task", "data_dir", "model", "shots", "steps", "final_steps", "train_batch", "unlabelled",
+                  "ipet_generations", "dev_limit", "max_length", "max_text_tokens")
+
+
+def _finished_cells(out: str, results: dict) -> dict:
+    """The cells of an earlier run written to ``out`` with the same cell settings and seeds."""
+    path = Path(out)
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    same = all(old["settings"].get(k) == results["settings"].get(k) for k in _CELL_SETTINGS)
+    if not same or old.get("seeds") != results["seeds"]:
+        raise SystemExit(f"{out} holds a run with other settings or seeds; give another --out or delete it")
+    return {(c["row"], c["size"]): c for c in old["cells"]}
+
+
+def _save(out: str, results: dict) -> None:
+    from unipeft import fileio
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fileio.write_text(Path(out), json.dumps(results, indent=1))
 
 
 def table(results: dict) -> str:

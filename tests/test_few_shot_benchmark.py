@@ -1,0 +1,42 @@
+"""benchmarks/few_shot.py keeps every finished cell: a killed run resumes, a run with other settings is refused."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "few_shot.py"
+
+
+@pytest.fixture(scope="module")
+def few_shot():
+    spec = importlib.util.spec_from_file_location("few_shot_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_rerun_keeps_finished_cells_and_runs_only_the_new_ones(few_shot, tmp_path, monkeypatch):
+    out = tmp_path / "few_shot.json"
+    args = ["--tiny", "--sizes", "0,10", "--seeds", "0", "--steps", "2", "--out", str(out)]
+    first = few_shot.main(args + ["--rows", "zero-shot,icl"])
+    saved = json.loads(out.read_text())
+    assert [(c["row"], c["size"]) for c in saved["cells"]] == [("zero-shot", 0), ("icl", 10)]
+
+    ran = []
+    real_cell = few_shot.cell
+    monkeypatch.setattr(few_shot, "cell", lambda row, *a: ran.append(row) or real_cell(row, *a))
+    second = few_shot.main(args + ["--rows", "zero-shot,icl,head-lora"])
+    assert ran == ["head-lora"]  # the two finished cells came from the file
+    assert second["cells"][:2] == first["cells"]
+    assert [c["row"] for c in json.loads(out.read_text())["cells"]] == ["zero-shot", "icl", "head-lora"]
+
+
+def test_a_rerun_with_other_cell_settings_is_refused(few_shot, tmp_path):
+    out = tmp_path / "few_shot.json"
+    few_shot.main(["--tiny", "--rows", "zero-shot", "--sizes", "0", "--seeds", "0", "--out", str(out)])
+    with pytest.raises(SystemExit, match="other settings or seeds"):
+        few_shot.main(["--tiny", "--rows", "zero-shot", "--sizes", "0", "--seeds", "0", "--shots", "2",
+                       "--out", str(out)])

@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true",
+                    help="low-data parts: keep the (size, seed) runs an earlier run with the same settings finished")
     ap.add_argument("--tiny", action="store_true", help="smoke run: lora and bitfit, 16 examples, 2 steps")
     ap.add_argument("--out", default="benchmarks/results/benefits")
     args = ap.parse_args(argv)
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
             lines += [f"## {part}: {task} with {model}", "", markdown_table(rep), ""]
         else:
             summary = compare(model, task, methods, data=data, train_sizes=args.sizes, seeds=args.seeds.split(","),
-                              max_steps=args.low_data_steps, **common)
+                              max_steps=args.low_data_steps, resume=args.resume, **common)
             lines += [low_data.markdown(summary).replace("# ", "## ", 1), ""]
         lines.append(f"_{part}: {time.perf_counter() - t0:.0f} s; reports under {out / part}_")
         lines.append("")

@@ -39,9 +39,9 @@ PROMPTS = {
               ("Review: {text}\nSentiment: {label}", "positive=positive,negative=negative")],
              "Classify the sentiment of each movie review."),
     "bbc": ([("{text}\nTopic: {label}", "business=business,entertainment=entertainment,politics=politics,"
-                                        "sport=sport,tech=technology"),
+                                        "sports=sport,tech=technology"),
              ("News: {text}\nThis article is about {label}", "business=business|economy,entertainment=film|music,"
-                                                             "politics=politics,sport=sport,tech=technology")],
+                                                             "politics=politics,sports=sport,tech=technology")],
             "Classify each BBC News article by its topic."),
     "tiny": ([("{text} . it was {label} .", "pos=good|very nice,neg=bad"),
               ("{text} . {label} movie .", "pos=great,neg=awful")], ""),

@@ -192,3 +192,32 @@ def test_train_sizes_sweep_writes_the_table_and_plot(tmp_path, capsys):
     assert logs and not any('"eval"' in p.read_text() for p in logs)
     with pytest.raises(UnipeftError, match="distinct positive integers"):
         low_data.parse_sizes("10,0")
+
+
+def test_a_resumed_sweep_keeps_finished_runs_and_refuses_other_settings(tmp_path, capsys):
+    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(80)]
+    model = tiny.save(tmp_path / "bert", "bert", "cls")
+    train = tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:60])
+    dev = tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[60:])
+    out = tmp_path / "low"
+    args = ["compare", "--model", model, "--task", "s", "--train", train, "--dev", dev, "--methods", "bitfit",
+            "--train-sizes", "8", "--batch-size", "4", "--precision", "fp32", "--threads", "1", "--in-process",
+            "--out", str(out)]
+    assert main(args + ["--seeds", "0,1", "--max-steps", "2"]) == 0
+    first = json.loads((out / "low_data.json").read_text())["runs"]
+    # a killed sweep's last run: its report exists but it never got its finished mark, so it runs again
+    (out / "runs" / "n8-s1" / low_data.SPEC_NAME).unlink()
+    capsys.readouterr()
+    assert main(args + ["--seeds", "0,1,2", "--max-steps", "2", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "n=8, seed 0: kept from the earlier sweep" in said
+    assert "seed 1: kept" not in said and "seed 2: kept" not in said
+    runs = json.loads((out / "low_data.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and runs[0] == first[0]
+    capsys.readouterr()
+    assert main(args + ["--seeds", "0", "--max-steps", "3", "--resume"]) != 0
+    assert "holds a sweep with other settings" in capsys.readouterr().err
+    assert json.loads((out / "low_data.json").read_text())["runs"] == runs  # nothing ran, nothing was lost
+    assert main(["compare", "--model", model, "--task", "s", "--train", train, "--dev", dev, "--methods", "bitfit",
+                 "--resume", "--out", str(tmp_path / "one")]) != 0
+    assert "nothing to resume" in capsys.readouterr().err

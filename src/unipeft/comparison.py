@@ -177,14 +177,16 @@ def run_method(spec: dict) -> dict:
 def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str | os.PathLike = "out/compare",
             data: dict | None = None, method_options: dict | None = None, method_settings: dict | None = None,
             threads: int | None = None, in_process: bool = False, quiet: bool = False,
-            forgetting: bool | str = False, train_sizes=None, seeds=(0, 1, 2), head=None, **settings) -> dict:
+            forgetting: bool | str = False, train_sizes=None, seeds=(0, 1, 2), head=None, resume: bool = False,
+            **settings) -> dict:
     """Train and measure ``methods`` on ``task``; writes the report under ``out`` and returns it.
 
     ``settings`` (TrainConfig fields) apply to every method, on top of each method's defaults;
     ``method_settings`` ({"lora": {"lr": 5e-4}}) override them for one method. ``forgetting``: also
     measure the base model's own ability before and after (True: on the shipped general text, or a
     text file; ``analysis.forgetting``). ``train_sizes`` ("10,50,100"): run the comparison at each
-    training-set size and seed instead and return the low-data summary (``analysis.low_data``).
+    training-set size and seed instead and return the low-data summary (``analysis.low_data``; ``resume``
+    keeps the runs an earlier sweep with the same settings finished in ``out``).
     ``head``: a ``prompting.head.PromptHead``: every method trains with it (prompt-based fine-tuning:
     the language model scores the verbalizer's words after the template) instead of a new head.
     """
@@ -192,9 +194,13 @@ def compare(model: str = "minilm", task: str = "bbc", methods=None, *, out: str 
         from .analysis import low_data
 
         return low_data.sweep(model, task, methods, train_sizes, seeds, out=out, data=data, quiet=quiet,
+                              resume=resume,
                               compare_kwargs={"method_options": method_options, "method_settings": method_settings,
                                               "threads": threads, "in_process": in_process,
                                               "forgetting": forgetting, "head": head}, **settings)
+    if resume:
+        raise UnipeftError("resume keeps the finished runs of a --train-sizes sweep; a single comparison "
+                           "has nothing to resume (give --train-sizes, or drop --resume)")
     if forgetting:
         from .analysis.forgetting import read_text
 
@@ -365,6 +371,9 @@ def add_arguments(p) -> None:
                    help="low data: run the comparison at each training-set size (e.g. 10,50,100,1000) and seed; "
                         "writes low_data.md/.json/.png")
     p.add_argument("--seeds", default="0,1,2", help="--train-sizes: seeds, comma-separated (default 0,1,2)")
+    p.add_argument("--resume", action="store_true",
+                   help="--train-sizes: keep the (size, seed) runs an earlier sweep with the same settings "
+                        "finished in --out (a killed sweep goes on; new sizes or seeds are added)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (the table and report still come)")
     p.add_argument("--head", choices=("auto", "verbalizer"), default="auto",
                    help="verbalizer: every method trains prompt-based (the LM scores --verbalizer's words after "
@@ -391,6 +400,7 @@ def run(args) -> int:
                      method_options=options, method_settings=per_method, threads=args.threads, in_process=args.in_process, quiet=args.json,
                      forgetting=args.forgetting or False, train_sizes=args.train_sizes,
                      seeds=[s for s in args.seeds.split(",") if s.strip()], head=prompt_head(args),
+                     resume=args.resume,
                      **collect(args, TRAIN_FLAGS))
     if args.json:
         print(json.dumps(report, default=str))

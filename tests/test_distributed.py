@@ -10,10 +10,11 @@ none). They check that
   temporary leftovers; checkpoints hold both processes' RNG states;
 * a two-process run killed with SIGKILL after a checkpoint resumes to the same parameters,
   bit for bit, as the uninterrupted two-process run;
-* under FSDP2 (sharded parameters) the saved delta and checkpoints hold the full tensors.
+* under FSDP2 (sharded parameters) the saved delta and checkpoints hold the full tensors;
+* multi-task runs with a delta per task train, under DDP and under FSDP2, what one process trains.
 
 Each launch starts fresh Python processes (imports dominate its time), so the file launches
-four times only (plus one single-process FSDP2 subprocess).
+six times only (plus one single-process FSDP2 subprocess).
 """
 from __future__ import annotations
 
@@ -190,17 +191,26 @@ def test_two_processes_train_the_delta_one_process_trains(setup, single, ddp):
     assert len(meta["python_rng"]) == 2
 
 
-@needs_gloo
-def test_two_processes_train_per_task_deltas_as_one_process_does(setup):
-    """Multi-task training under DDP: mixed batches split between the processes, each row routed to its
-    task's delta; every task's saved delta as the single process trains it."""
-    args = ["train", "--model", setup["model"], "--task", "fwd,back", "--kind", "causal_lm", "--train",
-            setup["train"], "--dev", setup["dev"], "--text-column", "source", "--target-column", "target",
+def multitask_args(s) -> list:
+    return ["train", "--model", s["model"], "--task", "fwd,back", "--kind", "causal_lm", "--train",
+            s["train"], "--dev", s["dev"], "--text-column", "source", "--target-column", "target",
             "--precision", "fp32", "--threads", "1", "--method", "lora", "--lr", "1e-2", "--batch-size", "8",
             "--max-steps", "3", "--eval-every", "0", "--max-new-tokens", "4", "--seed", "0", "--json", "--quiet"]
-    one, two = setup["root"] / "mt-one", setup["root"] / "mt-two"
-    assert main([str(a) for a in args + ["--out", one]]) == 0
-    proc = run(accelerate_launch("-m", "unipeft", *args, "--out", two))
+
+
+@pytest.fixture(scope="module")
+def multitask_single(setup):
+    one = setup["root"] / "mt-one"
+    assert main([str(a) for a in multitask_args(setup) + ["--out", one]]) == 0
+    return one
+
+
+@needs_gloo
+def test_two_processes_train_per_task_deltas_as_one_process_does(setup, multitask_single):
+    """Multi-task training under DDP: mixed batches split between the processes, each row routed to its
+    task's delta; every task's saved delta as the single process trains it."""
+    one, two = multitask_single, setup["root"] / "mt-two"
+    proc = run(accelerate_launch("-m", "unipeft", *multitask_args(setup), "--out", two))
     assert len([line for line in proc.stdout.splitlines() if line.startswith("{")]) == 1, "only the main process reports"
     for task in ("fwd", "back"):
         assert_close_dicts(delta(one / task), delta(two / task))
@@ -264,6 +274,34 @@ def test_fsdp2_saves_full_gathered_tensors(setup, single):
     assert_close_dicts(delta(single), delta(out))
     assert_close_dicts(trained_state(single), trained_state(out))
     assert json.loads((out / "results.json").read_text())["steps"] == STEPS
+
+
+@needs_gloo
+def test_fsdp2_trains_per_task_deltas_as_one_process_does(setup, multitask_single):
+    """Multi-task training with a delta per task under FSDP2: a process whose shard of a mixed batch holds
+    no row of a task still sends that task's (zero) gradient, so the reduce-scatters match (without it
+    gloo aborts on a collective mismatch); every task's saved delta as one process trains it."""
+    out, report = setup["root"] / "mt-fsdp", setup["root"] / "mt-fsdp-report"
+    kw = {"model": setup["model"], "tasks": "fwd,back", "method": "lora", "out": str(out),
+          "data": {"train": setup["train"], "dev": setup["dev"], "kind": "causal_lm", "text_column": "source",
+                   "target_column": "target"},
+          "lr": 1e-2, "batch_size": 8, "max_steps": 3, "eval_every": 0, "save_every": 1, "max_new_tokens": 4,
+          "seed": 0, "precision": "fp32"}
+    spec = setup["root"] / "mt-fsdp.json"
+    spec.write_text(json.dumps({"report": str(report), "multitask": True, "train": kw}))
+    config = setup["root"] / "mt-fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    run(accelerate_launch(HERE / "fsdp_cpu.py", spec, config=config))
+    for rank in (0, 1):
+        rep = json.loads((report / f"rank{rank}.json").read_text())
+        assert rep["distributed_type"] == "FSDP" and rep["local_numel"] * 2 == rep["full_numel"]
+        assert {n.split(".unipeft_deltas.")[1].split(".")[0] for n in rep["sharded"]} == {"fwd", "back"}
+        assert rep["reload_params_equal"] and rep["reload_moments_equal"]
+    for task in ("fwd", "back"):
+        assert_close_dicts(delta(multitask_single / task), delta(out / task))
+    a, b = (json.loads((d / "results.json").read_text()) for d in (multitask_single, out))
+    assert b["dev"]["back"]["loss"] == pytest.approx(a["dev"]["back"]["loss"], rel=1e-5)
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
 
 
 # one process of FSDP2 in a subprocess (no launcher): what a forward pass without backward leaves behind

@@ -137,6 +137,40 @@ def test_a_tasks_delta_gets_no_gradient_from_another_tasks_rows(setup):
         assert not head[rest].any()
 
 
+@pytest.mark.parametrize("kind", ["classification", "causal_lm"])
+def test_under_fsdp_a_shard_without_a_task_gives_its_delta_an_exact_zero_gradient(setup, kind):
+    """FSDP2 needs every process to reduce the same gradients: a shard with no row of a task adds one of
+    its rows that runs through the task's delta with no loss, so the loss is unchanged and the task's
+    delta gets zeros, not None (tests/test_distributed.py runs it under two FSDP2 processes)."""
+    if kind == "classification":
+        trainer, _ = trainer_for(setup)
+        rows = list(range(0, 6))  # sentiment rows only: the cuisine task is absent
+        absent, present = "food", "sent"
+    else:
+        members = multitask.load_members(multitask.parse_tasks(
+            [{"task": t, "kind": "causal_lm", "train": setup["sent"]["train"], "dev": setup["sent"]["dev"],
+              "text_column": "text", "target_column": "label"} for t in ("a", "b")]))
+        model, tok = run.load_model(setup["gpt2"], multitask.base_task(members))
+        for n in ("a", "b"):
+            up.attach(model, up.LoRA(r=2), name=n)
+        multitask.train_together(model, ["a", "b"])
+        cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=8, precision="fp32", progress=False)
+        trainer = multitask.MultiTaskTrainer(model, tok, members, cfg, cache=False)
+        rows, absent, present = list(range(0, 6)), "b", "a"
+    model = trainer.raw_model
+    model.eval()  # no dropout: the two passes must match
+    plain, _ = trainer._forward(rows)
+    assert trainer._silent_rows(rows) == []  # one process, or DDP: nothing added
+    trainer.fsdp = True
+    assert len(trainer._silent_rows(rows)) == 1
+    model.zero_grad(set_to_none=True)
+    loss, _ = trainer._forward(rows)
+    loss.backward()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert all(g is not None and not g.any() for g in grads(model, absent))
+    assert any(g is not None and g.any() for g in grads(model, present))
+
+
 def test_routed_loss_equals_each_task_alone(setup):
     """One routed pass over a mixed batch gives the same loss as each task's rows with its delta alone."""
     trainer, members = trainer_for(setup)

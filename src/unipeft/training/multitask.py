@@ -46,7 +46,8 @@ import torch
 
 from .. import fileio
 from ..errors import UnipeftError, choices
-from .batching import Encoded, encode, length_grouped
+from . import distributed as dist
+from .batching import IGNORE, Encoded, encode, length_grouped
 from .tasks import Task
 from .trainer import Trainer
 
@@ -284,19 +285,41 @@ class MultiTaskTrainer(Trainer):
     def route_names(self, idx: list[int]) -> list[str]:
         return [self.members[int(self.row_task[i])].name for i in idx]
 
+    def _silent_rows(self, idx: list[int]) -> list[int]:
+        """Under FSDP2 with a delta per task: one row (the first) of every task with no row in ``idx``.
+
+        FSDP2 reduce-scatters the gradients of the parameters that have one, and every process must
+        send the same set; a process whose shard holds no row of task t would leave t's delta without
+        a gradient while another process has one (a collective mismatch: gloo aborts, NCCL can hang).
+        Such a row runs through its task's delta but adds nothing to the loss (``_forward``), so the
+        delta's gradient in that process is an exact zero, and the reduced gradient is what the rows
+        that do hold t make it. (DDP instead is told that parameters may go unused: see ``train``.)"""
+        if not (self.fsdp and self.per_task):
+            return []
+        present = {int(self.row_task[i]) for i in idx}
+        starts = [sum(self.sizes[:t]) for t in range(len(self.members))]
+        return [starts[t] for t in range(len(self.members)) if t not in present]
+
     def _forward(self, idx: list[int]):
         from ..routing import route
         from .evaluation import autocast
 
         dev = self.accelerator.device
-        batch = {k: v.to(dev) for k, v in self.collate([self.train_enc.example(i) for i in idx]).items()}
-        routed = route(self.raw_model, self.route_names(idx)) if self.per_task else contextlib.nullcontext()
+        silent = self._silent_rows(idx)
+        examples = [self.train_enc.example(i) for i in idx + silent]
+        if self.task.kind != "classification":  # the silent rows' targets ignored: no loss terms
+            for ex in examples[len(idx):]:
+                ex["labels"] = torch.full_like(ex["labels"], IGNORE)
+        rows = idx + silent
+        batch = {k: v.to(dev) for k, v in self.collate(examples).items()}
+        routed = route(self.raw_model, self.route_names(rows)) if self.per_task else contextlib.nullcontext()
         with routed, autocast(self.precision, dev):
             if self.task.kind != "classification":
                 return self.model(**batch).loss, None
             labels = batch.pop("labels")
             logits = self.model(**batch).logits.float()
-            members = [self.members[int(self.row_task[i])] for i in idx]
+            members = [self.members[int(self.row_task[i])] for i in rows]
+            weight = torch.tensor([1.0] * len(idx) + [0.0] * len(silent), device=dev)  # silent rows: no loss
             lo = torch.tensor([m.offset for m in members], device=dev)
             reg = torch.tensor([m.task.kind == "regression" for m in members], device=dev)
             loss = logits.new_zeros(())
@@ -305,11 +328,12 @@ class MultiTaskTrainer(Trainer):
                 cols = torch.arange(logits.shape[-1], device=dev)
                 outside = (cols[None] < lo[:, None]) | (cols[None] >= hi[:, None])
                 ce = torch.nn.functional.cross_entropy(logits.masked_fill(outside, float("-inf"))[~reg],
-                                                       labels[~reg].long(), reduction="sum")
-                loss = loss + ce
+                                                       labels[~reg].long(), reduction="none")
+                loss = loss + (ce * weight[~reg]).sum()
             if reg.any():  # squared error on the row's one output
                 pred = logits[reg].gather(1, lo[reg][:, None])[:, 0]
-                loss = loss + torch.nn.functional.mse_loss(pred, labels[reg].float(), reduction="sum")
+                se = torch.nn.functional.mse_loss(pred, labels[reg].float(), reduction="none")
+                loss = loss + (se * weight[reg]).sum()
             return loss / len(idx), None
 
     # -- evaluation -----------------------------------------------------------------------
@@ -354,6 +378,7 @@ class MultiTaskTrainer(Trainer):
         scores = [out[k] for k in mains if k in out]
         if scores:
             out[self.task.main_metric] = sum(scores) / len(scores)
+        dist.reshard(self.raw_model)  # FSDP2: the sharded parameters back in place (as Trainer.evaluate does)
         return out
 
 
@@ -372,7 +397,6 @@ def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *
     ``chat_template``: a Jinja chat template (or its file) for the chat tasks among them (default: the tokenizer's).
     """
     import unipeft as up
-    from . import distributed as dist
     from .defaults import resolve
     from .run import _task_dict, family_of, load_model, train_config
     from .trainer import set_seed
@@ -439,17 +463,19 @@ def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *
                                                        precision=trainer.precision, generation=True,
                                                        max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
     results["wall_seconds"] = time.perf_counter() - t0
-    if out_dir is not None and trainer.main:
-        layout = {"model": model, "method": method, "deltas": deltas, "head_outputs": sum(m.outputs for m in members),
-                  "tasks": [{"name": m.name, "task_name": m.task_arg, "data": m.data, "task": _task_dict(m.task),
-                             "offset": m.offset, "outputs": m.outputs, "delta": m.name if deltas == "per_task"
-                             else "shared"} for m in members]}
+    if out_dir is not None and (trainer.main or trainer.fsdp):  # under FSDP every process gathers, rank 0 writes
         for m in members:
             save_member(base, m, "shared" if deltas == "shared" else m.name, model, tokenizer, out_dir / m.name,
                         {"model": model, "task": _task_dict(m.task), "task_name": m.task_arg, "data": m.data,
                          "method": method, "method_config": method_cfg.to_dict(), "delta_name": m.name,
                          "train": cfg.to_dict(), "source": m.source, "multitask": str(out_dir)},
-                        {"task": m.name, "dev": results["dev"][m.name], "trainable_params": trainable})
+                        {"task": m.name, "dev": results["dev"][m.name], "trainable_params": trainable},
+                        write=trainer.main)
+    if out_dir is not None and trainer.main:
+        layout = {"model": model, "method": method, "deltas": deltas, "head_outputs": sum(m.outputs for m in members),
+                  "tasks": [{"name": m.name, "task_name": m.task_arg, "data": m.data, "task": _task_dict(m.task),
+                             "offset": m.offset, "outputs": m.outputs, "delta": m.name if deltas == "per_task"
+                             else "shared"} for m in members]}
         fileio.write_json(out_dir / LAYOUT, layout, indent=2, default=str)
         fileio.write_json(out_dir / "results.json", results, indent=2, default=str)
     acc.wait_for_everyone()
@@ -458,25 +484,31 @@ def train(model: str = "minilm", tasks=("sst2", "cola"), method: str = "lora", *
 
 
 def save_member(model, member: Member, delta: str, model_name: str, tokenizer, run_dir: Path, run_info: dict,
-                results: dict) -> None:
+                results: dict, write: bool = True) -> None:
     """Task ``member``'s delta as an ordinary run directory (``run.load_run`` reads it): a classification
-    task's head cut to its own K_t rows, on a base loaded with K_t labels; a generation task's delta as is."""
+    task's head cut to its own K_t rows, on a base loaded with K_t labels; a generation task's delta as is.
+    Under FSDP2 every process calls it (the full tensors are gathered collectively); ``write``: this one
+    writes the files (the main process)."""
     import unipeft as up
     from ..engine import registry
     from ..storage import attach_with_tensors, delta_tensors
     from .run import load_model
 
     d = registry(model).deltas[delta]
-    run_dir.mkdir(parents=True, exist_ok=True)
     if member.outputs:
         heads = tuple(f"linear:{p}." for p in d.head)
         rows = slice(member.offset, member.offset + member.outputs)
         tensors = {k: (v[rows] if k.startswith(heads) else v) for k, v in delta_tensors(model, d).items()}
+        if not write:
+            return  # the gathers above needed this process
+        run_dir.mkdir(parents=True, exist_ok=True)
         own, _ = load_model(model_name, member.task)
         attach_with_tensors(own, d.config, member.name, tensors, tokenizer=tokenizer)
         up.save(own, run_dir / "delta", name=member.name)
     else:
-        up.save(model, run_dir / "delta", name=delta)
+        up.save(model, run_dir / "delta", name=delta)  # under FSDP2 every process gathers, rank 0 writes
+        if not write:
+            return
         run_info = {**run_info, "delta_name": delta}
     fileio.write_json(run_dir / "run.json", run_info, indent=2, default=str)
     fileio.write_json(run_dir / "results.json", results, indent=2, default=str)

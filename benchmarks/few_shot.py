@@ -4,6 +4,10 @@
     python benchmarks/few_shot.py --task bbc --out results/few_shot_bbc.json
     python benchmarks/few_shot.py --tiny            # smoke run: tiny random GPT-2, synthetic sentences (< 1 min)
 
+Every finished cell is written to --out at once, and a rerun with the same settings keeps it: a killed
+run resumes. Rows can run in two processes (``--rows pet --out a.json`` and ``--rows ipet --out
+b.json``), then ``--out a.json --cells-from b.json`` (all rows) prints and writes the whole table.
+
 Rows (SmolLM2-135M unless --model): zero-shot (template + verbalizer, contextual calibration),
 ICL (k = min(|T|, --shots) demonstrations from the |T| labelled examples, seeded, balanced,
 calibrated), supervised head (LoRA + a new classification head, `unipeft train`), prompt-based
@@ -105,8 +109,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--out", help="JSON results, rewritten after every cell; a rerun with the same settings "
                                   "keeps the cells it holds (a killed run resumes)")
+    ap.add_argument("--cells-from", action="append", default=[], metavar="JSON",
+                    help="also keep the finished cells of another run's --out with the same settings (repeatable): "
+                         "rows split over two processes, each with its own --out, then one table")
     args = ap.parse_args(argv)
     args.prompts = args.task
+    missing = [f for f in args.cells_from if not Path(f).is_file()]
+    if missing:
+        ap.error(f"--cells-from {missing[0]}: no such file")
     from unipeft.training.cli import setup_runtime
 
     setup_runtime(threads=args.threads, quiet=True)  # one JSON line per cell and the table; no loading reports
@@ -126,7 +136,9 @@ def main(argv=None) -> dict:
         data = {"data_dir": args.data_dir} if task == "sst2" else {}
     lm = icl.load_lm(model)
     results = {"model": model, "task": task, "sizes": sizes, "seeds": seeds, "settings": vars(args), "cells": []}
-    done = _finished_cells(args.out, results) if args.out else {}
+    done = {}
+    for path in ([args.out] if args.out else []) + args.cells_from:
+        done.update(_finished_cells(path, results))
     for row in rows:
         for size in sizes:
             if (row == "zero-shot") != (size == 0):
@@ -152,8 +164,8 @@ def main(argv=None) -> dict:
     return results
 
 
-# Settings that change a cell's numbers; the others (rows, sizes, seeds lists, out, threads) only choose
-# which cells run, so a rerun that adds rows or sizes keeps the finished ones.
+# Settings that change a cell's numbers; the others (rows, sizes, seeds lists, out, threads, cells_from)
+# only choose which cells run, so a rerun that adds rows or sizes keeps the finished ones.
 _CELL_SETTINGS = ("tiny", "task", "data_dir", "model", "shots", "steps", "final_steps", "train_batch", "unlabelled",
                   "ipet_generations", "dev_limit", "max_length", "max_text_tokens")
 

@@ -40,3 +40,16 @@ def test_a_rerun_with_other_cell_settings_is_refused(few_shot, tmp_path):
     with pytest.raises(SystemExit, match="other settings or seeds"):
         few_shot.main(["--tiny", "--rows", "zero-shot", "--sizes", "0", "--seeds", "0", "--shots", "2",
                        "--out", str(out)])
+
+
+def test_rows_run_apart_come_together_with_cells_from(few_shot, tmp_path, monkeypatch):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--tiny", "--sizes", "0,10", "--seeds", "0", "--steps", "2"]
+    few_shot.main(common + ["--rows", "zero-shot", "--out", str(a)])
+    few_shot.main(common + ["--rows", "icl", "--out", str(b)])
+    monkeypatch.setattr(few_shot, "cell", lambda *a: pytest.fail("a finished cell ran again"))
+    both = few_shot.main(common + ["--rows", "zero-shot,icl", "--out", str(a), "--cells-from", str(b)])
+    assert [c["row"] for c in both["cells"]] == ["zero-shot", "icl"]
+    assert [c["row"] for c in json.loads(a.read_text())["cells"]] == ["zero-shot", "icl"]
+    with pytest.raises(SystemExit):
+        few_shot.main(common + ["--out", str(a), "--cells-from", str(tmp_path / "none.json")])

@@ -5,7 +5,8 @@
     python benchmarks/few_shot.py --tiny            # smoke run: tiny random GPT-2, synthetic sentences (< 1 min)
 
 Every finished cell is written to --out at once, and a rerun with the same settings keeps it: a killed
-run resumes. Rows can run in two processes (``--rows pet --out a.json`` and ``--rows ipet --out
+run resumes (and PET's and iPET's units, kept under <out>.work/, resume inside a cell; iPET
+reuses PET's generation-0 deltas). Rows can run in two processes (``--rows pet --out a.json`` and ``--rows ipet --out
 b.json``), then ``--out a.json --cells-from b.json`` (all rows) prints and writes the whole table.
 
 Rows (SmolLM2-135M unless --model): zero-shot (template + verbalizer, contextual calibration),
@@ -57,6 +58,11 @@ def cell(row: str, size: int, seed: int, args, model: str, task: str, data: dict
     patterns, description = PROMPTS[args.prompts]
     template, verbalizer = patterns[0]
     labelled = {**data, "train_size": size} if size else data
+    if row in ("pet", "ipet") and args.work:
+        # PET and iPET of one (size, seed) share a folder: iPET starts from PET's generation-0 deltas
+        # (pet.run reuses a unit only when its fingerprint matches, so nothing stale is ever merged)
+        return _cell(row, size, seed, args, model, task, data, lm, Path(args.work) / f"pet-n{size}-s{seed}",
+                     template, verbalizer, patterns, description, labelled)
     with tempfile.TemporaryDirectory(prefix=f"few_shot_{row}_") as work:
         return _cell(row, size, seed, args, model, task, data, lm, Path(work), template, verbalizer, patterns,
                      description, labelled)
@@ -109,11 +115,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--out", help="JSON results, rewritten after every cell; a rerun with the same settings "
                                   "keeps the cells it holds (a killed run resumes)")
+    ap.add_argument("--work", help="PET/iPET folders, kept and shared by the two rows (default: <out>.work "
+                                   "with --out, else temporary)")
     ap.add_argument("--cells-from", action="append", default=[], metavar="JSON",
                     help="also keep the finished cells of another run's --out with the same settings (repeatable): "
                          "rows split over two processes, each with its own --out, then one table")
     args = ap.parse_args(argv)
     args.prompts = args.task
+    if args.work is None and args.out:
+        args.work = str(Path(args.out).with_suffix("")) + ".work"
     missing = [f for f in args.cells_from if not Path(f).is_file()]
     if missing:
         ap.error(f"--cells-from {missing[0]}: no such file")
@@ -147,13 +157,17 @@ def main(argv=None) -> dict:
                 results["cells"].append(done[(row, size)])
                 print(json.dumps({**done[(row, size)], "resumed": True}), flush=True)
                 continue
-            accs, secs = [], []
+            accs, secs, reused = [], [], []
             for seed in (seeds[:1] if row == "zero-shot" else seeds):  # zero-shot has nothing to draw
+                if row == "ipet" and args.work:  # starts from PET's generation 0 when PET ran here before
+                    reused.append((Path(args.work) / f"pet-n{size}-s{seed}" / "gen0").is_dir())
                 t0 = time.perf_counter()
                 accs.append(cell(row, size, seed, args, model, task, data, lm))
                 secs.append(time.perf_counter() - t0)
             rec = {"row": row, "size": size, "accuracy": accs, "mean": statistics.mean(accs),
                    "std": statistics.pstdev(accs), "seconds_per_run": statistics.mean(secs)}
+            if any(reused):
+                rec["after_pet_runs"] = sum(reused)  # runs whose time leaves out PET's generation 0
             results["cells"].append(rec)
             print(json.dumps(rec), flush=True)
             if args.out:
@@ -164,7 +178,7 @@ def main(argv=None) -> dict:
     return results
 
 
-# Settings that change a cell's numbers; the others (rows, sizes, seeds lists, out, threads, cells_from)
+# Settings that change a cell's numbers; the others (rows, sizes, seeds lists, out, threads, cells_from, work)
 # only choose which cells run, so a rerun that adds rows or sizes keeps the finished ones.
 _CELL_SETTINGS = ("tiny", "task", "data_dir", "model", "shots", "steps", "final_steps", "train_batch", "unlabelled",
                   "ipet_generations", "dev_limit", "max_length", "max_text_tokens")
@@ -197,7 +211,10 @@ def table(results: dict) -> str:
         cells = {c["size"]: c for c in results["cells"] if c["row"] == row}
         vals = [f"{100 * cells[s]['mean']:.1f} ± {100 * cells[s]['std']:.1f}" if s in cells else "" for s in sizes]
         secs = statistics.mean(c["seconds_per_run"] for c in cells.values())
-        lines.append(f"| {row} | " + " | ".join(vals) + f" | {secs:.1f} |")
+        after = any(c.get("after_pet_runs") for c in cells.values())
+        lines.append(f"| {row} | " + " | ".join(vals) + f" | {secs:.1f}{' + PET' if after else ''} |")
+    if any(c.get("after_pet_runs") for c in results["cells"]):
+        lines.append("\n+ PET: iPET started from the PET row's generation-0 deltas; its time adds to PET's.")
     return "\n".join(lines)
 
 

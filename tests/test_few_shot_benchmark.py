@@ -53,3 +53,14 @@ def test_rows_run_apart_come_together_with_cells_from(few_shot, tmp_path, monkey
     assert [c["row"] for c in json.loads(a.read_text())["cells"]] == ["zero-shot", "icl"]
     with pytest.raises(SystemExit):
         few_shot.main(common + ["--out", str(a), "--cells-from", str(tmp_path / "none.json")])
+
+
+def test_ipet_starts_from_pets_generation_0_and_says_so(few_shot, tmp_path):
+    out = tmp_path / "pet.json"
+    res = few_shot.main(["--tiny", "--rows", "pet,ipet", "--sizes", "10", "--seeds", "0", "--steps", "2",
+                         "--final-steps", "2", "--unlabelled", "16", "--ipet-generations", "1", "--out", str(out)])
+    ipet = res["cells"][1]
+    assert ipet["row"] == "ipet" and ipet["after_pet_runs"] == 1
+    done = json.loads((tmp_path / "pet.work" / "pet-n10-s0" / "results.json").read_text())
+    assert done["generations"] == 1 and done["reused"] == ["gen0/p0", "gen0/p1"]
+    assert "+ PET |" in few_shot.table(res)

@@ -165,6 +165,17 @@ def test_ipet_grows_each_training_set_by_d(files, tmp_path):
         run(files, tmp_path / "one", small(generations=1), patterns=PATTERNS[:1])
 
 
+def test_ipet_after_pet_in_the_same_folder_starts_from_pets_generation_0(files, tmp_path):
+    out = tmp_path / "both"
+    pet_res = run(files, out, small())
+    ipet = run(files, out, small(generations=1))
+    assert ipet["reused"] == ["gen0/p0", "gen0/p1"] and ipet["trained"] == ["gen1/p0", "gen1/p1", "final"]
+    fresh = run(files, tmp_path / "fresh", small(generations=1))
+    assert ipet["dev"] == fresh["dev"] and ipet["ensemble_dev"] == fresh["ensemble_dev"]
+    again = run(files, out, small())  # and PET again: its own soft labels and classifier, nothing stale
+    assert again["dev"] == pet_res["dev"] and again["ensemble_dev"] == pet_res["ensemble_dev"]
+
+
 def test_cli_pet_json_and_resume(files, tmp_path, capsys):
     args = ["pet", "--model", files["model"], "--task", "sent", "--train", files["data"]["train"], "--dev",
             files["data"]["dev"], "--template", " || ".join(p for p, _ in PATTERNS),

@@ -19,7 +19,8 @@ ensemble makes the soft labels.
 Resumable and without stale results: every unit (a pattern's delta in a generation, the soft labels,
 the final classifier) is written to its own folder with the fingerprint of everything it depends on
 (base model, data, settings, the units before it) and a ``done.json`` written LAST. A rerun reuses a
-unit only when its ``done.json`` and its scores carry the expected fingerprint; the ensemble reads
+unit only when its ``done.json`` and its scores carry the expected fingerprint (so iPET run after PET in
+the same folder starts from PET's generation 0); the ensemble reads
 exactly the units the current settings name, never whatever files lie in the folder (the reference
 code merged stale logits files of a restarted run, pet issue 14). Multi-token verbalizer words are
 scored whole with any tokenizer (pet issue 92's BPE assertion does not exist here).
@@ -285,6 +286,9 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
               "unlabelled": _examples_hash(unlabelled), "dev": _examples_hash(dev), "method": cfg.method,
               "method_config": method_cfg.to_dict(), "lr": lr, "config": dataclasses.asdict(cfg)}
     del common["config"]["final_steps"]  # only the final classifier depends on it
+    # nor does a generation's unit depend on how many generations follow it: PET and then iPET with the same
+    # out reuse PET's generation-0 deltas (the soft labels and the final classifier name their own units)
+    del common["config"]["generations"]
     fileio.write_json(out / "pet.json", {"model": model, "task": t.name, "patterns": [h.to_dict() for h in heads],
                                          "train_size": len(labelled), "unlabelled_size": len(unlabelled),
                                          "config": dataclasses.asdict(cfg)}, indent=2)

@@ -164,6 +164,8 @@ def main(argv=None) -> dict:
                 t0 = time.perf_counter()
                 accs.append(cell(row, size, seed, args, model, task, data, lm))
                 secs.append(time.perf_counter() - t0)
+                # a cell is up to three runs of minutes each: a line per run on stderr shows it moving
+                print(f"{row} |T|={size} seed {seed}: {accs[-1]:.3f} in {secs[-1]:.0f} s", file=sys.stderr, flush=True)
             rec = {"row": row, "size": size, "accuracy": accs, "mean": statistics.mean(accs),
                    "std": statistics.pstdev(accs), "seconds_per_run": statistics.mean(secs)}
             if any(reused):

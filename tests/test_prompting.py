@@ -172,6 +172,40 @@ def test_cache_reuse_is_exact_with_input_and_attention_deltas(method):
     assert torch.allclose(s.scores(EXAMPLES), s.naive(EXAMPLES), atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_logits_at_runs_the_output_layer_on_the_scored_positions_only(family):
+    from unipeft.prompting.scoring import logits_at
+
+    model, _ = lm(family)
+    up.attach(model, up.LoRA(r=2), name="d")  # gradients must reach a delta through the picked positions
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    ids = torch.randint(5, 60, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    rows, pos = torch.tensor([0, 1, 1, 2]), torch.tensor([6, 2, 3, 4])
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        got = logits_at(model, rows, pos, input_ids=ids, attention_mask=mask)
+    finally:
+        hook.remove()
+    assert seen == [(1, 4, model.config.vocab_size)]  # 4 positions, not 3 x 7
+    full = model(input_ids=ids, attention_mask=mask).logits[rows, pos]
+    assert torch.allclose(got, full, atol=1e-5)
+    grads = []
+    for logits in (got, full):
+        model.zero_grad()
+        logits.log_softmax(-1)[:, 7].sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    # a model whose output layer is not what get_output_embeddings() names: every position, picked
+    model.get_output_embeddings = lambda: None
+    assert torch.allclose(logits_at(model, rows, pos, input_ids=ids, attention_mask=mask), full, atol=1e-5)
+
+
 def test_masked_lm_scores_multi_token_words_at_expanded_masks():
     model, tok = lm("bert")
     t, v = Template(PATTERN), Verbalizer(WORDS)

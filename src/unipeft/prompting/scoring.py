@@ -102,6 +102,39 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def logits_at(model, rows: torch.Tensor, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """The model's logits at the positions (rows[i], positions[i]) only, (N, vocab), gradients flowing.
+
+    A word's score needs the logits at a few positions of each row, not at all of them; the output layer
+    (``get_output_embeddings()``, transformers' own accessor) is handed just those hidden states, so the
+    vocabulary product, its backward and its (batch x length x vocab) memory are paid for N positions:
+    about a fifth of SmolLM2-135M's forward pass (49,152 words) on short prompts. When the layer is not
+    called once on (batch, length, hidden) states (a model built otherwise), every position's logits are
+    computed and picked: the same numbers, at the full price."""
+    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen = []
+
+    def pick(module, args):
+        hidden = args[0]
+        if seen or not torch.is_tensor(hidden) or hidden.dim() != 3:
+            seen.append(None)  # a second call or another input: not the case this handles
+            return None
+        seen.append(hidden.shape)
+        return (hidden[rows, positions].unsqueeze(0), *args[1:])
+
+    handle = out_layer.register_forward_pre_hook(pick) if isinstance(out_layer, torch.nn.Module) else None
+    try:
+        logits = model(**inputs).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if len(seen) == 1 and seen[0] is not None and logits.shape[:2] == (1, rows.numel()):
+        return logits[0]
+    if not seen:  # the layer never ran on its own: these are every position's logits
+        return logits[rows, positions]
+    return model(**inputs).logits[rows, positions]
+
+
 def causal_word_logprobs(model, contexts: list[list[int]], words: list[list[int]], cache=None,
                          prefix_len: int = 0, pad_id: int = 0) -> torch.Tensor:
     """log p(words[i] | prefix, contexts[i]) for every row i, in one forward pass (gradients flow when enabled).
@@ -124,14 +157,14 @@ def causal_word_logprobs(model, contexts: list[list[int]], words: list[list[int]
     kw = {}
     if cache is not None:
         kw = {cache_argument(model): expand_cache(cache, len(uniq)), "use_cache": True}
-    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw).logits
     rows, pos, tok = [], [], []
     for r, (c, w) in enumerate(zip(contexts, words)):
         for j, t in enumerate(w):
             rows.append(where[keys[r]])
             pos.append(len(c) - 1 + j)
             tok.append(t)
-    picked = logits[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)].float().log_softmax(-1)
+    picked = logits_at(model, torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
+                       input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw).float().log_softmax(-1)
     per_token = picked[torch.arange(len(tok), device=dev), torch.tensor(tok, device=dev)]
     owner = torch.repeat_interleave(torch.arange(len(words), device=dev), torch.tensor([len(w) for w in words],
                                                                                        device=dev))
@@ -156,7 +189,6 @@ def masked_word_logprobs(model, inputs: list[list[int]], words: list[list[int]],
     for i, (k, _) in enumerate(uniq):
         ids[i, :len(k)] = torch.tensor(k, dtype=torch.long)
         mask[i, :len(k)] = 1
-    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
     rows, pos, tok, owner = [], [], [], []
     for r, (key, w) in enumerate(zip(keys, words)):
         for j, t in enumerate(w):
@@ -164,7 +196,8 @@ def masked_word_logprobs(model, inputs: list[list[int]], words: list[list[int]],
             pos.append(key[1] + j)
             tok.append(t)
             owner.append(r)
-    picked = logits[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)].float().log_softmax(-1)
+    picked = logits_at(model, torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
+                       input_ids=ids.to(dev), attention_mask=mask.to(dev)).float().log_softmax(-1)
     per_token = picked[torch.arange(len(tok), device=dev), torch.tensor(tok, device=dev)]
     return torch.zeros(len(words), device=dev).index_add(0, torch.tensor(owner, device=dev), per_token)
 

@@ -52,6 +52,29 @@ def test_alpha_weights_the_language_modelling_loss():
         pet.PETConfig(lm_weight=0.9999)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_the_lm_loss_is_the_models_own_over_the_predicted_tokens(family):
+    """Next-token loss over the real tokens (causal) or the loss at 15% masked tokens (masked), as the
+    model's full logits give it, though only the predicted positions' logits are computed."""
+    model, tok = tiny.make(family, "mlm" if family == "bert" else "lm"), tiny.tokenizer(family)
+    tok.add_special_tokens({"mask_token": "[MASK]"})
+    texts = ["the movie was good", "a plot", "it is very dull and boring"]
+    got = pet._lm_loss(model, tok, texts, 32, torch.Generator().manual_seed(0))
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if family == "gpt2":
+        logits = model(**enc).logits[:, :-1]
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    else:
+        special = torch.tensor([[t in tok.all_special_ids for t in row] for row in ids.tolist()])
+        pick = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.15) & (mask == 1) & ~special
+        assert pick.any()
+        logits = model(input_ids=ids.masked_fill(pick, tok.mask_token_id), attention_mask=mask).logits
+        target = ids.masked_fill(~pick, -100)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_training_adds_alpha_times_the_lm_loss(monkeypatch):
     model, tok = tiny.make("gpt2"), tiny.tokenizer("gpt2")
     calls = []

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .. import fileio, progress
 from ..errors import UnipeftError
 from .head import PromptHead
-from .scoring import lm_kind
+from .scoring import lm_kind, logits_at
 
 DONE = "done.json"
 SCORES = "scores.safetensors"
@@ -133,18 +133,20 @@ def _lm_loss(lm, tokenizer, texts: list[str], max_length: int, gen: torch.Genera
     dev = next(lm.parameters()).device
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    # the vocabulary logits only where a token is predicted (scoring.logits_at): the real next tokens of a
+    # causal LM (not the padding), the 15% masked positions of a masked LM
     if lm_kind(lm) == "causal":
-        logits = lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, :-1]
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        rows, pos = (mask[:, 1:] == 1).nonzero(as_tuple=True)
+        target, inputs = ids[rows, pos + 1], ids
     else:
         special = torch.tensor([[t in tokenizer.all_special_ids for t in row] for row in ids.tolist()])
         pick = (torch.rand(ids.shape, generator=gen) < 0.15) & (mask == 1) & ~special
-        if not pick.any():
-            return torch.zeros((), device=dev)
-        target = ids.masked_fill(~pick, -100)
-        logits = lm(input_ids=ids.masked_fill(pick, tokenizer.mask_token_id).to(dev),
-                    attention_mask=mask.to(dev)).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten().to(dev), ignore_index=-100)
+        rows, pos = pick.nonzero(as_tuple=True)
+        target, inputs = ids[rows, pos], ids.masked_fill(pick, tokenizer.mask_token_id)
+    if not len(rows):
+        return torch.zeros((), device=dev)
+    logits = logits_at(lm, rows.to(dev), pos.to(dev), input_ids=inputs.to(dev), attention_mask=mask.to(dev))
+    return F.cross_entropy(logits.float(), target.to(dev))
 
 
 def _encode(tokenizer, items, max_length: int):

@@ -174,7 +174,7 @@ def test_cache_reuse_is_exact_with_input_and_attention_deltas(method):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_logits_at_runs_the_output_layer_on_the_scored_positions_only(family):
-    from unipeft.prompting.scoring import logits_at
+    from unipeft.model_parts import logits_at
 
     model, _ = lm(family)
     up.attach(model, up.LoRA(r=2), name="d")  # gradients must reach a delta through the picked positions

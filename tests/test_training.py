@@ -207,6 +207,37 @@ def test_generation_tasks_train_and_generate_with_lora_prompt_and_prefix(models)
     assert {"bleu", "rouge_l"} <= set(trainer.evaluate(generation=True))
 
 
+@pytest.mark.parametrize("method", [up.LoRA(r=4), up.PromptTuning(length=3, init="random")], ids=["lora", "prompt"])
+def test_causal_loss_from_the_target_positions_is_the_models_own(models, method):
+    """The trainer's causal-LM loss computes the vocabulary logits only before target tokens: the same loss
+    and gradients as the model's own loss over every position (prompts and padding ignored)."""
+    from unipeft.training.trainer import causal_lm_loss
+
+    model, tok = load(models["gpt2-lm-nodrop"], GEN)
+    up.attach(model, method, name="t", tokenizer=tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)  # LoRA's B starts at zero: give the delta an effect
+    enc = encode(GEN, gen_examples(5), tok, 64)
+    batch = Collator(tok.pad_token_id or 0)([enc.example(i) for i in range(5)])
+    assert (batch["labels"] == IGNORE).float().mean() > 0.3  # prompts and padding: many positions left out
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[:-1]))
+    results = []
+    for loss_of in (lambda: causal_lm_loss(model, batch), lambda: model(**batch).loss):
+        model.zero_grad(set_to_none=True)
+        loss = loss_of()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    hook.remove()
+    targets = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert seen[0] == (1, targets) and seen[1] == batch["input_ids"].shape  # the vocabulary product: targets only
+    (a, ga), (b, gb) = results
+    assert a == pytest.approx(b, rel=1e-6)
+    assert all(torch.allclose(ga[n], gb[n], atol=1e-6) for n in ga)
+
+
 def test_gradient_accumulation_equals_the_large_batch(models):
     exs = sent_examples(48)
     kw = dict(method=up.FullFineTune(), lr=1e-3, max_steps=3, group_by_length=False, max_grad_norm=None)

@@ -1,5 +1,6 @@
 """Parts of a model the engine finds by its structure, not by names: the task head (and the copy
-of it each delta trains), and the input stacks where prompt methods enter.
+of it each delta trains), the input stacks where prompt methods enter, and the output layer, whose
+vocabulary logits ``logits_at`` computes at chosen positions only.
 
 Kept apart from the engine's bookkeeping (``engine.py``) because both are questions about the
 model's shape: which children are a freshly initialised head rather than the backbone or the
@@ -7,6 +8,7 @@ pretrained output embeddings, and which module embeds the tokens a prompt is put
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from . import positions as pos
@@ -118,3 +120,43 @@ def _path_of(model: nn.Module, target: nn.Module) -> str:
         if m is target:
             return n
     raise UnipeftError(f"module {type(target).__name__} is not part of the model")
+
+
+# ---------------------------------------------------------------------------
+# The output layer
+# ---------------------------------------------------------------------------
+
+def logits_at(model, rows: torch.Tensor, positions: torch.Tensor, *, out_layer=None, **inputs) -> torch.Tensor:
+    """The model's logits at the positions (rows[i], positions[i]) only, (N, vocab), gradients flowing.
+
+    A verbalizer word's score needs the logits at a few positions of each row, a causal LM's loss those
+    before its target tokens only (not the prompt's, not the padding's); the output layer
+    (``get_output_embeddings()``, transformers' own accessor) is handed just those hidden states, so the
+    vocabulary product, its backward and its (batch x length x vocab) memory are paid for N positions:
+    about a fifth of SmolLM2-135M's forward pass (49,152 words). When the layer is not
+    called once on (batch, length, hidden) states (a model built otherwise), every position's logits are
+    computed and picked: the same numbers, at the full price. ``out_layer``: that layer, when ``model`` is a
+    wrapper (DDP) that does not give it."""
+    if out_layer is None and hasattr(model, "get_output_embeddings"):
+        out_layer = model.get_output_embeddings()
+    seen = []
+
+    def pick(module, args):
+        hidden = args[0]
+        if seen or not torch.is_tensor(hidden) or hidden.dim() != 3:
+            seen.append(None)  # a second call or another input: not the case this handles
+            return None
+        seen.append(hidden.shape)
+        return (hidden[rows, positions].unsqueeze(0), *args[1:])
+
+    handle = out_layer.register_forward_pre_hook(pick) if isinstance(out_layer, nn.Module) else None
+    try:
+        logits = model(**inputs).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if len(seen) == 1 and seen[0] is not None and logits.shape[:2] == (1, rows.numel()):
+        return logits[0]
+    if not seen:  # the layer never ran on its own: these are every position's logits
+        return logits[rows, positions]
+    return model(**inputs).logits[rows, positions]

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from .. import fileio, progress
 from ..errors import UnipeftError
 from .head import PromptHead
-from .scoring import lm_kind, logits_at
+from ..model_parts import logits_at
+from .scoring import lm_kind
 
 DONE = "done.json"
 SCORES = "scores.safetensors"
@@ -133,7 +134,7 @@ def _lm_loss(lm, tokenizer, texts: list[str], max_length: int, gen: torch.Genera
     dev = next(lm.parameters()).device
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    # the vocabulary logits only where a token is predicted (scoring.logits_at): the real next tokens of a
+    # the vocabulary logits only where a token is predicted (model_parts.logits_at): the real next tokens of a
     # causal LM (not the padding), the 15% masked positions of a masked LM
     if lm_kind(lm) == "causal":
         rows, pos = (mask[:, 1:] == 1).nonzero(as_tuple=True)

@@ -23,6 +23,7 @@ import re
 import torch
 
 from ..errors import UnipeftError
+from ..model_parts import logits_at
 
 
 def lm_kind(model) -> str:
@@ -100,39 +101,6 @@ def expand_cache(cache, n: int):
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def logits_at(model, rows: torch.Tensor, positions: torch.Tensor, **inputs) -> torch.Tensor:
-    """The model's logits at the positions (rows[i], positions[i]) only, (N, vocab), gradients flowing.
-
-    A word's score needs the logits at a few positions of each row, not at all of them; the output layer
-    (``get_output_embeddings()``, transformers' own accessor) is handed just those hidden states, so the
-    vocabulary product, its backward and its (batch x length x vocab) memory are paid for N positions:
-    about a fifth of SmolLM2-135M's forward pass (49,152 words) on short prompts. When the layer is not
-    called once on (batch, length, hidden) states (a model built otherwise), every position's logits are
-    computed and picked: the same numbers, at the full price."""
-    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    seen = []
-
-    def pick(module, args):
-        hidden = args[0]
-        if seen or not torch.is_tensor(hidden) or hidden.dim() != 3:
-            seen.append(None)  # a second call or another input: not the case this handles
-            return None
-        seen.append(hidden.shape)
-        return (hidden[rows, positions].unsqueeze(0), *args[1:])
-
-    handle = out_layer.register_forward_pre_hook(pick) if isinstance(out_layer, torch.nn.Module) else None
-    try:
-        logits = model(**inputs).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    if len(seen) == 1 and seen[0] is not None and logits.shape[:2] == (1, rows.numel()):
-        return logits[0]
-    if not seen:  # the layer never ran on its own: these are every position's logits
-        return logits[rows, positions]
-    return model(**inputs).logits[rows, positions]
 
 
 def causal_word_logprobs(model, contexts: list[list[int]], words: list[list[int]], cache=None,

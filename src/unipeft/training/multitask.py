@@ -49,7 +49,7 @@ from ..errors import UnipeftError, choices
 from . import distributed as dist
 from .batching import IGNORE, Encoded, encode, length_grouped
 from .tasks import Task
-from .trainer import Trainer
+from .trainer import Trainer, causal_lm_loss
 
 SAMPLING = ("proportional", "temperature")
 MODES = ("per_task", "shared")
@@ -315,6 +315,8 @@ class MultiTaskTrainer(Trainer):
         routed = route(self.raw_model, self.route_names(rows)) if self.per_task else contextlib.nullcontext()
         with routed, autocast(self.precision, dev):
             if self.task.kind != "classification":
+                if self.out_layer is not None:  # causal tasks: logits before the target tokens only
+                    return causal_lm_loss(self.model, batch, self.out_layer), None
                 return self.model(**batch).loss, None
             labels = batch.pop("labels")
             logits = self.model(**batch).logits.float()

@@ -169,6 +169,22 @@ def loss_units(task: Task, enc: Encoded, aux: bool = False) -> torch.Tensor:
     return units
 
 
+def causal_lm_loss(model, batch: dict, out_layer=None) -> torch.Tensor:
+    """A causal LM's mean next-token loss over the batch's target tokens, as the model's own loss computes
+    it (the logits at position p predict the label at p + 1; IGNORE labels do not count), with the
+    vocabulary logits computed at the predicting positions only (``model_parts.logits_at``): a
+    prompt's and the padding's positions cost no vocabulary product, no log-softmax, no memory."""
+    from ..model_parts import logits_at
+
+    labels = batch["labels"]
+    rows, pos = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    if not len(rows):  # no target token at all: the model's own (undefined) loss, as before
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = logits_at(model, rows, pos, out_layer=out_layer, **inputs)
+    return torch.nn.functional.cross_entropy(logits.float(), labels[rows, pos + 1])
+
+
 def linear_schedule(warmup: int, total: int, kind: str):
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -260,6 +276,10 @@ class Trainer:
         # methods that follow a schedule over the whole training (AdaLoRA's rank budget) learn its length
         step_hooks.plan(self.raw_model, self.total_steps)
         self.aux = AuxLM(self.raw_model, task, cfg.aux_lm_weight) if cfg.aux_lm_weight > 0 else None
+        # a causal LM's loss from the logits before its target tokens only (causal_lm_loss); the auxiliary
+        # LM loss reads every position's logits, so it keeps the model's own loss
+        out_layer = self.raw_model.get_output_embeddings() if task.causal and self.aux is None else None
+        self.out_layer = out_layer if isinstance(out_layer, torch.nn.Module) else None
 
         # run state (what a checkpoint restores)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
@@ -433,6 +453,8 @@ class Trainer:
         batch = {k: v.to(self.accelerator.device) for k, v in
                  self.collate([self.train_enc.example(i) for i in idx]).items()}
         with autocast(self.precision, self.accelerator.device):
+            if self.out_layer is not None:
+                return causal_lm_loss(self.model, batch, self.out_layer), None
             out = self.model(**batch)
             aux = self.aux.loss(batch, out) if self.aux is not None else None
         return out.loss, aux

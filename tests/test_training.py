@@ -211,7 +211,7 @@ def test_generation_tasks_train_and_generate_with_lora_prompt_and_prefix(models)
 def test_causal_loss_from_the_target_positions_is_the_models_own(models, method):
     """The trainer's causal-LM loss computes the vocabulary logits only before target tokens: the same loss
     and gradients as the model's own loss over every position (prompts and padding ignored)."""
-    from unipeft.training.trainer import causal_lm_loss
+    from unipeft.training.evaluation import causal_lm_loss
 
     model, tok = load(models["gpt2-lm-nodrop"], GEN)
     up.attach(model, method, name="t", tokenizer=tok)
@@ -236,6 +236,15 @@ def test_causal_loss_from_the_target_positions_is_the_models_own(models, method)
     (a, ga), (b, gb) = results
     assert a == pytest.approx(b, rel=1e-6)
     assert all(torch.allclose(ga[n], gb[n], atol=1e-6) for n in ga)
+
+
+def test_dev_loss_of_a_causal_lm_is_the_models_own(models):
+    from unipeft.training.evaluation import mean_loss
+
+    model, tok = load(models["gpt2-lm-nodrop"], GEN)
+    enc = encode(GEN, gen_examples(7), tok, 64)
+    picked = mean_loss(model, enc, tok, batch_size=3, causal=True)
+    assert picked == pytest.approx(mean_loss(model, enc, tok, batch_size=3), rel=1e-6)
 
 
 def test_gradient_accumulation_equals_the_large_batch(models):

@@ -107,10 +107,27 @@ def predict(model, task: Task, enc: Encoded, tokenizer, batch_size: int = 64, pr
     return _gather_by_index([None] * len(enc), local, shard)
 
 
+def causal_lm_loss(model, batch: dict, out_layer=None) -> torch.Tensor:
+    """A causal LM's mean next-token loss over the batch's target tokens, as the model's own loss computes
+    it (the logits at position p predict the label at p + 1; IGNORE labels do not count), with the
+    vocabulary logits computed at the predicting positions only (``model_parts.logits_at``): a
+    prompt's and the padding's positions cost no vocabulary product, no log-softmax, no memory."""
+    from ..model_parts import logits_at
+
+    labels = batch["labels"]
+    rows, pos = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    if not len(rows):  # no target token at all: the model's own (undefined) loss, as before
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = logits_at(model, rows, pos, out_layer=out_layer, **inputs)
+    return torch.nn.functional.cross_entropy(logits.float(), labels[rows, pos + 1])
+
+
 @torch.no_grad()
 def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: str = "fp32", shard=None,
-              label: str = "evaluating") -> float:
-    """The loss over a split, weighted by examples (or by target tokens for generation tasks)."""
+              label: str = "evaluating", causal: bool = False) -> float:
+    """The loss over a split, weighted by examples (or by target tokens for generation tasks). ``causal``:
+    a causal LM's loss from the logits before its target tokens only (``causal_lm_loss``)."""
     collate = Collator(pad_id(tokenizer))
     dev = _device(model)
     total, weight = 0.0, 0
@@ -119,10 +136,11 @@ def mean_loss(model, enc: Encoded, tokenizer, batch_size: int = 32, precision: s
             bar.update(len(idx) * (1 if shard is None else shard[1]))
             batch = {k: v.to(dev) for k, v in collate([enc.example(i) for i in idx]).items()}
             with autocast(precision, dev):
-                loss = model(**batch).loss.float().item()
+                loss = (causal_lm_loss(model, batch) if causal else model(**batch).loss).float().item()
             labels = batch["labels"]
-            # the model's loss is a mean over target tokens (generation) or examples: weight it back
-            w = int((labels != IGNORE).sum()) if labels.dim() == 2 else len(idx)
+            # the loss is a mean over target tokens (generation) or examples: weight it back (a causal LM
+            # predicts from position 1 on: a label at position 0 has no logits before it)
+            w = int(((labels[:, 1:] if causal else labels) != IGNORE).sum()) if labels.dim() == 2 else len(idx)
             total += loss * w
             weight += w
     if shard is not None:  # summed in rank order, so every process gets the same number
@@ -198,7 +216,8 @@ def evaluate(model, task: Task, examples: list[dict], tokenizer, *, max_length: 
             else f"{len(examples):,} examples, loss only"
         progress.note(f"{label}: {what}", speaks)
         enc = encoded if encoded is not None else encode(task, examples, tokenizer, max_length, quiet=True)
-        out["loss"] = mean_loss(model, enc, tokenizer, max(1, batch_size // 2), precision, shard, label)
+        out["loss"] = mean_loss(model, enc, tokenizer, max(1, batch_size // 2), precision, shard, label,
+                                causal=task.causal)
         if generation:
             preds = generate(model, task, sources, tokenizer, max_length=max_length, max_new_tokens=max_new_tokens,
                              num_beams=num_beams, batch_size=max(1, batch_size // 4), precision=precision,

@@ -48,8 +48,9 @@ from .. import fileio
 from ..errors import UnipeftError, choices
 from . import distributed as dist
 from .batching import IGNORE, Encoded, encode, length_grouped
+from .evaluation import causal_lm_loss
 from .tasks import Task
-from .trainer import Trainer, causal_lm_loss
+from .trainer import Trainer
 
 SAMPLING = ("proportional", "temperature")
 MODES = ("per_task", "shared")

@@ -43,7 +43,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .aux_lm import AuxLM
 from .batching import IGNORE, Collator, Encoded, batch_order, encode
-from .evaluation import autocast, cap_examples, evaluate, pad_id
+from .evaluation import autocast, cap_examples, causal_lm_loss, evaluate, pad_id
 from .metrics import is_better
 from .tasks import Task
 
@@ -167,22 +167,6 @@ def loss_units(task: Task, enc: Encoded, aux: bool = False) -> torch.Tensor:
         if aux:
             return lengths - 1 - units
     return units
-
-
-def causal_lm_loss(model, batch: dict, out_layer=None) -> torch.Tensor:
-    """A causal LM's mean next-token loss over the batch's target tokens, as the model's own loss computes
-    it (the logits at position p predict the label at p + 1; IGNORE labels do not count), with the
-    vocabulary logits computed at the predicting positions only (``model_parts.logits_at``): a
-    prompt's and the padding's positions cost no vocabulary product, no log-softmax, no memory."""
-    from ..model_parts import logits_at
-
-    labels = batch["labels"]
-    rows, pos = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
-    if not len(rows):  # no target token at all: the model's own (undefined) loss, as before
-        return model(**batch).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = logits_at(model, rows, pos, out_layer=out_layer, **inputs)
-    return torch.nn.functional.cross_entropy(logits.float(), labels[rows, pos + 1])
 
 
 def linear_schedule(warmup: int, total: int, kind: str):

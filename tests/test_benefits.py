@@ -169,13 +169,18 @@ def test_compare_reports_forgetting_and_changed_parameters(gen_setup, tmp_path, 
     assert (out / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_train_sizes_sweep_writes_the_table_and_plot(tmp_path, capsys):
-    root = tmp_path
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory):
+    """A tiny BERT classifier and a sentiment task's train/dev files for the low-data sweeps."""
+    root = tmp_path_factory.mktemp("sweep")
     rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(80)]
-    model = tiny.save(root / "bert", "bert", "cls")
-    train = tiny.write_csv(root / "train.csv", ["text", "label"], rows[:60])
-    dev = tiny.write_csv(root / "dev.csv", ["text", "label"], rows[60:])
-    out = root / "low"
+    return (tiny.save(root / "bert", "bert", "cls"), tiny.write_csv(root / "train.csv", ["text", "label"], rows[:60]),
+            tiny.write_csv(root / "dev.csv", ["text", "label"], rows[60:]))
+
+
+def test_train_sizes_sweep_writes_the_table_and_plot(sweep_files, tmp_path, capsys):
+    model, train, dev = sweep_files
+    out = tmp_path / "low"
     assert main(["compare", "--model", model, "--task", "s", "--train", train, "--dev", dev, "--methods",
                  "lora,bitfit", "--train-sizes", "8,16", "--seeds", "0,1", "--max-steps", "4", "--batch-size", "4",
                  "--precision", "fp32", "--threads", "1", "--in-process", "--quiet", "--out", str(out)]) == 0
@@ -194,11 +199,8 @@ def test_train_sizes_sweep_writes_the_table_and_plot(tmp_path, capsys):
         low_data.parse_sizes("10,0")
 
 
-def test_a_resumed_sweep_keeps_finished_runs_and_refuses_other_settings(tmp_path, capsys):
-    rows = [(t, ["neg", "pos"][y]) for t, y in tiny.sentiment_rows(80)]
-    model = tiny.save(tmp_path / "bert", "bert", "cls")
-    train = tiny.write_csv(tmp_path / "train.csv", ["text", "label"], rows[:60])
-    dev = tiny.write_csv(tmp_path / "dev.csv", ["text", "label"], rows[60:])
+def test_a_resumed_sweep_keeps_finished_runs_and_refuses_other_settings(sweep_files, tmp_path, capsys):
+    model, train, dev = sweep_files
     out = tmp_path / "low"
     args = ["compare", "--model", model, "--task", "s", "--train", train, "--dev", dev, "--methods", "bitfit",
             "--train-sizes", "8", "--batch-size", "4", "--precision", "fp32", "--threads", "1", "--in-process",

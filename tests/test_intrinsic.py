@@ -262,7 +262,7 @@ def test_bfloat16_base_computes_the_projection_in_float32():
     ({"d": 64, "targets": "nonexistent_map"}, r"target 'nonexistent_map' matches no linear module"),
 ])
 def test_bad_sizes_one_line_error_and_model_unchanged(kwargs, match):
-    model, x = tiny.make("llama"), tiny.batch("llama")
+    model = tiny.make("llama")
     before = base_state(model)
     classes = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(up.UnipeftError, match=match) as e:

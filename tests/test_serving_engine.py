@@ -1,6 +1,5 @@
 """The serving engine on tiny models: byte-sized LRU cache, batches across deltas equal to each
 request alone, hot add and remove, streaming and stop strings, one bad delta failing alone."""
-import concurrent.futures
 import shutil
 import threading
 

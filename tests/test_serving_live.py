@@ -2,7 +2,6 @@
 chat, streaming); a load test (2,000 requests over 50 deltas of mixed methods from 32 concurrent
 clients, deltas uploaded and deleted meanwhile: no errors, every answer identical to the same
 request sent alone, p50/p99 reported); a SIGKILL and restart that loses nothing."""
-import json
 import os
 import random
 import signal

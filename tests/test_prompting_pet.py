@@ -34,10 +34,10 @@ def run(files, out, cfg, patterns=PATTERNS, **kw):
                    unlabelled_size=24, **kw)
 
 
-def soft_labels(out):
+def soft_labels(out, generation=0):
     from safetensors.torch import load_file
 
-    return load_file(str(out / "soft_labels" / pet.SCORES))["probs"]
+    return load_file(str(out / f"gen{generation}" / "soft_labels" / pet.SCORES))["probs"]
 
 
 # ---------------------------------------------------------------------------
@@ -111,14 +111,14 @@ def test_training_adds_alpha_times_the_lm_loss(monkeypatch):
 def test_resume_retrains_only_incomplete_units_and_ignores_stray_files(files, tmp_path):
     out = tmp_path / "run"
     first = run(files, out, small())
-    assert first["trained"] == ["gen0/p0", "gen0/p1", "final"] and first["reused"] == []
+    assert first["trained"] == ["gen0/p0", "gen0/p1", "gen0/final"] and first["reused"] == []
     soft = soft_labels(out)
     assert soft.shape == (24, 2) and torch.allclose(soft.sum(-1), torch.ones(24))
     # a killed run: p1's scores written, its done.json not yet; a stray unit folder from some other run
     (out / "gen0" / "p1" / pet.DONE).unlink()
     shutil.copytree(out / "gen0" / "p0", out / "gen0" / "p7")
     again = run(files, out, small())
-    assert again["trained"] == ["gen0/p1"] and again["reused"] == ["gen0/p0", "final"]
+    assert again["trained"] == ["gen0/p1"] and again["reused"] == ["gen0/p0", "gen0/final"]
     assert torch.allclose(soft_labels(out), soft, atol=1e-6)  # the retrained unit is the same (seeded)
     assert again["ensemble_dev"] == first["ensemble_dev"]
 
@@ -171,7 +171,7 @@ def test_multi_token_verbalizers_with_bpe(files, tmp_path):
     assert torch.allclose(s.scores(ex), s.naive(ex), atol=1e-4)
     files = dict(files, model=folder)
     res = run(files, tmp_path / "run", small(), patterns=[("{text} it was {label}", verbalizer)])
-    assert res["trained"] == ["gen0/p0", "final"] and 0 <= res["dev"]["accuracy"] <= 1
+    assert res["trained"] == ["gen0/p0", "gen0/final"] and 0 <= res["dev"]["accuracy"] <= 1
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_multi_token_verbalizers_with_bpe(files, tmp_path):
 def test_ipet_grows_each_training_set_by_d(files, tmp_path):
     out = tmp_path / "ipet"
     res = run(files, out, small(generations=2, factor=2.0, sample_fraction=1.0))
-    assert res["trained"] == ["gen0/p0", "gen0/p1", "gen1/p0", "gen1/p1", "gen2/p0", "gen2/p1", "final"]
+    assert res["trained"] == ["gen0/p0", "gen0/p1", "gen1/p0", "gen1/p1", "gen2/p0", "gen2/p1", "gen2/final"]
     sizes = [json.loads((out / f"gen{g}" / "p0" / pet.DONE).read_text())["train_examples"] for g in range(3)]
     assert sizes[0] == 8 and 8 < sizes[1] <= 16 and sizes[1] < sizes[2] <= 8 * 4
     with pytest.raises(UnipeftError, match="iPET needs at least 2"):
@@ -192,11 +192,17 @@ def test_ipet_after_pet_in_the_same_folder_starts_from_pets_generation_0(files, 
     out = tmp_path / "both"
     pet_res = run(files, out, small())
     ipet = run(files, out, small(generations=1))
-    assert ipet["reused"] == ["gen0/p0", "gen0/p1"] and ipet["trained"] == ["gen1/p0", "gen1/p1", "final"]
+    assert ipet["reused"] == ["gen0/p0", "gen0/p1"] and ipet["trained"] == ["gen1/p0", "gen1/p1", "gen1/final"]
     fresh = run(files, tmp_path / "fresh", small(generations=1))
     assert ipet["dev"] == fresh["dev"] and ipet["ensemble_dev"] == fresh["ensemble_dev"]
-    again = run(files, out, small())  # and PET again: its own soft labels and classifier, nothing stale
+    again = run(files, out, small())  # and PET again: its own soft labels and classifier, kept beside iPET's
     assert again["dev"] == pet_res["dev"] and again["ensemble_dev"] == pet_res["ensemble_dev"]
+    assert again["trained"] == [] and again["reused"] == ["gen0/p0", "gen0/p1", "gen0/final"]
+    kept = {g: json.loads((out / f"gen{g}" / "results.json").read_text()) for g in (0, 1)}
+    assert [kept[g]["generations"] for g in (0, 1)] == [0, 1] and kept[1]["dev"] == ipet["dev"]
+    assert (out / "gen0" / "final" / "delta").is_dir() and (out / "gen1" / "final" / "delta").is_dir()
+    assert not torch.allclose(soft_labels(out, 0), soft_labels(out, 1))
+    assert json.loads((out / "results.json").read_text())["generations"] == 0  # the top one: the latest run's
 
 
 def test_cli_pet_json_and_resume(files, tmp_path, capsys):

@@ -20,8 +20,10 @@ Resumable and without stale results: every unit (a pattern's delta in a generati
 the final classifier) is written to its own folder with the fingerprint of everything it depends on
 (base model, data, settings, the units before it) and a ``done.json`` written LAST. A rerun reuses a
 unit only when its ``done.json`` and its scores carry the expected fingerprint (so iPET run after PET in
-the same folder starts from PET's generation 0); the ensemble reads
-exactly the units the current settings name, never whatever files lie in the folder (the reference
+the same folder starts from PET's generation 0); the soft labels, the final classifier and the results of
+a run whose last generation is G live under ``gen{G}/`` (``soft_labels/``, ``final/``, ``results.json``), so
+PET's stay beside iPET's in one folder, and ``results.json``/``pet.json`` at the top are the latest run's.
+The ensemble reads exactly the units the current settings name, never whatever files lie in the folder (the reference
 code merged stale logits files of a restarted run, pet issue 14). Multi-token verbalizer words are
 scored whole with any tokenizer (pet issue 92's BPE assertion does not exist here).
 """
@@ -248,7 +250,8 @@ def _inputs(task, examples: list[dict]):
 
 def run(model: str, task: str | None, patterns, config: PETConfig | None = None, *, out, data: dict | None = None,
         train_size: int = 10, unlabelled_size: int = 1000, dev_limit: int | None = None) -> dict:
-    """PET (``config.generations == 0``) or iPET on ``task``: returns (and writes to ``out/results.json``) the
+    """PET (``config.generations == 0``) or iPET on ``task``: returns (and writes to ``out/gen{G}/results.json`` and
+    ``out/results.json``) the
     dev metrics of the distilled classifier, of the ensemble and of each pattern, the wall time, and which
     units were trained and which reused. ``patterns``: (template, verbalizer) pairs or ``PromptHead``s.
     A rerun with the same ``out`` resumes (see the module docstring)."""
@@ -292,6 +295,7 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     # nor does a generation's unit depend on how many generations follow it: PET and then iPET with the same
     # out reuse PET's generation-0 deltas (the soft labels and the final classifier name their own units)
     del common["config"]["generations"]
+    last_gen = out / f"gen{cfg.generations}"  # the soft labels, the final classifier and the results of this run
     fileio.write_json(out / "pet.json", {"model": model, "task": t.name, "patterns": [h.to_dict() for h in heads],
                                          "train_size": len(labelled), "unlabelled_size": len(unlabelled),
                                          "config": dataclasses.asdict(cfg)}, indent=2)
@@ -339,13 +343,14 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
         return sum(wp * c[key].log_softmax(-1) for wp, c in zip(w, last)) / w.sum()
     soft_fp = _hash({"units": fps, "weights": weights, "temperature": cfg.temperature})
     soft = (ensemble("unlabelled") / cfg.temperature).softmax(-1)
-    _save_scores(out / "soft_labels", soft_fp, {"probs": soft})
-    fileio.write_json(out / "soft_labels" / DONE, {"fingerprint": soft_fp, "weights": weights,
+    _save_scores(last_gen / "soft_labels", soft_fp, {"probs": soft})
+    fileio.write_json(last_gen / "soft_labels" / DONE, {"fingerprint": soft_fp, "weights": weights,
                                                    "temperature": cfg.temperature})
 
     # the distilled classifier: a new sequence-classification head + the method, on the soft labels
     final_fp = _hash({**common, "unit": "final", "soft": soft_fp, "final_steps": cfg.final_steps})
-    rec = _read_done(out / "final", final_fp)
+    final_unit = f"gen{cfg.generations}/final"
+    rec = _read_done(last_gen / "final", final_fp)
     if rec is None:
         torch.manual_seed(cfg.seed)
         clf, ctok = load_model(model, t)
@@ -353,17 +358,18 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
         up.attach(clf, method_cfg, name="pet", tokenizer=ctok)
         _fit(clf, ctok, _inputs(t, unlabelled), soft, cfg, cfg.final_steps, lr, cfg.seed, label="PET final classifier")
         preds = _scores(clf, ctok, _inputs(t, dev), cfg.max_length).argmax(-1).tolist()
-        up.save(clf, out / "final" / "delta", name="pet")
+        up.save(clf, last_gen / "final" / "delta", name="pet")
         rec = {"fingerprint": final_fp, "dev": compute(t, preds, refs)}
-        fileio.write_json(out / "final" / DONE, rec)
-        trained.append("final")
+        fileio.write_json(last_gen / "final" / DONE, rec)
+        trained.append(final_unit)
     else:
-        reused.append("final")
+        reused.append(final_unit)
     results = {"model": model, "task": t.name, "method": cfg.method, "patterns": len(heads),
                "generations": cfg.generations, "train_size": len(labelled), "unlabelled_size": len(unlabelled),
                "dev": rec["dev"], "ensemble_dev": compute(t, ensemble("dev").argmax(-1).tolist(), refs),
                "pattern_dev": [compute(t, c["dev"].argmax(-1).tolist(), refs) for c in last],
                "weights": weights, "trained": trained, "reused": reused, "seconds": time.perf_counter() - t0}
+    fileio.write_json(last_gen / "results.json", results, indent=2)
     fileio.write_json(out / "results.json", results, indent=2)
     return results
 

@@ -23,8 +23,8 @@ unit only when its ``done.json`` and its scores carry the expected fingerprint (
 the same folder starts from PET's generation 0); the soft labels, the final classifier and the results of
 a run whose last generation is G live under ``gen{G}/`` (``soft_labels/``, ``final/``, ``results.json``), so
 PET's stay beside iPET's in one folder, and ``results.json``/``pet.json`` at the top are the latest run's.
-The ensemble reads exactly the units the current settings name, never whatever files lie in the folder (the reference
-code merged stale logits files of a restarted run, pet issue 14). Multi-token verbalizer words are
+The ensemble reads exactly the units the current settings name, never whatever files lie in the folder (the
+reference code merged stale logits files of a restarted run, pet issue 14). Multi-token verbalizer words are
 scored whole with any tokenizer (pet issue 92's BPE assertion does not exist here).
 """
 from __future__ import annotations
@@ -250,10 +250,9 @@ def _inputs(task, examples: list[dict]):
 
 def run(model: str, task: str | None, patterns, config: PETConfig | None = None, *, out, data: dict | None = None,
         train_size: int = 10, unlabelled_size: int = 1000, dev_limit: int | None = None) -> dict:
-    """PET (``config.generations == 0``) or iPET on ``task``: returns (and writes to ``out/gen{G}/results.json`` and
-    ``out/results.json``) the
-    dev metrics of the distilled classifier, of the ensemble and of each pattern, the wall time, and which
-    units were trained and which reused. ``patterns``: (template, verbalizer) pairs or ``PromptHead``s.
+    """PET (``config.generations == 0``) or iPET on ``task``: returns (and writes to ``out/gen{G}/results.json``
+    and ``out/results.json``) the dev metrics of the distilled classifier, of the ensemble and of each pattern,
+    the wall time, and which units were trained and which reused. ``patterns``: (template, verbalizer) pairs or ``PromptHead``s.
     A rerun with the same ``out`` resumes (see the module docstring)."""
     import unipeft as up
 
@@ -349,7 +348,7 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
 
     # the distilled classifier: a new sequence-classification head + the method, on the soft labels
     final_fp = _hash({**common, "unit": "final", "soft": soft_fp, "final_steps": cfg.final_steps})
-    final_unit = f"gen{cfg.generations}/final"
+    final_unit = f"{last_gen.name}/final"
     rec = _read_done(last_gen / "final", final_fp)
     if rec is None:
         torch.manual_seed(cfg.seed)

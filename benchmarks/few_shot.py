@@ -34,6 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import torch  # noqa: E402
+
 import unipeft as up  # noqa: E402
 from unipeft.prompting import icl, pet  # noqa: E402
 from unipeft.prompting.head import PromptHead  # noqa: E402
@@ -146,9 +148,13 @@ def main(argv=None) -> dict:
         data = {"data_dir": args.data_dir} if task == "sst2" else {}
     lm = icl.load_lm(model)
     results = {"model": model, "task": task, "sizes": sizes, "seeds": seeds, "settings": vars(args), "cells": []}
-    done = {}
+    done, runs = {}, {}
     for path in ([args.out] if args.out else []) + args.cells_from:
-        done.update(_finished_cells(path, results))
+        cells_, runs_ = _finished(path, results)
+        done.update(cells_)
+        runs.update(runs_)
+    results["runs"] = list(runs.values())
+    resumed = set(runs)
     for row in rows:
         for size in sizes:
             if (row == "zero-shot") != (size == 0):
@@ -159,15 +165,29 @@ def main(argv=None) -> dict:
                 continue
             accs, secs, reused = [], [], []
             for seed in (seeds[:1] if row == "zero-shot" else seeds):  # zero-shot has nothing to draw
-                if row == "ipet" and args.work:  # starts from PET's generation 0 when PET ran here before
-                    reused.append((Path(args.work) / f"pet-n{size}-s{seed}" / "gen0").is_dir())
-                t0 = time.perf_counter()
-                accs.append(cell(row, size, seed, args, model, task, data, lm))
-                secs.append(time.perf_counter() - t0)
+                run = runs.get((row, size, seed))
+                if run is None:  # a run is a seed of a cell: each is saved, so a killed cell resumes at its seed
+                    # iPET starts from PET's generation 0 when PET ran here before
+                    after_pet = row == "ipet" and bool(args.work) and (
+                        Path(args.work) / f"pet-n{size}-s{seed}" / "gen0").is_dir()
+                    t0 = time.perf_counter()
+                    acc = cell(row, size, seed, args, model, task, data, lm)
+                    run = {"row": row, "size": size, "seed": seed, "accuracy": acc,
+                           "seconds": time.perf_counter() - t0, "after_pet": after_pet,
+                           "cpu": torch.backends.cpu.get_cpu_capability()}  # AVX2 and AVX512 round differently
+                    runs[(row, size, seed)] = run
+                    results["runs"] = list(runs.values())
+                    if args.out:
+                        _save(args.out, results)
                 # a cell is up to three runs of minutes each: a line per run on stderr shows it moving
-                print(f"{row} |T|={size} seed {seed}: {accs[-1]:.3f} in {secs[-1]:.0f} s", file=sys.stderr, flush=True)
+                print(f"{row} |T|={size} seed {seed}: {run['accuracy']:.3f} in {run['seconds']:.0f} s"
+                      f"{' (resumed)' if (row, size, seed) in resumed else ''}", file=sys.stderr, flush=True)
+                accs.append(run["accuracy"])
+                secs.append(run["seconds"])
+                reused.append(run["after_pet"])
             rec = {"row": row, "size": size, "accuracy": accs, "mean": statistics.mean(accs),
-                   "std": statistics.pstdev(accs), "seconds_per_run": statistics.mean(secs)}
+                   "std": statistics.pstdev(accs), "seconds_per_run": statistics.mean(secs),
+                   "cpu": sorted({r["cpu"] for k, r in runs.items() if k[:2] == (row, size)})}
             if any(reused):
                 rec["after_pet_runs"] = sum(reused)  # runs whose time leaves out PET's generation 0
             results["cells"].append(rec)
@@ -186,16 +206,18 @@ _CELL_SETTINGS = ("tiny", "task", "data_dir", "model", "shots", "steps", "final_
                   "ipet_generations", "dev_limit", "max_length", "max_text_tokens")
 
 
-def _finished_cells(out: str, results: dict) -> dict:
-    """The cells of an earlier run written to ``out`` with the same cell settings and seeds."""
+def _finished(out: str, results: dict) -> tuple[dict, dict]:
+    """The cells, and the single-seed runs, of an earlier run written to ``out`` with the same cell settings
+    and seeds (runs: those of cells it did not finish too, so a killed cell resumes at its next seed)."""
     path = Path(out)
     if not path.exists():
-        return {}
+        return {}, {}
     old = json.loads(path.read_text())
     same = all(old["settings"].get(k) == results["settings"].get(k) for k in _CELL_SETTINGS)
     if not same or old.get("seeds") != results["seeds"]:
         raise SystemExit(f"{out} holds a run with other settings or seeds; give another --out or delete it")
-    return {(c["row"], c["size"]): c for c in old["cells"]}
+    runs = {(r["row"], r["size"], r["seed"]): r for r in old.get("runs", [])}
+    return {(c["row"], c["size"]): c for c in old["cells"]}, runs
 
 
 def _save(out: str, results: dict) -> None:

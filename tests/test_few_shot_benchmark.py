@@ -64,3 +64,28 @@ def test_ipet_starts_from_pets_generation_0_and_says_so(few_shot, tmp_path):
     done = json.loads((tmp_path / "pet.work" / "pet-n10-s0" / "results.json").read_text())
     assert done["generations"] == 1 and done["reused"] == ["gen0/p0", "gen0/p1"]
     assert "+ PET |" in few_shot.table(res)
+
+
+def test_a_killed_cell_resumes_at_its_next_seed(few_shot, tmp_path, monkeypatch):
+    out = tmp_path / "few_shot.json"
+    args = ["--tiny", "--rows", "icl", "--sizes", "10", "--seeds", "0,1", "--out", str(out)]
+    real_cell = few_shot.cell
+
+    def killed_at_seed_1(row, size, seed, *a):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return real_cell(row, size, seed, *a)
+
+    monkeypatch.setattr(few_shot, "cell", killed_at_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        few_shot.main(args)
+    saved = json.loads(out.read_text())
+    assert saved["cells"] == [] and [(r["row"], r["seed"]) for r in saved["runs"]] == [("icl", 0)]
+    assert saved["runs"][0]["cpu"]  # the kernels' instruction set, since AVX2 and AVX-512 round differently
+
+    ran = []
+    monkeypatch.setattr(few_shot, "cell",
+                        lambda row, size, seed, *a: ran.append(seed) or real_cell(row, size, seed, *a))
+    res = few_shot.main(args)
+    assert ran == [1]  # seed 0 came from the file
+    assert res["cells"][0]["accuracy"][0] == saved["runs"][0]["accuracy"] and len(res["cells"][0]["accuracy"]) == 2

@@ -175,6 +175,8 @@ def main(argv=None) -> dict:
                     run = {"row": row, "size": size, "seed": seed, "accuracy": acc,
                            "seconds": time.perf_counter() - t0, "after_pet": after_pet,
                            "cpu": torch.backends.cpu.get_cpu_capability()}  # AVX2 and AVX512 round differently
+                    if row in ("pet", "ipet") and args.work:
+                        _add_reused_unit_seconds(run, Path(args.work) / f"pet-n{size}-s{seed}" / "results.json")
                     runs[(row, size, seed)] = run
                     results["runs"] = list(runs.values())
                     if args.out:
@@ -183,10 +185,12 @@ def main(argv=None) -> dict:
                 print(f"{row} |T|={size} seed {seed}: {run['accuracy']:.3f} in {run['seconds']:.0f} s"
                       f"{' (resumed)' if (row, size, seed) in resumed else ''}", file=sys.stderr, flush=True)
                 accs.append(run["accuracy"])
-                secs.append(run["seconds"])
+                if not run.get("seconds_partial"):
+                    secs.append(run["seconds"])
                 reused.append(run["after_pet"])
             rec = {"row": row, "size": size, "accuracy": accs, "mean": statistics.mean(accs),
-                   "std": statistics.pstdev(accs), "seconds_per_run": statistics.mean(secs),
+                   "std": statistics.pstdev(accs), "runs_timed": len(secs),
+                   "seconds_per_run": statistics.mean(secs) if secs else None,
                    "cpu": sorted({r["cpu"] for k, r in runs.items() if k[:2] == (row, size)})}
             if any(reused):
                 rec["after_pet_runs"] = sum(reused)  # runs whose time leaves out PET's generation 0
@@ -220,6 +224,19 @@ def _finished(out: str, results: dict) -> tuple[dict, dict]:
     return {(c["row"], c["size"]): c for c in old["cells"]}, runs
 
 
+def _add_reused_unit_seconds(run: dict, pet_results: Path) -> None:
+    """A PET or iPET run that resumed from saved units costs this call plus what those units took when they
+    were trained (their ``done.json``); iPET's time leaves out PET's generation 0 when it came after PET.
+    Units saved without their time make the run's time partial: the table's mean leaves it out."""
+    res = json.loads(pet_results.read_text())
+    needed = [u for u in res["reused"] if not (run["after_pet"] and u.startswith("gen0/"))]
+    unit_seconds = [res.get("unit_seconds", {}).get(u) for u in needed]
+    if None in unit_seconds:
+        run["seconds_partial"] = True
+    else:
+        run["seconds"] += sum(unit_seconds)
+
+
 def _save(out: str, results: dict) -> None:
     from unipeft import fileio
 
@@ -234,11 +251,15 @@ def table(results: dict) -> str:
     for row in dict.fromkeys(c["row"] for c in results["cells"]):
         cells = {c["size"]: c for c in results["cells"] if c["row"] == row}
         vals = [f"{100 * cells[s]['mean']:.1f} ± {100 * cells[s]['std']:.1f}" if s in cells else "" for s in sizes]
-        secs = statistics.mean(c["seconds_per_run"] for c in cells.values())
+        timed = [c["seconds_per_run"] for c in cells.values() if c.get("seconds_per_run") is not None]
+        secs = f"{statistics.mean(timed):.1f}" if timed else "?"
         after = any(c.get("after_pet_runs") for c in cells.values())
-        lines.append(f"| {row} | " + " | ".join(vals) + f" | {secs:.1f}{' + PET' if after else ''} |")
+        some = any(c.get("runs_timed", len(c["accuracy"])) < len(c["accuracy"]) for c in cells.values())
+        lines.append(f"| {row} | " + " | ".join(vals) + f" | {secs}{' + PET' if after else ''}{' *' if some else ''} |")
     if any(c.get("after_pet_runs") for c in results["cells"]):
         lines.append("\n+ PET: iPET started from the PET row's generation-0 deltas; its time adds to PET's.")
+    if any(c.get("runs_timed", len(c["accuracy"])) < len(c["accuracy"]) for c in results["cells"]):
+        lines.append("\n* the mean leaves out runs resumed from units saved without their wall time.")
     return "\n".join(lines)
 
 

@@ -89,3 +89,28 @@ def test_a_killed_cell_resumes_at_its_next_seed(few_shot, tmp_path, monkeypatch)
     res = few_shot.main(args)
     assert ran == [1]  # seed 0 came from the file
     assert res["cells"][0]["accuracy"][0] == saved["runs"][0]["accuracy"] and len(res["cells"][0]["accuracy"]) == 2
+
+
+def test_a_pet_run_resumed_from_its_units_counts_the_time_they_took(few_shot, tmp_path, monkeypatch):
+    # the tiny model in the same folder in every call, so the second call's units match the first's
+    real_mkdtemp, tiny_root = few_shot.tempfile.mkdtemp, tmp_path / "tiny"
+    tiny_root.mkdir()
+    monkeypatch.setattr(few_shot.tempfile, "mkdtemp", lambda *a, prefix=None, **k: str(tiny_root)
+                        if prefix == "few_shot_tiny_" else real_mkdtemp(*a, prefix=prefix, **k))
+    common = ["--tiny", "--rows", "pet", "--sizes", "10", "--seeds", "0", "--steps", "2", "--final-steps", "2",
+              "--unlabelled", "16", "--work", str(tmp_path / "work")]
+    few_shot.main(common + ["--out", str(tmp_path / "a.json")])
+    few_shot.main(common + ["--out", str(tmp_path / "b.json")])  # the same units: every one reused
+    res = json.loads((tmp_path / "work" / "pet-n10-s0" / "results.json").read_text())
+    assert res["trained"] == [] and len(res["unit_seconds"]) == 3
+    run = json.loads((tmp_path / "b.json").read_text())["runs"][0]
+    assert not run.get("seconds_partial") and run["seconds"] >= sum(res["unit_seconds"].values())
+
+    # units saved without their time (an older unipeft): the run's time is partial and the table says so
+    for done in (tmp_path / "work").rglob("done.json"):
+        rec = json.loads(done.read_text())
+        rec.pop("seconds", None)
+        done.write_text(json.dumps(rec))
+    third = few_shot.main(common + ["--out", str(tmp_path / "c.json")])
+    assert third["runs"][0]["seconds_partial"] and third["cells"][0]["seconds_per_run"] is None
+    assert "| ? *" in few_shot.table(third) and "leaves out runs resumed" in few_shot.table(third)

@@ -119,6 +119,11 @@ def test_resume_retrains_only_incomplete_units_and_ignores_stray_files(files, tm
     shutil.copytree(out / "gen0" / "p0", out / "gen0" / "p7")
     again = run(files, out, small())
     assert again["trained"] == ["gen0/p1"] and again["reused"] == ["gen0/p0", "gen0/final"]
+    # a reused unit keeps the time it took when it was trained, so a resumed run's whole cost is known
+    assert set(first["unit_seconds"]) == {"gen0/p0", "gen0/p1", "gen0/final"}
+    assert all(v > 0 for v in first["unit_seconds"].values())
+    assert again["unit_seconds"]["gen0/p0"] == first["unit_seconds"]["gen0/p0"]
+    assert again["unit_seconds"]["gen0/final"] == first["unit_seconds"]["gen0/final"]
     assert torch.allclose(soft_labels(out), soft, atol=1e-6)  # the retrained unit is the same (seeded)
     assert again["ensemble_dev"] == first["ensemble_dev"]
 

@@ -252,8 +252,10 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
         train_size: int = 10, unlabelled_size: int = 1000, dev_limit: int | None = None) -> dict:
     """PET (``config.generations == 0``) or iPET on ``task``: returns (and writes to ``out/gen{G}/results.json``
     and ``out/results.json``) the dev metrics of the distilled classifier, of the ensemble and of each pattern,
-    the wall time, and which units were trained and which reused. ``patterns``: (template, verbalizer) pairs or ``PromptHead``s.
-    A rerun with the same ``out`` resumes (see the module docstring)."""
+    the wall time of this call (``seconds``) and of each unit when it was trained (``unit_seconds``; a reused
+    unit's time comes from its ``done.json``), and which units were trained and which reused. ``patterns``:
+    (template, verbalizer) pairs or ``PromptHead``s. A rerun with the same ``out`` resumes (see the module
+    docstring)."""
     import unipeft as up
 
     from ..training import data as data_mod
@@ -312,6 +314,7 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     del base
 
     trained, reused, prev, fps = [], [], None, []
+    unit_seconds = {}  # each unit's own wall time, recorded when it was trained (None: a unit saved before that)
     for g in range(cfg.generations + 1):
         current, gen_fps = [], []
         for i, head in enumerate(heads):
@@ -320,17 +323,22 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
             fp = _hash({**common, "unit": "pattern", "generation": g, "pattern": i, "head": head.to_dict(),
                         "train": _examples_hash(examples), "after": fps})
             folder = out / f"gen{g}" / f"p{i}"
-            got = _load_scores(folder, fp) if _read_done(folder, fp) else None
+            done = _read_done(folder, fp)
+            got = _load_scores(folder, fp) if done else None
             if got is None:
+                t_unit = time.perf_counter()
                 got = _train_pattern(model, head, method_cfg, examples, unlabelled, dev, cfg, lr,
                                      seed=cfg.seed + 1000 * g + i, label=f"PET generation {g}, pattern {i}")
                 up.save(got.pop("_model"), folder / "delta", name="pet")
                 _save_scores(folder, fp, got)
-                fileio.write_json(folder / DONE, {"fingerprint": fp, "train_examples": len(examples),
-                                                  "dev": compute(t, got["dev"].argmax(-1).tolist(), refs)})
+                done = {"fingerprint": fp, "train_examples": len(examples),
+                        "dev": compute(t, got["dev"].argmax(-1).tolist(), refs),
+                        "seconds": time.perf_counter() - t_unit}
+                fileio.write_json(folder / DONE, done)
                 trained.append(f"gen{g}/p{i}")
             else:
                 reused.append(f"gen{g}/p{i}")
+            unit_seconds[f"gen{g}/p{i}"] = done.get("seconds")
             current.append(got)
             gen_fps.append(fp)
         prev, fps = [c["unlabelled"] for c in current], gen_fps
@@ -351,6 +359,7 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     final_unit = f"{last_gen.name}/final"
     rec = _read_done(last_gen / "final", final_fp)
     if rec is None:
+        t_unit = time.perf_counter()
         torch.manual_seed(cfg.seed)
         clf, ctok = load_model(model, t)
         clf.to(default_device())
@@ -358,16 +367,18 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
         _fit(clf, ctok, _inputs(t, unlabelled), soft, cfg, cfg.final_steps, lr, cfg.seed, label="PET final classifier")
         preds = _scores(clf, ctok, _inputs(t, dev), cfg.max_length).argmax(-1).tolist()
         up.save(clf, last_gen / "final" / "delta", name="pet")
-        rec = {"fingerprint": final_fp, "dev": compute(t, preds, refs)}
+        rec = {"fingerprint": final_fp, "dev": compute(t, preds, refs), "seconds": time.perf_counter() - t_unit}
         fileio.write_json(last_gen / "final" / DONE, rec)
         trained.append(final_unit)
     else:
         reused.append(final_unit)
+    unit_seconds[final_unit] = rec.get("seconds")
     results = {"model": model, "task": t.name, "method": cfg.method, "patterns": len(heads),
                "generations": cfg.generations, "train_size": len(labelled), "unlabelled_size": len(unlabelled),
                "dev": rec["dev"], "ensemble_dev": compute(t, ensemble("dev").argmax(-1).tolist(), refs),
                "pattern_dev": [compute(t, c["dev"].argmax(-1).tolist(), refs) for c in last],
-               "weights": weights, "trained": trained, "reused": reused, "seconds": time.perf_counter() - t0}
+               "weights": weights, "trained": trained, "reused": reused, "seconds": time.perf_counter() - t0,
+               "unit_seconds": unit_seconds}
     fileio.write_json(last_gen / "results.json", results, indent=2)
     fileio.write_json(out / "results.json", results, indent=2)
     return results

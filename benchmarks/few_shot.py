@@ -244,6 +244,11 @@ def _save(out: str, results: dict) -> None:
     fileio.write_text(Path(out), json.dumps(results, indent=1))
 
 
+def _partly_timed(cell: dict) -> bool:
+    """Whether the cell's time leaves out some of its runs (resumed from units saved without their time)."""
+    return cell.get("runs_timed", len(cell["accuracy"])) < len(cell["accuracy"])
+
+
 def table(results: dict) -> str:
     sizes = results["sizes"]
     head = "| row | " + " | ".join(f"|T| = {s}" for s in sizes) + " | s / run |\n|---|" + "---|" * (len(sizes) + 1)
@@ -254,11 +259,11 @@ def table(results: dict) -> str:
         timed = [c["seconds_per_run"] for c in cells.values() if c.get("seconds_per_run") is not None]
         secs = f"{statistics.mean(timed):.1f}" if timed else "?"
         after = any(c.get("after_pet_runs") for c in cells.values())
-        some = any(c.get("runs_timed", len(c["accuracy"])) < len(c["accuracy"]) for c in cells.values())
+        some = any(map(_partly_timed, cells.values()))
         lines.append(f"| {row} | " + " | ".join(vals) + f" | {secs}{' + PET' if after else ''}{' *' if some else ''} |")
     if any(c.get("after_pet_runs") for c in results["cells"]):
         lines.append("\n+ PET: iPET started from the PET row's generation-0 deltas; its time adds to PET's.")
-    if any(c.get("runs_timed", len(c["accuracy"])) < len(c["accuracy"]) for c in results["cells"]):
+    if any(map(_partly_timed, results["cells"])):
         lines.append("\n* the mean leaves out runs resumed from units saved without their wall time.")
     return "\n".join(lines)
 

@@ -226,10 +226,11 @@ def _finished(out: str, results: dict) -> tuple[dict, dict]:
 
 def _add_reused_unit_seconds(run: dict, pet_results: Path) -> None:
     """A PET or iPET run that resumed from saved units costs this call plus what those units took when they
-    were trained (their ``done.json``); iPET's time leaves out PET's generation 0 when it came after PET.
+    were trained (their ``done.json``); iPET's time leaves out PET's generation 0 (and its ensemble weights)
+    when it came after PET.
     Units saved without their time make the run's time partial: the table's mean leaves it out."""
     res = json.loads(pet_results.read_text())
-    needed = [u for u in res["reused"] if not (run["after_pet"] and u.startswith("gen0/"))]
+    needed = [u for u in res["reused"] if not (run["after_pet"] and (u == "weights" or u.startswith("gen0/")))]
     unit_seconds = [res.get("unit_seconds", {}).get(u) for u in needed]
     if None in unit_seconds:
         run["seconds_partial"] = True

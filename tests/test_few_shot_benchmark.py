@@ -62,7 +62,7 @@ def test_ipet_starts_from_pets_generation_0_and_says_so(few_shot, tmp_path):
     ipet = res["cells"][1]
     assert ipet["row"] == "ipet" and ipet["after_pet_runs"] == 1
     done = json.loads((tmp_path / "pet.work" / "pet-n10-s0" / "results.json").read_text())
-    assert done["generations"] == 1 and done["reused"] == ["gen0/p0", "gen0/p1"]
+    assert done["generations"] == 1 and done["reused"] == ["weights", "gen0/p0", "gen0/p1"]
     assert "+ PET |" in few_shot.table(res)
 
 
@@ -102,7 +102,7 @@ def test_a_pet_run_resumed_from_its_units_counts_the_time_they_took(few_shot, tm
     few_shot.main(common + ["--out", str(tmp_path / "a.json")])
     few_shot.main(common + ["--out", str(tmp_path / "b.json")])  # the same units: every one reused
     res = json.loads((tmp_path / "work" / "pet-n10-s0" / "results.json").read_text())
-    assert res["trained"] == [] and len(res["unit_seconds"]) == 3
+    assert res["trained"] == [] and len(res["unit_seconds"]) == 4
     run = json.loads((tmp_path / "b.json").read_text())["runs"][0]
     assert not run.get("seconds_partial") and run["seconds"] >= sum(res["unit_seconds"].values())
 

@@ -111,19 +111,20 @@ def test_training_adds_alpha_times_the_lm_loss(monkeypatch):
 def test_resume_retrains_only_incomplete_units_and_ignores_stray_files(files, tmp_path):
     out = tmp_path / "run"
     first = run(files, out, small())
-    assert first["trained"] == ["gen0/p0", "gen0/p1", "gen0/final"] and first["reused"] == []
+    assert first["trained"] == ["weights", "gen0/p0", "gen0/p1", "gen0/final"] and first["reused"] == []
     soft = soft_labels(out)
     assert soft.shape == (24, 2) and torch.allclose(soft.sum(-1), torch.ones(24))
     # a killed run: p1's scores written, its done.json not yet; a stray unit folder from some other run
     (out / "gen0" / "p1" / pet.DONE).unlink()
     shutil.copytree(out / "gen0" / "p0", out / "gen0" / "p7")
     again = run(files, out, small())
-    assert again["trained"] == ["gen0/p1"] and again["reused"] == ["gen0/p0", "gen0/final"]
+    assert again["trained"] == ["gen0/p1"] and again["reused"] == ["weights", "gen0/p0", "gen0/final"]
     # a reused unit keeps the time it took when it was trained, so a resumed run's whole cost is known
-    assert set(first["unit_seconds"]) == {"gen0/p0", "gen0/p1", "gen0/final"}
+    assert set(first["unit_seconds"]) == {"weights", "gen0/p0", "gen0/p1", "gen0/final"}
     assert all(v > 0 for v in first["unit_seconds"].values())
     assert again["unit_seconds"]["gen0/p0"] == first["unit_seconds"]["gen0/p0"]
     assert again["unit_seconds"]["gen0/final"] == first["unit_seconds"]["gen0/final"]
+    assert again["weights"] == first["weights"] and again["unit_seconds"]["weights"] == first["unit_seconds"]["weights"]
     assert torch.allclose(soft_labels(out), soft, atol=1e-6)  # the retrained unit is the same (seeded)
     assert again["ensemble_dev"] == first["ensemble_dev"]
 
@@ -132,7 +133,9 @@ def test_changed_settings_never_reuse_stale_scores(files, tmp_path):
     out = tmp_path / "run"
     run(files, out, small(steps=2))
     changed = run(files, out, small(steps=4))
-    assert changed["reused"] == []  # every unit's fingerprint changed: nothing from the old run is merged
+    # every trained unit's fingerprint changed: nothing from the old run is merged; the zero-shot ensemble
+    # weights depend only on the base, T, the patterns and max_length
+    assert changed["reused"] == ["weights"]
     fresh = run(files, tmp_path / "fresh", small(steps=4))
     assert torch.allclose(soft_labels(out), soft_labels(tmp_path / "fresh"), atol=1e-6)
     assert changed["ensemble_dev"] == fresh["ensemble_dev"]
@@ -176,7 +179,7 @@ def test_multi_token_verbalizers_with_bpe(files, tmp_path):
     assert torch.allclose(s.scores(ex), s.naive(ex), atol=1e-4)
     files = dict(files, model=folder)
     res = run(files, tmp_path / "run", small(), patterns=[("{text} it was {label}", verbalizer)])
-    assert res["trained"] == ["gen0/p0", "gen0/final"] and 0 <= res["dev"]["accuracy"] <= 1
+    assert res["trained"] == ["weights", "gen0/p0", "gen0/final"] and 0 <= res["dev"]["accuracy"] <= 1
 
 
 # ---------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def test_multi_token_verbalizers_with_bpe(files, tmp_path):
 def test_ipet_grows_each_training_set_by_d(files, tmp_path):
     out = tmp_path / "ipet"
     res = run(files, out, small(generations=2, factor=2.0, sample_fraction=1.0))
-    assert res["trained"] == ["gen0/p0", "gen0/p1", "gen1/p0", "gen1/p1", "gen2/p0", "gen2/p1", "gen2/final"]
+    assert res["trained"] == ["weights", "gen0/p0", "gen0/p1", "gen1/p0", "gen1/p1", "gen2/p0", "gen2/p1", "gen2/final"]
     sizes = [json.loads((out / f"gen{g}" / "p0" / pet.DONE).read_text())["train_examples"] for g in range(3)]
     assert sizes[0] == 8 and 8 < sizes[1] <= 16 and sizes[1] < sizes[2] <= 8 * 4
     with pytest.raises(UnipeftError, match="iPET needs at least 2"):
@@ -197,12 +200,12 @@ def test_ipet_after_pet_in_the_same_folder_starts_from_pets_generation_0(files, 
     out = tmp_path / "both"
     pet_res = run(files, out, small())
     ipet = run(files, out, small(generations=1))
-    assert ipet["reused"] == ["gen0/p0", "gen0/p1"] and ipet["trained"] == ["gen1/p0", "gen1/p1", "gen1/final"]
+    assert ipet["reused"] == ["weights", "gen0/p0", "gen0/p1"] and ipet["trained"] == ["gen1/p0", "gen1/p1", "gen1/final"]
     fresh = run(files, tmp_path / "fresh", small(generations=1))
     assert ipet["dev"] == fresh["dev"] and ipet["ensemble_dev"] == fresh["ensemble_dev"]
     again = run(files, out, small())  # and PET again: its own soft labels and classifier, kept beside iPET's
     assert again["dev"] == pet_res["dev"] and again["ensemble_dev"] == pet_res["ensemble_dev"]
-    assert again["trained"] == [] and again["reused"] == ["gen0/p0", "gen0/p1", "gen0/final"]
+    assert again["trained"] == [] and again["reused"] == ["weights", "gen0/p0", "gen0/p1", "gen0/final"]
     kept = {g: json.loads((out / f"gen{g}" / "results.json").read_text()) for g in (0, 1)}
     assert [kept[g]["generations"] for g in (0, 1)] == [0, 1] and kept[1]["dev"] == ipet["dev"]
     assert (out / "gen0" / "final" / "delta").is_dir() and (out / "gen1" / "final" / "delta").is_dir()
@@ -217,7 +220,7 @@ def test_cli_pet_json_and_resume(files, tmp_path, capsys):
             "--steps", "2", "--final-steps", "2", "--max-length", "48", "--out", tmp_path / "cli", "--json"]
     assert main([str(a) for a in args]) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["patterns"] == 2 and "accuracy" in first["dev"] and len(first["trained"]) == 3
+    assert first["patterns"] == 2 and "accuracy" in first["dev"] and len(first["trained"]) == 4
     assert main([str(a) for a in args]) == 0
     assert json.loads(capsys.readouterr().out)["reused"] == first["trained"]
     assert main([str(a) for a in args] + ["--alpha", "0.9999"]) == 2

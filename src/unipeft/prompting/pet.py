@@ -16,8 +16,8 @@ iPET (``generations`` g > 0): generation j trains each pattern's delta again fro
 subset of lambda (n - 1) of them), the most confident per label, balanced; the last generation's
 ensemble makes the soft labels.
 
-Resumable and without stale results: every unit (a pattern's delta in a generation, the soft labels,
-the final classifier) is written to its own folder with the fingerprint of everything it depends on
+Resumable and without stale results: every unit (the ensemble weights, a pattern's delta in a generation,
+the soft labels, the final classifier) is written to its own folder with the fingerprint of everything it depends on
 (base model, data, settings, the units before it) and a ``done.json`` written LAST. A rerun reuses a
 unit only when its ``done.json`` and its scores carry the expected fingerprint (so iPET run after PET in
 the same folder starts from PET's generation 0); the soft labels, the final classifier and the results of
@@ -302,19 +302,14 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
                                          "config": dataclasses.asdict(cfg)}, indent=2)
     refs = [e["target"] for e in dev]
 
-    # ensemble weights: each pattern's accuracy on T before training (zero-shot), as in the paper
-    weights = [1.0] * len(heads)
-    if cfg.weights == "accuracy":
-        for i, h in enumerate(heads):
-            h.load(model, lm=(base, tokenizer))
-            scores = _scores(h.wrap(base, tokenizer), tokenizer, _prompt_texts(h, labelled, tokenizer, cfg.max_length),
-                             cfg.max_length)
-            weights[i] = max(1e-3, float((scores.argmax(-1) == torch.tensor([e["target"] for e in labelled]))
-                                         .float().mean()))
-    del base
-
     trained, reused, prev, fps = [], [], None, []
     unit_seconds = {}  # each unit's own wall time, recorded when it was trained (None: a unit saved before that)
+    weights = [1.0] * len(heads)
+    if cfg.weights == "accuracy":
+        weights = _accuracy_weights(heads, model, base, tokenizer, labelled, cfg, common, out / "weights",
+                                    trained, reused, unit_seconds)
+    del base
+
     for g in range(cfg.generations + 1):
         current, gen_fps = [], []
         for i, head in enumerate(heads):
@@ -382,6 +377,33 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     fileio.write_json(last_gen / "results.json", results, indent=2)
     fileio.write_json(out / "results.json", results, indent=2)
     return results
+
+
+def _accuracy_weights(heads, model, base, tokenizer, labelled, cfg: PETConfig, common: dict, folder: Path,
+                      trained: list, reused: list, unit_seconds: dict) -> list[float]:
+    """Each pattern's accuracy on T before training (zero-shot), the ensemble weights of the paper; a unit of its
+    own (|T| x patterns scorings: minutes at |T| = 1000 on a CPU), so a resumed run reads them back."""
+    # what the scores depend on, nothing more: a run with other training settings reuses them
+    fp = _hash({"unit": "weights", "model": common["model"], "base": common["base"], "labelled": common["labelled"],
+                "heads": [h.to_dict() for h in heads], "max_length": cfg.max_length})
+    done = _read_done(folder, fp)
+    if done is not None:
+        reused.append("weights")
+        unit_seconds["weights"] = done.get("seconds")
+        return done["weights"]
+    t_unit = time.perf_counter()
+    refs = torch.tensor([e["target"] for e in labelled])
+    weights = []
+    for h in heads:
+        h.load(model, lm=(base, tokenizer))
+        scores = _scores(h.wrap(base, tokenizer), tokenizer, _prompt_texts(h, labelled, tokenizer, cfg.max_length),
+                         cfg.max_length)
+        weights.append(max(1e-3, float((scores.argmax(-1) == refs).float().mean())))
+    done = {"fingerprint": fp, "weights": weights, "seconds": time.perf_counter() - t_unit}
+    fileio.write_json(folder / DONE, done)
+    trained.append("weights")
+    unit_seconds["weights"] = done["seconds"]
+    return weights
 
 
 def _train_pattern(model: str, head: PromptHead, method_cfg, examples, unlabelled, dev, cfg: PETConfig, lr: float,

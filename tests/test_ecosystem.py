@@ -288,7 +288,7 @@ def test_compile_inductor_matches_eager():
     if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
         pytest.skip("inductor on CPU needs a C++ compiler")
     # the inference graph only: the aot_eager test traces the training graphs (forward and backward) with the
-    # same deltas, and inductor's C++ builds of those two were two thirds of this test's time (77 s with a
+    # same deltas, and inductor's C++ builds of those two were most of this test's time (77 s with a
     # fresh inductor cache on 2 cores, 38 s for the inference graph alone with two other jobs running)
     compile_check("gpt2", "inductor", backward=False)
 

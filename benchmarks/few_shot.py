@@ -176,7 +176,10 @@ def main(argv=None) -> dict:
                            "seconds": time.perf_counter() - t0, "after_pet": after_pet,
                            "cpu": torch.backends.cpu.get_cpu_capability()}  # AVX2 and AVX512 round differently
                     if row in ("pet", "ipet") and args.work:
-                        _add_reused_unit_seconds(run, Path(args.work) / f"pet-n{size}-s{seed}" / "results.json")
+                        pet_results = Path(args.work) / f"pet-n{size}-s{seed}" / "results.json"
+                        _add_reused_unit_seconds(run, pet_results)
+                        if row == "ipet" and not after_pet:
+                            _add_pet_share(run, pet_results)
                     runs[(row, size, seed)] = run
                     results["runs"] = list(runs.values())
                     if args.out:
@@ -185,9 +188,9 @@ def main(argv=None) -> dict:
                 print(f"{row} |T|={size} seed {seed}: {run['accuracy']:.3f} in {run['seconds']:.0f} s"
                       f"{' (resumed)' if (row, size, seed) in resumed else ''}", file=sys.stderr, flush=True)
                 accs.append(run["accuracy"])
-                if not run.get("seconds_partial"):
-                    secs.append(run["seconds"])
-                reused.append(run["after_pet"])
+                if not run.get("seconds_partial"):  # iPET: its time beyond PET's, whether PET ran first or not
+                    secs.append(run["seconds"] - run.get("pet_seconds", 0.0))
+                reused.append(run["after_pet"] or "pet_seconds" in run)
             rec = {"row": row, "size": size, "accuracy": accs, "mean": statistics.mean(accs),
                    "std": statistics.pstdev(accs), "runs_timed": len(secs),
                    "seconds_per_run": statistics.mean(secs) if secs else None,
@@ -218,7 +221,8 @@ def _finished(out: str, results: dict) -> tuple[dict, dict]:
         return {}, {}
     old = json.loads(path.read_text())
     same = all(old["settings"].get(k) == results["settings"].get(k) for k in _CELL_SETTINGS)
-    if not same or old.get("seeds") != results["seeds"]:
+    # the seeds as a set: --seeds 1,2,0 resumes a table of seeds 0,1,2 in another order (a cell's mean is the same)
+    if not same or sorted(old.get("seeds", [])) != sorted(results["seeds"]):
         raise SystemExit(f"{out} holds a run with other settings or seeds; give another --out or delete it")
     runs = {(r["row"], r["size"], r["seed"]): r for r in old.get("runs", [])}
     return {(c["row"], c["size"]): c for c in old["cells"]}, runs
@@ -250,6 +254,18 @@ def _partly_timed(cell: dict) -> bool:
     return cell.get("runs_timed", len(cell["accuracy"])) < len(cell["accuracy"])
 
 
+def _add_pet_share(run: dict, pet_results: Path) -> None:
+    """An iPET run that trained PET's generation 0 itself (PET had not run here before) records what that part
+    took (its generation-0 units and the ensemble weights), so the row's time means the same in every run:
+    iPET's time beyond PET's."""
+    res = json.loads(pet_results.read_text())
+    share = [s for u, s in res.get("unit_seconds", {}).items() if u == "weights" or u.startswith("gen0/")]
+    if share and None not in share:
+        run["pet_seconds"] = sum(share)
+    else:
+        run["seconds_partial"] = True
+
+
 def table(results: dict) -> str:
     sizes = results["sizes"]
     head = "| row | " + " | ".join(f"|T| = {s}" for s in sizes) + " | s / run |\n|---|" + "---|" * (len(sizes) + 1)
@@ -263,7 +279,7 @@ def table(results: dict) -> str:
         some = any(map(_partly_timed, cells.values()))
         lines.append(f"| {row} | " + " | ".join(vals) + f" | {secs}{' + PET' if after else ''}{' *' if some else ''} |")
     if any(c.get("after_pet_runs") for c in results["cells"]):
-        lines.append("\n+ PET: iPET started from the PET row's generation-0 deltas; its time adds to PET's.")
+        lines.append("\n+ PET: iPET's time beyond PET's generation 0 (the PET row's deltas, or its own share left out).")
     if any(map(_partly_timed, results["cells"])):
         lines.append("\n* the mean leaves out runs resumed from units saved without their wall time.")
     return "\n".join(lines)

@@ -66,6 +66,29 @@ def test_ipet_starts_from_pets_generation_0_and_says_so(few_shot, tmp_path):
     assert "+ PET |" in few_shot.table(res)
 
 
+def test_ipet_alone_leaves_out_its_own_share_of_pet_so_its_time_means_the_same(few_shot, tmp_path):
+    res = few_shot.main(["--tiny", "--rows", "ipet", "--sizes", "10", "--seeds", "0", "--steps", "2",
+                         "--final-steps", "2", "--unlabelled", "16", "--ipet-generations", "1",
+                         "--out", str(tmp_path / "ipet.json")])
+    run, cell = res["runs"][0], res["cells"][0]
+    units = json.loads((tmp_path / "ipet.work" / "pet-n10-s0" / "results.json").read_text())["unit_seconds"]
+    share = units["weights"] + units["gen0/p0"] + units["gen0/p1"]  # iPET distils after its last generation only
+    assert not run["after_pet"] and run["pet_seconds"] == pytest.approx(share)
+    assert cell["seconds_per_run"] == pytest.approx(run["seconds"] - share) and cell["after_pet_runs"] == 1
+    assert "+ PET |" in few_shot.table(res)
+
+
+def test_seeds_in_another_order_resume_the_same_table(few_shot, tmp_path, monkeypatch):
+    out = tmp_path / "few_shot.json"
+    few_shot.main(["--tiny", "--rows", "icl", "--sizes", "10", "--seeds", "0", "--out", str(out)])
+    first = json.loads(out.read_text())["runs"]
+    monkeypatch.setattr(few_shot, "cell", lambda *a: pytest.fail("a finished cell ran again"))
+    with pytest.raises(SystemExit, match="other settings or seeds"):  # another set of seeds is another table
+        few_shot.main(["--tiny", "--rows", "icl", "--sizes", "10", "--seeds", "0,1", "--out", str(out)])
+    res = few_shot.main(["--tiny", "--rows", "icl", "--sizes", "10", "--seeds", "0", "--out", str(out)])
+    assert res["runs"] == first
+
+
 def test_a_killed_cell_resumes_at_its_next_seed(few_shot, tmp_path, monkeypatch):
     out = tmp_path / "few_shot.json"
     args = ["--tiny", "--rows", "icl", "--sizes", "10", "--seeds", "0,1", "--out", str(out)]

@@ -305,9 +305,19 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     trained, reused, prev, fps = [], [], None, []
     unit_seconds = {}  # each unit's own wall time, recorded when it was trained (None: a unit saved before that)
     weights = [1.0] * len(heads)
-    if cfg.weights == "accuracy":
-        weights = _accuracy_weights(heads, model, base, tokenizer, labelled, cfg, common, out / "weights",
-                                    trained, reused, unit_seconds)
+    if cfg.weights == "accuracy":  # a unit of its own: |T| x patterns scorings, minutes at |T| = 1000 on a CPU
+        # what the scores depend on, nothing more: a run with other training settings reuses them
+        fp = _hash({"unit": "weights", "model": model, "base": common["base"], "labelled": common["labelled"],
+                    "heads": [h.to_dict() for h in heads], "max_length": cfg.max_length})
+        done = _read_done(out / "weights", fp)
+        if done is None:
+            done = _accuracy_weights(heads, model, base, tokenizer, labelled, cfg.max_length, fp)
+            fileio.write_json(out / "weights" / DONE, done)
+            trained.append("weights")
+        else:
+            reused.append("weights")
+        weights = done["weights"]
+        unit_seconds["weights"] = done.get("seconds")
     del base
 
     for g in range(cfg.generations + 1):
@@ -379,31 +389,18 @@ def run(model: str, task: str | None, patterns, config: PETConfig | None = None,
     return results
 
 
-def _accuracy_weights(heads, model, base, tokenizer, labelled, cfg: PETConfig, common: dict, folder: Path,
-                      trained: list, reused: list, unit_seconds: dict) -> list[float]:
-    """Each pattern's accuracy on T before training (zero-shot), the ensemble weights of the paper; a unit of its
-    own (|T| x patterns scorings: minutes at |T| = 1000 on a CPU), so a resumed run reads them back."""
-    # what the scores depend on, nothing more: a run with other training settings reuses them
-    fp = _hash({"unit": "weights", "model": common["model"], "base": common["base"], "labelled": common["labelled"],
-                "heads": [h.to_dict() for h in heads], "max_length": cfg.max_length})
-    done = _read_done(folder, fp)
-    if done is not None:
-        reused.append("weights")
-        unit_seconds["weights"] = done.get("seconds")
-        return done["weights"]
+def _accuracy_weights(heads, model, base, tokenizer, labelled, max_length: int, fingerprint: str) -> dict:
+    """Each pattern's accuracy on T before training (zero-shot), the ensemble weights of the paper, as the
+    weights unit's done record (with its wall time)."""
     t_unit = time.perf_counter()
     refs = torch.tensor([e["target"] for e in labelled])
     weights = []
     for h in heads:
         h.load(model, lm=(base, tokenizer))
-        scores = _scores(h.wrap(base, tokenizer), tokenizer, _prompt_texts(h, labelled, tokenizer, cfg.max_length),
-                         cfg.max_length)
+        scores = _scores(h.wrap(base, tokenizer), tokenizer, _prompt_texts(h, labelled, tokenizer, max_length),
+                         max_length)
         weights.append(max(1e-3, float((scores.argmax(-1) == refs).float().mean())))
-    done = {"fingerprint": fp, "weights": weights, "seconds": time.perf_counter() - t_unit}
-    fileio.write_json(folder / DONE, done)
-    trained.append("weights")
-    unit_seconds["weights"] = done["seconds"]
-    return weights
+    return {"fingerprint": fingerprint, "weights": weights, "seconds": time.perf_counter() - t_unit}
 
 
 def _train_pattern(model: str, head: PromptHead, method_cfg, examples, unlabelled, dev, cfg: PETConfig, lr: float,

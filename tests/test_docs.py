@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,13 +36,29 @@ def test_examples_exist():
     assert len(EXAMPLES) >= 5, EXAMPLES
 
 
-@pytest.mark.real_model
-@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs(example, tmp_path):
+def _run_example(example: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, str(example)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, str(example)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+# Each example is a one-thread process of 15-30 s: two run side by side (the one under test and the next
+# one selected), so the examples take half their serial time on a 2-core machine.
+_POOL = ThreadPoolExecutor(max_workers=2)
+_STARTED: dict[Path, Future] = {}
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs(example, request, tmp_path_factory):
+    selected = [item.callspec.params["example"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_example_runs"]
+    at = selected.index(example)
+    for ex in selected[at:at + 2]:
+        if ex not in _STARTED:
+            _STARTED[ex] = _POOL.submit(_run_example, ex, tmp_path_factory.mktemp(ex.stem))
+    proc = _STARTED.pop(example).result()
     assert proc.returncode == 0, f"{example.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert proc.stdout.rstrip().endswith("ok"), proc.stdout[-2000:]
 

@@ -167,9 +167,11 @@ def _train_cmd(setup, out, *extra):
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(setup, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # one thread each: the uninterrupted reference run and the run to kill go side by side on 2 cores
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_train_cmd(setup, ref), check=True, env=env, capture_output=True)
+    ref_log = (tmp_path / "ref.log").open("w")  # a file, not a pipe nobody reads until the end
+    ref_proc = subprocess.Popen(_train_cmd(setup, ref), env=env, stdout=subprocess.DEVNULL, stderr=ref_log)
 
     proc = subprocess.Popen(_train_cmd(setup, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -186,6 +188,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(setup, tmp_pat
     assert steps and max(steps) < 120  # killed mid-training (120 = 40 batches x 3 epochs)
 
     subprocess.run(_train_cmd(setup, killed, "--resume"), check=True, env=env, capture_output=True)
+    assert ref_proc.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    ref_log.close()
     results = json.loads((killed / "results.json").read_text())
     assert results["resumed_from"] and results["steps"] == 120
     a = load_file(str(ref / "delta" / "delta.safetensors"))

@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
                     if row in ("pet", "ipet") and args.work:
                         pet_results = Path(args.work) / f"pet-n{size}-s{seed}" / "results.json"
                         _add_reused_unit_seconds(run, pet_results)
-                        if row == "ipet" and not after_pet:
+                        if row == "ipet":
                             _add_pet_share(run, pet_results)
                     runs[(row, size, seed)] = run
                     results["runs"] = list(runs.values())
@@ -255,15 +255,16 @@ def _partly_timed(cell: dict) -> bool:
 
 
 def _add_pet_share(run: dict, pet_results: Path) -> None:
-    """An iPET run that trained PET's generation 0 itself (PET had not run here before) records what that part
-    took (its generation-0 units and the ensemble weights), so the row's time means the same in every run:
-    iPET's time beyond PET's."""
+    """What PET's share of an iPET run (its generation-0 units and the ensemble weights) added to the run's time:
+    the units it trained, and those it reused when it did not start after PET (their time was added). The row's
+    time is then the same thing in every run: iPET's time beyond PET's."""
     res = json.loads(pet_results.read_text())
-    share = [s for u, s in res.get("unit_seconds", {}).items() if u == "weights" or u.startswith("gen0/")]
-    if share and None not in share:
-        run["pet_seconds"] = sum(share)
-    else:
+    counted = res["trained"] + ([] if run["after_pet"] else res["reused"])
+    share = [res.get("unit_seconds", {}).get(u) for u in counted if u == "weights" or u.startswith("gen0/")]
+    if None in share:
         run["seconds_partial"] = True
+    elif share:
+        run["pet_seconds"] = sum(share)
 
 
 def table(results: dict) -> str:

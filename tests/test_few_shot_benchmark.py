@@ -60,7 +60,7 @@ def test_ipet_starts_from_pets_generation_0_and_says_so(few_shot, tmp_path):
     res = few_shot.main(["--tiny", "--rows", "pet,ipet", "--sizes", "10", "--seeds", "0", "--steps", "2",
                          "--final-steps", "2", "--unlabelled", "16", "--ipet-generations", "1", "--out", str(out)])
     ipet = res["cells"][1]
-    assert ipet["row"] == "ipet" and ipet["after_pet_runs"] == 1
+    assert ipet["row"] == "ipet" and ipet["after_pet_runs"] == 1 and "pet_seconds" not in res["runs"][1]
     done = json.loads((tmp_path / "pet.work" / "pet-n10-s0" / "results.json").read_text())
     assert done["generations"] == 1 and done["reused"] == ["weights", "gen0/p0", "gen0/p1"]
     assert "+ PET |" in few_shot.table(res)

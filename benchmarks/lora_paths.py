@@ -6,6 +6,7 @@ backward of one map at several token counts, and what the cost model in ``unipef
     python benchmarks/lora_paths.py --grad-b         # the two orientations of B's gradient product
     python benchmarks/lora_paths.py --floor          # the LoRA products no exact path can skip, per step
     python benchmarks/lora_paths.py --overhead       # the per-call cost of a LoRA map, unipeft vs peft
+    python benchmarks/lora_paths.py --stacked        # W and A in one buffer: one product instead of two?
 
 Shapes are SmolLM2-135M's (576 wide, 1,536 FFN, 192 for its grouped k/v) and MiniLM's (384, 1,536);
 r = 16; median of 10 timed calls after 2 warm-up calls, ``--threads`` threads (default 2). The ratio
@@ -18,7 +19,12 @@ LoRA step cannot come closer to the compute limit than their ratio. ``--overhead
 as deep as SmolLM2-135M (30 blocks, LoRA r=4 on its 210 linear maps) but 64 wide, on 8 tokens, so
 that the products cost next to nothing and a step's time over the frozen model's is what each
 LoRA map's call costs (Python, dispatch, small kernels): unipeft's fused node against peft's layers,
-interleaved rounds, medians; this is the part of a step that does not shrink on faster hardware.
+interleaved rounds, medians; this is the part of a step that does not shrink on faster hardware. ``--stacked`` tests the idea of
+keeping A under W in one (out + r, in) buffer, so that x [W; A]^T gives the base output and t = x A^T
+in one product and [g, s gB] [W; A] the whole input gradient in one (the buffer made once, not timed):
+each against the two products it would replace, at 1,024 tokens, with and without the copies the layout
+forces (y is a strided view of the (N, out + r) result and must be made contiguous for the layers after;
+g arrives on its own and must be copied next to s gB).
 """
 import argparse
 import statistics
@@ -94,6 +100,22 @@ def floor(tokens=1024, r=16, layers=30):
           f"the four LoRA products {lora * layers:.0f} ms = {lora / base:.1%} of the base products")
 
 
+def stacked(tokens=1024, r=16):
+    print("out in | forward: x W^T + x A^T, x [W;A]^T, + copy (ms) | backward: g W + (gB) A, [g, gB] [W;A], + cat (ms)")
+    for out, inn in SHAPES[:4]:
+        x, g = torch.randn(tokens, inn), torch.randn(tokens, out)
+        w, a, gb = torch.randn(out, inn), torch.randn(r, inn), torch.randn(tokens, r)
+        wa, ggb = torch.cat([w, a]), torch.cat([g, gb], dim=1)
+        two_fwd = median_ms(lambda: x @ w.t(), reps=22) + median_ms(lambda: x @ a.t(), reps=22)
+        one_fwd = median_ms(lambda: x @ wa.t(), reps=22)
+        one_fwd_copy = median_ms(lambda: (x @ wa.t())[:, :out].contiguous(), reps=22)
+        two_bwd = median_ms(lambda: torch.addmm(g @ w, gb, a), reps=22)
+        one_bwd = median_ms(lambda: ggb @ wa, reps=22)
+        one_bwd_cat = median_ms(lambda: torch.cat([g, gb], dim=1) @ wa, reps=22)
+        print(out, inn, f"| {two_fwd:.2f} {one_fwd:.2f} {one_fwd_copy:.2f} ({one_fwd_copy / two_fwd:.2f}x) "
+              f"| {two_bwd:.2f} {one_bwd:.2f} {one_bwd_cat:.2f} ({one_bwd_cat / two_bwd:.2f}x)", flush=True)
+
+
 def overhead(rounds=40):
     import copy
 
@@ -143,10 +165,13 @@ if __name__ == "__main__":
     ap.add_argument("--grad-b", action="store_true", help="time the two orientations of B's gradient")
     ap.add_argument("--floor", action="store_true", help="the LoRA products every exact path needs, per step")
     ap.add_argument("--overhead", action="store_true", help="the per-call cost of a LoRA map, unipeft vs peft")
+    ap.add_argument("--stacked", action="store_true", help="W and A in one buffer against two products")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.overhead:
         overhead()
+    elif args.stacked:
+        stacked()
     else:
         floor() if args.floor else grad_b() if args.grad_b else paths(args.bf16)

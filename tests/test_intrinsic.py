@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 import unipeft as up
-from unipeft.fastfood import KINDS, Projection, fwht, hadamard, seed_for
+from unipeft.fastfood import KINDS, Projection, fwht, hadamard, permute, seed_for
 from unipeft.methods.intrinsic import SubspaceDelta
 
 
@@ -34,6 +34,41 @@ def test_fwht_is_the_hadamard_matrix_and_its_own_gradient(n):
         assert torch.autograd.gradcheck(hadamard, (x,))
     with pytest.raises(ValueError, match="power-of-2"):
         fwht(torch.randn(6))
+
+
+@pytest.mark.parametrize("bits", [12, 13, 17])
+def test_fwht_of_long_vectors_follows_the_recursion(bits):
+    """H_2n [x1; x2] = [H x1 + H x2; H x1 - H x2]: with the matrix test above (up to 2^11) this checks
+    the passes whose index bits rotate through 2, 3 and 5 passes (17 = 4 + 4 + 4 + 4 + 1)."""
+    n = 1 << bits
+    x = torch.randn(2, n, dtype=torch.float64)
+    h1, h2 = fwht(x[:, : n // 2]), fwht(x[:, n // 2:])
+    torch.testing.assert_close(fwht(x), torch.cat([h1 + h2, h1 - h2], dim=1))
+
+
+def test_permute_matches_indexing_forward_and_backward():
+    perm = torch.randperm(1000).to(torch.int32)  # as Projection keeps it
+    x = torch.randn(1000, requires_grad=True)
+    g = torch.randn(1000)
+    y = permute(x, perm)
+    (gx,) = torch.autograd.grad(y, x, g)
+    y_ref = x[perm.long()]
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projections_stay_float32_under_autocast(kind):
+    """Autocast would run the transform's products in bf16, rounding every pass: P is float32 regardless."""
+    p = Projection(kind, 30, 3000, seed=3)
+    theta = torch.randn(30, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = p(theta)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, p(theta), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), theta)
+    (g_ref,) = torch.autograd.grad(p(theta).sum(), theta)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
 
 
 def test_fastfood_is_H_G_Pi_H_B_cut_to_D():

@@ -42,24 +42,29 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
     H_L is the Kronecker product of log2(L) copies of H_2, one per bit of the index, and the
     factors commute; so the transform runs in ceil(log2(L) / 4) passes, each applying H_16 (four
-    butterfly stages at once) to four bits of the index as one batched product: O(L log L) work,
-    a handful of passes over memory, no Python loop over elements. H is symmetric, so its
-    gradient is H again (``_FWHT``), and nothing is kept for the backward pass.
+    butterfly stages at once) to four bits of the index as one product: O(L log L) work, no
+    Python loop over elements. Each pass transforms the *lowest* bits, (n/16, 16) -> H_16 (n/16, 16)^T,
+    and writes its result as (16, n/16), which puts those bits on top: the index bits rotate by the
+    bits transformed, so once every bit has been transformed the order is back where it began. The
+    product reads its operand transposed in place, so a pass is one product and no copy (2.4-2.6x
+    faster than transposing around each product at 2^20-2^24, ``benchmarks/fastfood_speed.py``).
+    H is symmetric, so its gradient is H again (``_FWHT``), and nothing is kept for the backward pass.
     """
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-2 length, got {n}")
     bits = n.bit_length() - 1
-    y = x.reshape(-1, n)
-    low = 0  # bits below the group being transformed
-    while low < bits:
-        k = min(_RADIX, bits - low)
-        h = _hadamard_matrix(k, y)
-        # (rows, high bits, these k bits, low bits) -> these bits last, times the symmetric H_{2^k}
-        shape = (y.shape[0], n >> (low + k), 1 << low, 1 << k)
-        y = y.view(y.shape[0], n >> (low + k), 1 << k, 1 << low).transpose(2, 3).reshape(-1, 1 << k)
-        y = (y @ h).view(shape).transpose(2, 3).reshape(-1, n)  # one 2-D product: nothing of size L x 2^k
-        low += k
+    rows = x.numel() // n
+    y = x.reshape(rows, n)
+    done = 0
+    # in x's own dtype even under autocast, which would round every pass to bf16 (and copy to get there)
+    with torch.autocast(y.device.type, enabled=False):
+        while done < bits:
+            k = min(_RADIX, bits - done)
+            h = _hadamard_matrix(k, y)
+            # (rows, rest, these k bits) -> (rows, these k bits transformed, rest): the bits rotate by k
+            y = torch.matmul(h, y.view(rows, n >> k, 1 << k).transpose(1, 2)).view(rows, n)
+            done += k
     return y.reshape(x.shape)
 
 
@@ -76,6 +81,29 @@ class _FWHT(torch.autograd.Function):
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """``fwht`` with a gradient that stores nothing."""
     return _FWHT.apply(x)
+
+
+class _Permute(torch.autograd.Function):
+    """x[perm] for a permutation ``perm``: its gradient is g written back at perm. Autograd's own
+    backward for indexing accumulates (index_put with accumulate, which sorts the indices to add up
+    repeats); a permutation has none, so a plain scatter gives the same result at about half the
+    cost of that backward at 2^24 entries."""
+
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.save_for_backward(perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (perm,) = ctx.saved_tensors
+        return grad.new_empty(grad.shape).index_put_((perm,), grad), None
+
+
+def permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """x[perm] over the first dimension, for a permutation ``perm`` (not checked: any repeat would
+    lose gradient)."""
+    return _Permute.apply(x, perm)
 
 
 def seed_for(seed: int, key: str) -> int:
@@ -116,11 +144,14 @@ class Projection(nn.Module):
             raise ValueError(f"unknown projection {kind!r}")
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        """P theta (length D), computed in float32 whatever the delta's dtype."""
-        x = theta.float()
+        """P theta (length D), computed in float32 whatever the delta's dtype, and under autocast too."""
+        with torch.autocast(theta.device.type, enabled=False):
+            return self._project(theta.float())
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fastfood":
             x = hadamard(nn.functional.pad(x, (0, self.L - x.shape[0])) * self.B)
-            x = hadamard(x[self.Pi] * self.G.float())
+            x = hadamard(permute(x, self.Pi) * self.G.float())
             return x[: self.D] * self.scale
         if self.kind == "dense":
             return self.P.float() @ x

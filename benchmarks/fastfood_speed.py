@@ -1,19 +1,20 @@
 """The FastFood projection's cost (``unipeft/fastfood.py``), the piece that makes intrinsic-dimension
 training the slowest row of the main job, against the way it was computed before 2026-12-03.
 
-    python benchmarks/fastfood_speed.py            # the transform, the permutation, a MiniLM training step
+    python benchmarks/fastfood_speed.py            # the transform, the projection, a MiniLM training step
     python benchmarks/fastfood_speed.py --quick    # smaller sizes, one repetition (a smoke run)
 
 1. The Walsh-Hadamard transform at L = 2^10 ... 2^24: ``fastfood.fwht`` (one product per pass of four
    bits, the bits rotating) against ``transposing_fwht`` below (the same passes, with the transposes
    around each product written out as copies, as the module did before); outputs compared.
-2. The permutation x[Pi] at 2^24 entries, forward and backward: ``fastfood.permute`` (a scatter) against
-   autograd's indexing (whose backward accumulates); gradients compared.
+2. One projection P theta, forward and backward, at the size of MiniLM's token embedding (d = 1,000,
+   D = 11.7 M, L = 2^24): ``Projection`` (the first transform at the block's size, picked at Pi mod
+   block) against ``former_projection`` below (both transforms at L, autograd's indexing by Pi, whose
+   backward accumulates); outputs and gradients compared.
 3. One training step of ``up.Intrinsic()`` (d = 1,000, FastFood) on MiniLM, 16 x 64 tokens, bf16
-   autocast as the main job runs it: with the module's pieces, then with the old ones patched in (both
-   of the above, and the projection's forward without its autocast guard: before, autocast ran the
-   transform's products in bf16, rounding every pass and copying to get there), interleaved rounds,
-   medians.
+   autocast as the main job runs it: with the module's projection, then with ``former_projection``
+   patched in (and, as before, no guard against autocast, which ran the transforms' products in bf16),
+   interleaved rounds, medians.
 """
 from __future__ import annotations
 
@@ -45,8 +46,24 @@ def transposing_fwht(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def indexing_permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    return x[perm]
+class _TransposingFWHT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return transposing_fwht(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return transposing_fwht(grad)
+
+
+def former_projection(p: fastfood.Projection, theta: torch.Tensor) -> torch.Tensor:
+    """P theta as computed before: H B pad(theta) at the full length L, x[Pi] by autograd's indexing."""
+    if not hasattr(p, "_full"):
+        p._full = p.factors()
+    B, Pi, G = p._full
+    x = _TransposingFWHT.apply(torch.nn.functional.pad(theta.float(), (0, p.L - p.d)) * B)
+    x = _TransposingFWHT.apply(x[Pi] * G)
+    return x[: p.D] * p.scale
 
 
 def median_ms(fn, reps: int) -> float:
@@ -68,21 +85,23 @@ def transform(sizes, reps):
         print(f"2^{bits} {a:.2f} {b:.2f} {a / b:.2f} {(new - old).abs().max().item():.1e}", flush=True)
 
 
-def permutation(bits, reps):
-    n = 1 << bits
-    perm = torch.randperm(n).to(torch.int32)  # as Projection keeps it
-    x, g = torch.randn(n, requires_grad=True), torch.randn(n)
+def projection(d, D, reps):
+    torch.manual_seed(0)
+    p = fastfood.Projection("fastfood", d, D, seed=1)
+    theta, g = torch.randn(d, requires_grad=True), torch.randn(D)
 
     def run(fn):
-        x.grad = None
-        fn(x, perm).backward(g)
-        return x.grad
+        theta.grad = None
+        y = fn(theta)
+        y.backward(g)
+        return y.detach(), theta.grad
 
-    same = torch.equal(run(fastfood.permute), run(indexing_permute))
-    a = median_ms(lambda: run(fastfood.permute), reps)
-    b = median_ms(lambda: run(indexing_permute), reps)
-    print(f"x[Pi] forward + backward at 2^{bits}: permute {a:.0f} ms, autograd indexing {b:.0f} ms "
-          f"({a / b:.2f}x), gradients equal: {same}", flush=True)
+    (y1, g1), (y2, g2) = run(p), run(lambda t: former_projection(p, t))
+    err = max(((y1 - y2).abs().max() / y2.abs().max()).item(), ((g1 - g2).abs().max() / g2.abs().max()).item())
+    a = median_ms(lambda: run(p), reps)
+    b = median_ms(lambda: run(lambda t: former_projection(p, t)), reps)
+    print(f"P theta forward + backward, d={d}, D={D}, L={p.L}: {a:.0f} ms, former {b:.0f} ms ({a / b:.2f}x), "
+          f"largest relative difference {err:.1e}", flush=True)
 
 
 def training_step(rounds):
@@ -104,15 +123,13 @@ def training_step(rounds):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def old_forward(self, theta):  # before: no guard against autocast, which ran the transform in bf16
-        return self._project(theta.float())
+    def old_forward(self, theta):  # before: no guard against autocast, which ran the transforms in bf16
+        return former_projection(self, theta) if self.kind == "fastfood" else self._project(theta.float())
 
     def old_pieces(on: bool):
-        fastfood.fwht = transposing_fwht if on else new_fwht
-        fastfood.permute = indexing_permute if on else new_permute
         fastfood.Projection.forward = old_forward if on else new_forward
 
-    new_fwht, new_permute, new_forward = fastfood.fwht, fastfood.permute, fastfood.Projection.forward
+    new_forward = fastfood.Projection.forward
     times = {"now": [], "before": []}
     for i in range(rounds + 1):
         for name in times:
@@ -136,10 +153,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.quick:
         transform((6, 10), reps=1)
-        permutation(10, reps=1)
+        projection(100, 3000, reps=1)
         return 0
     transform((10, 13, 16, 20, 24), reps=5)
-    permutation(24, reps=3)
+    projection(1000, 30522 * 384, reps=3)
     training_step(args.rounds)
     return 0
 

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 import unipeft as up
-from unipeft.fastfood import KINDS, Projection, fwht, hadamard, permute, seed_for
+from unipeft.fastfood import KINDS, Projection, fwht, hadamard, seed_for
 from unipeft.methods.intrinsic import SubspaceDelta
 
 
@@ -46,17 +46,6 @@ def test_fwht_of_long_vectors_follows_the_recursion(bits):
     torch.testing.assert_close(fwht(x), torch.cat([h1 + h2, h1 - h2], dim=1))
 
 
-def test_permute_matches_indexing_forward_and_backward():
-    perm = torch.randperm(1000).to(torch.int32)  # as Projection keeps it
-    x = torch.randn(1000, requires_grad=True)
-    g = torch.randn(1000)
-    y = permute(x, perm)
-    (gx,) = torch.autograd.grad(y, x, g)
-    y_ref = x[perm.long()]
-    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
-    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_projections_stay_float32_under_autocast(kind):
     """Autocast would run the transform's products in bf16, rounding every pass: P is float32 regardless."""
@@ -78,11 +67,30 @@ def test_fastfood_is_H_G_Pi_H_B_cut_to_D():
     L = p.L
     assert L == 16
     H = hadamard_matrix(L)
-    Pi = torch.eye(L, dtype=torch.float64)[p.Pi]
-    M = H @ torch.diag(p.G.double()) @ Pi @ H @ torch.diag(p.B.double())
+    B, Pi, G = p.factors()
+    assert torch.equal(G, p.G) and torch.equal(B[:d], p.B)
+    Pi = torch.eye(L, dtype=torch.float64)[Pi]
+    M = H @ torch.diag(G.double()) @ Pi @ H @ torch.diag(B.double())
     explicit = (M[:D, :d] * p.scale).float()
     x = torch.randn(d)
     torch.testing.assert_close(p(x), explicit @ x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d, D", [(37, 5000), (1000, 70000), (600, 600)])
+def test_fastfood_first_transform_at_the_block_size_equals_the_full_one(d, D):
+    """H B pad(x) is computed as a block-sized transform picked at Pi mod block: the same P x and the same
+    gradient as the full L-sized transform (in float64) and the full permutation."""
+    p = Projection("fastfood", d, D, seed=11)
+    B, Pi, G = (t.double() if t.is_floating_point() or t.dtype == torch.int8 else t for t in p.factors())
+    x = torch.randn(d, dtype=torch.float64, requires_grad=True)
+    full = fwht(fwht(torch.nn.functional.pad(x, (0, p.L - d)) * B)[Pi] * G)[:D] * p.scale
+    x32 = x.detach().float().requires_grad_()
+    fast = p(x32)
+    torch.testing.assert_close(fast.double(), full, rtol=1e-4, atol=1e-6)
+    g = torch.randn(D, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(full, x, g)
+    (gx32,) = torch.autograd.grad(fast, x32, g.float())
+    torch.testing.assert_close(gx32.double(), gx, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -458,3 +466,22 @@ def test_sweep_goes_on_past_a_diverged_run_and_reads_d90_off_the_rest(tmp_path, 
     assert "diverged" in intrinsic_dim.format_report(report)
     intrinsic_dim.plot(report, tmp_path / "p.png")
     assert intrinsic_dim.read_report(tmp_path / "s")["d90"] == 1000
+
+
+def test_fastfood_speed_benchmark_quick_run(capsys):
+    """benchmarks/fastfood_speed.py's smoke run: its former computation still agrees with the module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fastfood_speed.py"
+    spec = importlib.util.spec_from_file_location("fastfood_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--threads", str(threads)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets the process's thread count
+    out = capsys.readouterr().out
+    diff = float(out.rsplit("largest relative difference ", 1)[1].split()[0])
+    assert diff < 1e-5, out

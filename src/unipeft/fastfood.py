@@ -5,8 +5,10 @@ Three kinds, each built from a seed alone (so a saved delta holds theta_d and th
 * ``fastfood`` (Le et al. 2013, as Li et al. 2018 and Aghajanyan et al. 2020 use it):
   P(x) = H G Pi H B pad(x), cut to D, where H is the Walsh-Hadamard matrix (applied with the
   fast transform, O(L log L) for L = 2^ceil(log2 max(D, d))), B a random +-1 diagonal, Pi a
-  random permutation and G a Gaussian diagonal. Memory O(D): three length-L vectors; the D x d
-  matrix is never formed.
+  random permutation and G a Gaussian diagonal. Since pad(x) lives in the first 2^ceil(log2 d)
+  entries, the inner H B pad(x) is a transform of that size, repeated (see ``Projection``): one
+  transform at L per call, not two. Memory O(D): two length-L vectors (Pi mod the block, G); the
+  D x d matrix is never formed.
 * ``dense``: a Gaussian D x d matrix (the definition, for small D x d only).
 * ``sparse``: a very sparse random matrix (Li, Hastie and Church 2006, the sparse projection of
   Li et al. 2018): about sqrt(D) nonzero +-1 entries per column, kept as (row, column, value)
@@ -83,29 +85,6 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return _FWHT.apply(x)
 
 
-class _Permute(torch.autograd.Function):
-    """x[perm] for a permutation ``perm``: its gradient is g written back at perm. Autograd's own
-    backward for indexing accumulates (index_put with accumulate, which sorts the indices to add up
-    repeats); a permutation has none, so a plain scatter gives the same result at about half the
-    cost of that backward at 2^24 entries."""
-
-    @staticmethod
-    def forward(ctx, x, perm):
-        ctx.save_for_backward(perm)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (perm,) = ctx.saved_tensors
-        return grad.new_empty(grad.shape).index_put_((perm,), grad), None
-
-
-def permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """x[perm] over the first dimension, for a permutation ``perm`` (not checked: any repeat would
-    lose gradient)."""
-    return _Permute.apply(x, perm)
-
-
 def seed_for(seed: int, key: str) -> int:
     """A stable 63-bit seed for one tensor's projection: the delta's seed and the tensor's path
     (Python's ``hash`` of a string changes between processes, so it cannot be used)."""
@@ -121,12 +100,16 @@ class Projection(nn.Module):
         g = torch.Generator().manual_seed(seed)
         if kind == "fastfood":
             L = 1 << max(0, math.ceil(math.log2(max(D, d))))
-            self.L = L
-            # +-1 as int8 and the permutation as int32: the factors of a 38M-entry table (GPT-2's) take 0.6 GB, not 1
-            self.register_buffer("B", (torch.randint(0, 2, (L,), generator=g) * 2 - 1).to(torch.int8),
-                                 persistent=False)
-            self.register_buffer("Pi", torch.randperm(L, generator=g).to(torch.int32), persistent=False)
-            G = torch.randn(L, generator=g)
+            self.L, self.seed = L, seed
+            B, Pi, G = self._factors(g)
+            # theta has d entries, so H B pad(theta) is the transform of its first `block` entries repeated
+            # L / block times (H_L = H_{L/block} (x) H_block, and pad(theta) lives in the first block): the
+            # first transform runs at the block's size, and Pi picks from that repeat, i.e. from the small
+            # transform at Pi mod block. Kept: B's first d signs, Pi mod block (int32: index_select's
+            # smallest index type) and G; the factors of a 38M-entry table (GPT-2's) take 0.5 GB.
+            self.block = 1 << max(0, math.ceil(math.log2(d)))
+            self.register_buffer("B", B[:d].clone(), persistent=False)
+            self.register_buffer("Pi_low", (Pi & (self.block - 1)).to(torch.int32), persistent=False)
             self.register_buffer("G", G, persistent=False)
             # ||H G Pi H B x|| = L ||G|| ||x|| / sqrt(L) on average; keeping D of the L outputs keeps D/L of it
             self.scale = 1.0 / (math.sqrt(L * G.pow(2).sum().item()) * math.sqrt(D / L))
@@ -143,6 +126,16 @@ class Projection(nn.Module):
         else:
             raise ValueError(f"unknown projection {kind!r}")
 
+    def _factors(self, g: torch.Generator):
+        """The random diagonal B (+-1, int8), permutation Pi and Gaussian diagonal G, in the order the seed draws them."""
+        B = (torch.randint(0, 2, (self.L,), generator=g) * 2 - 1).to(torch.int8)
+        Pi = torch.randperm(self.L, generator=g)
+        return B, Pi, torch.randn(self.L, generator=g)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, Pi, G) over all L entries, drawn again from the seed (the module keeps only what it needs)."""
+        return self._factors(torch.Generator().manual_seed(self.seed))
+
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         """P theta (length D), computed in float32 whatever the delta's dtype, and under autocast too."""
         with torch.autocast(theta.device.type, enabled=False):
@@ -150,9 +143,9 @@ class Projection(nn.Module):
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fastfood":
-            x = hadamard(nn.functional.pad(x, (0, self.L - x.shape[0])) * self.B)
-            x = hadamard(permute(x, self.Pi) * self.G.float())
-            return x[: self.D] * self.scale
+            # P x = scale H G Pi H B pad(x), cut to D; the first H at the block's size (see __init__)
+            small = hadamard(nn.functional.pad(x * self.scale * self.B, (0, self.block - self.d)))
+            return hadamard(small.index_select(0, self.Pi_low) * self.G)[: self.D]
         if self.kind == "dense":
             return self.P.float() @ x
         out = torch.zeros(self.D, dtype=x.dtype, device=x.device)

@@ -169,3 +169,17 @@ def test_merged_path_is_taken_and_keeps_no_copy_of_the_weight():
         saved = y.grad_fn.saved_tensors
         assert sum(t.data_ptr() == o.weight.data_ptr() for t in saved) == 1   # W itself, by reference
         assert not any(t.shape == o.weight.shape and t.data_ptr() != o.weight.data_ptr() for t in saved)
+
+
+def test_merged_weight_is_summed_in_float32_and_rounded_once_under_autocast():
+    """W + s B A in bf16 is the float32 sum rounded once, also when autocast is on (the node's forward runs
+    under it, and autocast would run the addmm in bf16: two roundings)."""
+    from unipeft.methods.lora import _effective_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    a, b = torch.randn(4, 64, generator=g) * 1e-2, torch.randn(64, 4, generator=g) * 1e-2
+    once = torch.addmm(w, b, a, alpha=2.0).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _effective_weight(w, a, b, 2.0, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, once)

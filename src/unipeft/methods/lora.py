@@ -266,7 +266,9 @@ def _effective_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: 
     """W + s B A in the compute dtype ``dt``, summed in float32 or wider and rounded once (a bf16 sum
     would round the small LoRA term away against W's larger entries)."""
     wide = torch.promote_types(w.dtype, torch.float32)
-    return torch.addmm(w.to(wide), b.to(wide), a.to(wide), alpha=scale).to(dt)
+    # autocast would run the addmm in its own dtype (bf16) inside the node's forward: rounding twice
+    with torch.autocast(w.device.type, enabled=False):
+        return torch.addmm(w.to(wide), b.to(wide), a.to(wide), alpha=scale).to(dt)
 
 
 class SharedInput:

@@ -48,8 +48,8 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     Python loop over elements. Each pass transforms the *lowest* bits, (n/16, 16) -> H_16 (n/16, 16)^T,
     and writes its result as (16, n/16), which puts those bits on top: the index bits rotate by the
     bits transformed, so once every bit has been transformed the order is back where it began. The
-    product reads its operand transposed in place, so a pass is one product and no copy (2.4-2.6x
-    faster than transposing around each product at 2^20-2^24, ``benchmarks/fastfood_speed.py``).
+    product reads its operand transposed in place, so a pass is one product and no copy (0.28-0.40x
+    the time of transposing around each product at 2^20-2^24, ``benchmarks/fastfood_speed.py``).
     H is symmetric, so its gradient is H again (``_FWHT``), and nothing is kept for the backward pass.
     """
     n = x.shape[-1]

@@ -133,6 +133,13 @@ def test_packed_2bit_matmul_gradients_and_nothing_kept_for_backward():
     x.grad = None
     yb.float().sum().backward()
     assert x.grad.dtype == torch.float32
+    # the output may be changed in place, as a plain linear map's may
+    x.grad = None
+    y = q(x)
+    torch.relu_(y).sum().backward()
+    x3 = x.detach().clone().requires_grad_(True)
+    torch.relu_(torch.nn.functional.linear(x3, w, q.bias.detach())).sum().backward()
+    torch.testing.assert_close(x.grad, x3.grad)
 
 
 @pytest.mark.parametrize("in_features", [32, 40, 48, 64, 96])

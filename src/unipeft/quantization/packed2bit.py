@@ -104,7 +104,14 @@ class Dequantized2bitMatmul(torch.autograd.Function):
     def forward(ctx, x, packed, scale, zero, bias, in_features):
         dt = _compute_dtype(x)
         w = dequantize_2bit(packed, scale, zero, in_features, dt)
-        y = F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
+        # the output is a tensor of its own (F.linear with a bias returns a view of a 2-D product, and
+        # autograd forbids changing a custom function's view output in place: relu_(q_proj(x)) would fail)
+        y = x.new_empty(*x.shape[:-1], w.shape[0], dtype=dt)
+        x2, y2 = x.to(dt).reshape(-1, x.shape[-1]), y.view(-1, w.shape[0])
+        if bias is None:
+            torch.mm(x2, w.t(), out=y2)
+        else:
+            torch.addmm(bias.to(dt), x2, w.t(), out=y2)
         ctx.save_for_backward(packed, scale, zero)
         ctx.in_features, ctx.x_dtype = in_features, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -11,6 +11,8 @@ small products. Variants (each on its own copy of the model, all in one process)
   unipeft-plain    the same delta with the fused path switched off (unipeft.fused.disabled())
   unipeft-factored / unipeft-merged   the fused node forced onto one of its two paths
                    (unipeft-lora chooses per call by the cost model, see unipeft/fused.py)
+  unipeft-unstacked  unipeft-lora with a shared-input group's base products run one by one under
+                   autocast (fused.stacked_base(False)) instead of as one stacked product
   peft-ia3 / unipeft-ia3           (IA)3 with each library's defaults (k, v, FFN output)
   unipeft-adapter  a Pfeiffer bottleneck adapter (bottleneck 64) after every FFN
 
@@ -54,7 +56,7 @@ from bench_lora_minilm import run_interleaved, stats  # noqa: E402  (shared timi
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("limit", "peft-lora", "unipeft-lora", "unipeft-plain", "peft-ia3", "unipeft-ia3", "unipeft-adapter",
-            "unipeft-factored", "unipeft-merged")
+            "unipeft-factored", "unipeft-merged", "unipeft-unstacked")
 DEFAULT_VARIANTS = VARIANTS[:7]
 PEFT_TARGETS = {"all-linear": "all-linear", "q,v": {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}}
 
@@ -136,13 +138,15 @@ def build(name: str, base, args):
         else:
             cfg = peft.IA3Config(task_type=task)
         return peft.get_peft_model(model, cfg), True, ctx
-    if name in ("unipeft-lora", "unipeft-plain", "unipeft-factored", "unipeft-merged"):
+    if name in ("unipeft-lora", "unipeft-plain", "unipeft-factored", "unipeft-merged", "unipeft-unstacked"):
         from unipeft import fused
 
         targets = "all-linear" if args.targets == "all-linear" else ("q", "v")
         up.attach(model, up.LoRA(r=args.r, alpha=2 * args.r, targets=targets))
         if name == "unipeft-plain":
             ctx = fused.disabled
+        elif name == "unipeft-unstacked":
+            ctx = lambda: fused.stacked_base(False)  # noqa: E731
         elif name != "unipeft-lora":
             ctx = lambda: fused.lora_path(name.split("-")[1])  # noqa: E731
         return model, True, ctx

@@ -7,6 +7,7 @@ backward of one map at several token counts, and what the cost model in ``unipef
     python benchmarks/lora_paths.py --floor          # the LoRA products no exact path can skip, per step
     python benchmarks/lora_paths.py --overhead       # the per-call cost of a LoRA map, unipeft vs peft
     python benchmarks/lora_paths.py --stacked        # W and A in one buffer: one product instead of two?
+    python benchmarks/lora_paths.py --stacked-base   # a shared-input group's base products as one, or n
 
 Shapes are SmolLM2-135M's (576 wide, 1,536 FFN, 192 for its grouped k/v) and MiniLM's (384, 1,536);
 r = 16; median of 10 timed calls after 2 warm-up calls, ``--threads`` threads (default 2). The ratio
@@ -24,7 +25,10 @@ keeping A under W in one (out + r, in) buffer, so that x [W; A]^T gives the base
 in one product and [g, s gB] [W; A] the whole input gradient in one (the buffer made once, not timed):
 each against the two products it would replace, at 1,024 tokens, with and without the copies the layout
 forces (y is a strided view of the (N, out + r) result and must be made contiguous for the layers after;
-g arrives on its own and must be copied next to s gB).
+g arrives on its own and must be copied next to s gB). ``--stacked-base`` times one shared-input group's
+node (SmolLM2's q, k, v and gate, up; 1,024 tokens; forward + backward), fp32 and under bf16 autocast,
+with its members' weight copies stacked into one base product (``fused.stacked_base(True)``, what
+the node does when autocast copies the weights anyway) against n products, interleaved rounds.
 """
 import argparse
 import statistics
@@ -116,6 +120,39 @@ def stacked(tokens=1024, r=16):
               f"| {two_bwd:.2f} {one_bwd:.2f} {one_bwd_cat:.2f} ({one_bwd_cat / two_bwd:.2f}x)", flush=True)
 
 
+def stacked_base(tokens=1024, r=16, rounds=15):
+    groups = {"q,k,v": [(576, 576), (192, 576), (192, 576)], "gate,up": [(1536, 576), (1536, 576)]}
+    print(f"group precision | n base products (ms) | one stacked product (ms) | ratio   "
+          f"(forward + backward, {tokens} tokens, medians of {rounds} interleaved rounds)")
+    for bf16 in (False, True):
+        for name, shapes in groups.items():
+            inn = shapes[0][1]
+            x = torch.randn(tokens, inn, requires_grad=True)
+            ws = [torch.randn(o, inn) * 0.02 for o, _ in shapes]
+            As = [torch.nn.Parameter(torch.randn(r, inn) * 0.02) for _ in shapes]
+            Bs = [torch.nn.Parameter(torch.randn(o, r) * 0.02) for o, _ in shapes]
+            gs = [torch.randn(tokens, o) for o, _ in shapes]
+
+            def call(stack):
+                with fused.stacked_base(stack), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    ys = LoRALinear.apply(x, (2.0,) * len(shapes), *ws, *[None] * len(shapes), *As, *Bs)
+                torch.autograd.backward(ys, [g.to(y.dtype) for g, y in zip(gs, ys)])
+                x.grad = None
+                for p in As + Bs:
+                    p.grad = None
+            times = {True: [], False: []}
+            for _ in range(rounds):
+                for stack in (False, True):
+                    call(stack)
+                    t = time.perf_counter()
+                    for _ in range(3):
+                        call(stack)
+                    times[stack].append((time.perf_counter() - t) / 3 * 1e3)
+            n_ms, one_ms = statistics.median(times[False]), statistics.median(times[True])
+            print(f"{name:8s} {'bf16' if bf16 else 'fp32'} | {n_ms:.2f} | {one_ms:.2f} | {one_ms / n_ms:.2f}x"
+                  + ("" if bf16 else "   (fp32 copies nothing: the node keeps n products)"), flush=True)
+
+
 def overhead(rounds=40):
     import copy
 
@@ -166,6 +203,7 @@ if __name__ == "__main__":
     ap.add_argument("--floor", action="store_true", help="the LoRA products every exact path needs, per step")
     ap.add_argument("--overhead", action="store_true", help="the per-call cost of a LoRA map, unipeft vs peft")
     ap.add_argument("--stacked", action="store_true", help="W and A in one buffer against two products")
+    ap.add_argument("--stacked-base", action="store_true", help="a shared-input group's base products: one or n")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,5 +211,7 @@ if __name__ == "__main__":
         overhead()
     elif args.stacked:
         stacked()
+    elif args.stacked_base:
+        stacked_base()
     else:
         floor() if args.floor else grad_b() if args.grad_b else paths(args.bf16)

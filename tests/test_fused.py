@@ -53,10 +53,11 @@ def test_fused_lora_matches_plain_path(family, lora_path):
         torch.testing.assert_close(g_f[n], g_p[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_fused_lora_matches_plain_path_under_bf16_autocast(lora_path):
-    model = _scrambled("llama", up.LoRA(r=4, alpha=8, targets="all-linear")).eval()
-    out_f, g_f = _run(model, "llama", plain=False, autocast=True)
-    out_p, g_p = _run(model, "llama", plain=True, autocast=True)
+@pytest.mark.parametrize("family", ["llama", "bert"])  # bert: the q, k, v group has biases
+def test_fused_lora_matches_plain_path_under_bf16_autocast(family, lora_path):
+    model = _scrambled(family, up.LoRA(r=4, alpha=8, targets="all-linear")).eval()
+    out_f, g_f = _run(model, family, plain=False, autocast=True)
+    out_p, g_p = _run(model, family, plain=True, autocast=True)
     # both round to bf16 at the same points, in a different order of accumulation
     torch.testing.assert_close(out_f, out_p, atol=3e-2, rtol=3e-2)
     for n in g_f:
@@ -116,6 +117,37 @@ def test_maps_reading_one_input_share_one_node(lora_path):
     finally:
         lora.LoRALinear.forward = staticmethod(real)
     assert sorted(calls) == sorted([3, 1, 2, 1] * 2)  # per layer: qkv, o, gate+up, down
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_group_under_autocast_stacks_its_weight_copies_into_one_base_product(bias):
+    """Under autocast a shared-input group's bf16 weight copies lie side by side in one buffer (one
+    base product); outputs and gradients equal n separate products', and no output is a slice of the
+    stacked product (each has storage of its own)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(12, 8), (4, 8), (4, 8)]
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    ws = [torch.randn(o, i, generator=g) for o, i in shapes]
+    bs = [torch.randn(o, generator=g) if bias and k != 1 else None for k, (o, _) in enumerate(shapes)]
+    As = [torch.randn(3, i, generator=g, requires_grad=True) for _, i in shapes]
+    Bs = [torch.randn(o, 3, generator=g, requires_grad=True) for o, _ in shapes]
+    gs = [torch.randn(2, 5, o, generator=g).bfloat16() for o, _ in shapes]
+
+    def run(stack):
+        with fused.lora_path("factored"), fused.stacked_base(stack), torch.autocast("cpu", dtype=torch.bfloat16):
+            ys = LoRALinear.apply(x, (2.0, 0.5, 1.0), *ws, *bs, *As, *Bs)
+        saved = ys[0].grad_fn.saved_tensors[3:6]  # the members' weight copies
+        grads = torch.autograd.grad(ys, [x, *As, *Bs], gs)
+        return list(ys), [t.float() for t in grads], saved
+
+    ys1, g1, saved1 = run(True)
+    ys0, g0, saved0 = run(False)
+    assert len({t.untyped_storage().data_ptr() for t in saved1}) == 1   # one buffer
+    assert len({t.untyped_storage().data_ptr() for t in saved0}) == 3
+    for a, b in zip(ys1 + g1, ys0 + g0):
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), atol=2e-2, rtol=2e-2)
+    # each output has storage of its own: none is a slice of the stacked product
+    assert len({y.untyped_storage().data_ptr() for y in ys1}) == 3
 
 
 def test_shared_input_group_is_right_when_inputs_differ_or_parameters_change(lora_path):
@@ -183,3 +215,27 @@ def test_merged_weight_is_summed_in_float32_and_rounded_once_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _effective_weight(w, a, b, 2.0, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, once)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_outputs_can_be_changed_in_place_as_on_the_plain_path(lora_path, autocast):
+    """A model may change a LoRA map's output in place (relu_, mul_): the fused node's outputs are
+    tensors of their own, not views of its products (autograd forbids in-place changes of those),
+    and the gradients are the plain path's."""
+    model = _scrambled("llama", up.LoRA(r=4, alpha=8, targets="all-linear")).train()
+    for layer in model.model.layers:
+        mlp = layer.mlp
+
+        def forward(x, mlp=mlp):
+            h = mlp.up_proj(x).mul_(2.0)                          # a member of the gate/up group
+            return mlp.down_proj(torch.relu_(mlp.gate_proj(x)) * h).add_(1.0)  # down: a single map
+        mlp.forward = forward
+    out_f, g_f = _run(model, "llama", plain=False, autocast=autocast)
+    out_p, g_p = _run(model, "llama", plain=True, autocast=autocast)
+    tol = dict(atol=3e-2, rtol=3e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_f, out_p, **tol)
+    for n in g_f:
+        if autocast:
+            assert torch.nn.functional.cosine_similarity(g_f[n].flatten(), g_p[n].flatten(), dim=0) > 0.99, n
+        else:
+            torch.testing.assert_close(g_f[n], g_p[n], **tol, msg=n)

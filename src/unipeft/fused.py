@@ -20,6 +20,10 @@ The fused LoRA node has two ways to compute the same thing (issue 23), chosen pe
 
 ``UNIPEFT_LORA_PATH=factored|merged`` (or ``with lora_path("merged"):``) forces one, for tests
 and benchmarks; the default ``auto`` uses the cost model.
+
+Maps that share their input (q, k, v; gate, up) and whose weights are copied to a lower compute
+dtype anyway (autocast) get their copies side by side in one buffer and one base product instead of
+n; ``with stacked_base(False):`` turns that off, for the benchmark that measures it.
 """
 from __future__ import annotations
 
@@ -40,6 +44,24 @@ if _lora_path not in LORA_PATHS:
 # 1.03-1.06x on two; from 4.9 up it ran 0.86-0.92x on five of six shapes (1.03x on the down
 # projection). Hence 4: a clear saving or nothing.
 MERGED_BREAK_EVEN = 4.0
+
+
+_stack_base = True
+
+
+@contextlib.contextmanager
+def stacked_base(flag: bool):
+    """Whether a shared-input LoRA group under autocast runs its base products as one (default True)."""
+    global _stack_base
+    before, _stack_base = _stack_base, bool(flag)
+    try:
+        yield
+    finally:
+        _stack_base = before
+
+
+def stack_base() -> bool:
+    return _stack_base
 
 
 def enabled() -> bool:

@@ -336,3 +336,33 @@ def test_all_linear_never_targets_another_deltas_modules():
     up.attach(model, up.LoRA(r=2, targets="all-linear"), name="l")
     lora_paths = list(up.engine.registry(model).deltas["l"].linear)
     assert lora_paths and not any("unipeft_" in p for p in lora_paths)
+
+
+@pytest.mark.parametrize("family,method", GRID)
+def test_outputs_of_the_linear_maps_may_be_changed_in_place(family, method):
+    """A model's own code may change a linear map's output in place (relu_, mul_, add_), as it may
+    without a delta: with the delta attached this runs, in fp32 and under bf16 autocast, and gives
+    the gradients of the same step without the in-place change (x 1.0 is exact)."""
+    model, x = tiny.make(family), tiny.batch(family)
+    up.attach(model, METHODS[method](), name="t")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(in_place, autocast):
+        hooks = [m.register_forward_hook(lambda m, i, o: o.mul_(1.0)) for m in model.modules()
+                 if in_place and any(c.__name__ in ("Linear", "Conv1D") for c in type(m).__mro__)]
+        try:
+            torch.manual_seed(0)  # the same dropout / AdapterDrop draws in both runs
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = tiny.logits(model, x).float().pow(2).mean()
+            got = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return got
+
+    for autocast in (False, True):
+        for a, b in zip(grads(True, autocast), grads(False, autocast)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)

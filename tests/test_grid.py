@@ -366,3 +366,33 @@ def test_outputs_of_the_linear_maps_may_be_changed_in_place(family, method):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family,method", GRID)
+def test_a_deep_copy_trains_as_the_original(family, method):
+    """copy.deepcopy of a model with a delta (a reference model, an EMA copy) is a model of its own:
+    trained with the same steps it ends where the original ends, and training it leaves the original
+    alone. The delta's hooks, step controllers (DyLoRA, AdaLoRA, sparse masks, diff pruning) and gates
+    follow the copy."""
+    import copy
+
+    model, x = tiny.make(family), tiny.batch(family)
+    up.attach(model, METHODS[method](), name="t")
+    model.train()
+    tiny.logits(model, x).float().pow(2).mean().backward()  # a forward and backward first: state a step leaves
+    model.zero_grad(set_to_none=True)
+    twin = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def train(m):
+        torch.manual_seed(0)
+        train_steps(m, x)
+
+    train(twin)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"training the copy moved the original's {n}"
+    train(model)
+    copied = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, copied[n]), n
+    assert torch.equal(run(model, x), run(twin, x))

@@ -30,6 +30,7 @@ will take (AdaLoRA's budget schedule needs it): unipeft's trainer calls it, and 
 """
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -63,6 +64,17 @@ class StepController:
     def set_total_steps(self, total: int) -> None:
         pass
 
+    def __deepcopy__(self, memo):
+        """copy.deepcopy(model) copies the controller with the delta modules that hold it. The copy
+        refers (weakly, as the original does) to the copied model and modules, not the original's;
+        it runs at the steps of the copy's own optimizer (none yet)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key == "optimizer" else _follow_weakrefs(value, memo)
+        _CONTROLLERS.add(new)
+        return new
+
     def state(self) -> dict[str, torch.Tensor]:
         """What a training checkpoint must keep for a resumed run to continue exactly (beyond the
         parameters, the optimizer and ``steps``, which the optimizer's state restores)."""
@@ -70,6 +82,18 @@ class StepController:
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take back what ``state()`` gave (from a checkpoint)."""
+
+
+def _follow_weakrefs(value, memo):
+    """A deep copy of ``value`` in which each weak reference points to the copy of its target."""
+    if isinstance(value, weakref.ref):
+        target = value()
+        return value if target is None else weakref.ref(copy.deepcopy(target, memo))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_follow_weakrefs(v, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: _follow_weakrefs(v, memo) for k, v in value.items()}
+    return copy.deepcopy(value, memo)
 
 
 def register(controller: StepController, modules) -> None:

@@ -38,6 +38,7 @@ trains with the regulariser but allocates no more.
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import ClassVar
 
@@ -136,7 +137,7 @@ class AdaLoRA(MethodConfig):
         step_hooks.register(allocator, deltas.values())
         # the engine's copy of the config reads the allocation when saved (saved_config)
         live = self.replace()
-        live.__dict__["_allocator"] = weakref.ref(allocator)
+        live.__dict__["_allocator"] = _AllocatorLink(allocator)
         view.delta.config = live
 
     def saved_config(self) -> "AdaLoRA":
@@ -193,6 +194,21 @@ class AdaLoRADelta(LoRADelta):
         if not idx.numel():
             return {}
         return {"lora_A": self.lora_A[idx], "lora_B": self.lora_B[:, idx], "lora_E": self.lora_E[idx]}
+
+
+class _AllocatorLink:
+    """The engine's config of an AdaLoRA delta -> its RankAllocator: weak (the delta's modules hold the
+    allocator), and followed by copy.deepcopy to the copied model's allocator."""
+
+    def __init__(self, allocator: "RankAllocator"):
+        self._ref = weakref.ref(allocator)
+
+    def __call__(self) -> "RankAllocator | None":
+        return self._ref()
+
+    def __deepcopy__(self, memo):
+        target = self._ref()
+        return self if target is None else _AllocatorLink(copy.deepcopy(target, memo))
 
 
 class RankAllocator(step_hooks.StepController):

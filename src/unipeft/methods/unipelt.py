@@ -145,6 +145,13 @@ class GateTap(LinearDelta):
         self.__dict__["recording"] = False
         self.__dict__["recorded"] = None
 
+    def __getstate__(self):
+        # ``value`` lives from the query map's call to the attention's (a tensor in the autograd graph,
+        # which copy.deepcopy cannot copy): a copy of the model starts without one
+        state = super().__getstate__()
+        state["value"] = None
+        return state
+
     def input(self, x):
         g = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype))).mean(dim=tuple(range(1, x.dim())))  # (batch,)
         self.__dict__["value"] = g

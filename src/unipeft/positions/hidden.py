@@ -17,6 +17,8 @@ checkpointing) use the ids of the latest forward pass.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -51,7 +53,9 @@ class HiddenSite:
         # look the ids up itself, and must find them recorded)
         self._handles = [stack.register_forward_pre_hook(self._forget, prepend=True),
                          embed.register_forward_hook(self._on_ids)]
-        self._handles += [b.register_forward_pre_hook(self._adder(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        # a partial of a bound method, not a closure: copy.deepcopy(model) copies it onto the copy's site
+        self._handles += [b.register_forward_pre_hook(functools.partial(self._add, i), with_kwargs=True)
+                          for i, b in enumerate(blocks)]
 
     # --- life cycle (the engine's) -------------------------------------------------------------
     def refresh(self, active: list[str]) -> None:
@@ -90,28 +94,26 @@ class HiddenSite:
             self._hits = [(src, *src.hits(ids)) for src in self.active]
         return None
 
-    def _adder(self, layer: int):
-        def add(module, args, kwargs):
-            if not self.active and not self.routed:
-                return None
-            if self._hits is None:
-                raise UnipeftError("a delta at the hidden states of chosen tokens (PASTA) needs the token ids: call "
-                                   "the model with input_ids, not inputs_embeds")
-            hits = [h for h in self._hits if h[1].numel()]
-            if not hits:
-                return None
-            where, h = _hidden_argument(args, kwargs, self._n_ids)
-            offset = h.shape[1] - self._n_ids  # prompt positions prepended before the user's tokens
-            for src, rows, cols, which in hits:
-                v = src.vectors(layer)
-                if v is None:  # a delta on some layers only (layers=)
-                    continue
-                v = v.to(h.dtype).index_select(0, which)
-                h = h.index_put((rows, cols + offset), v, accumulate=True)
-            if isinstance(where, int):
-                return (*args[:where], h, *args[where + 1:]), kwargs
-            return args, {**kwargs, where: h}
-        return add
+    def _add(self, layer: int, module, args, kwargs):
+        if not self.active and not self.routed:
+            return None
+        if self._hits is None:
+            raise UnipeftError("a delta at the hidden states of chosen tokens (PASTA) needs the token ids: call "
+                               "the model with input_ids, not inputs_embeds")
+        hits = [h for h in self._hits if h[1].numel()]
+        if not hits:
+            return None
+        where, h = _hidden_argument(args, kwargs, self._n_ids)
+        offset = h.shape[1] - self._n_ids  # prompt positions prepended before the user's tokens
+        for src, rows, cols, which in hits:
+            v = src.vectors(layer)
+            if v is None:  # a delta on some layers only (layers=)
+                continue
+            v = v.to(h.dtype).index_select(0, which)
+            h = h.index_put((rows, cols + offset), v, accumulate=True)
+        if isinstance(where, int):
+            return (*args[:where], h, *args[where + 1:]), kwargs
+        return args, {**kwargs, where: h}
 
 
 def _hidden_argument(args, kwargs, n_ids: int):

@@ -23,6 +23,7 @@ import tiny
 import unipeft as up
 from unipeft import fused
 from unipeft.architectures import map_model
+from unipeft.compat import enable_activation_checkpointing
 from unipeft.errors import UnipeftError
 from unipeft.positions import LinearSite
 from unipeft.quantization import dequantize, quantized_modules
@@ -311,7 +312,7 @@ def test_qlora_under_gradient_checkpointing_gives_the_same_gradients(bits):
             p.data.normal_(0, 0.2)
         model.train()
         if checkpointing:  # the packed product runs again in the backward: same numbers
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
         tiny.logits(model, x).float().pow(2).mean().backward()
         grads.append([p.grad for p in up.engine.registry(model).deltas["t"].parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -206,6 +206,7 @@ def attach(model: nn.Module, method: MethodConfig, name: str = "default", *, act
         layers.install(method, view, name)  # with layers=: the method sees only the chosen blocks
         add_head(model, view, delta)
         _place(model, reg, delta)
+        _follow_mode(model, delta)
     except BaseException:
         _unplace(model, reg, delta)
         if not reg.deltas:
@@ -267,6 +268,17 @@ def _place(model: nn.Module, reg: Registry, delta: Delta) -> None:
         if reg.loss_site is None:
             reg.loss_site = pos.LossSite(model)
         reg.loss_site.sources[name] = delta.loss
+
+
+def _follow_mode(model: nn.Module, delta: Delta) -> None:
+    """New modules are built in training mode. A delta attached to a model in eval mode (what
+    ``from_pretrained`` returns; ``up.load`` attaches too) must not run its dropout, random gates or
+    rank draws there: each of its modules takes the mode of the module it sits in."""
+    for path in delta.linear:
+        site = model.get_submodule(path)
+        site.unipeft_deltas.train(site.training)
+    if delta.module is not None:
+        getattr(model, MODULES_ATTR).train(model.training)
 
 
 def _unplace(model: nn.Module, reg: Registry, delta: Delta) -> None:

@@ -1,0 +1,147 @@
+"""Promises of an ordinary PyTorch module, checked for every method on every family of the contract
+grid (``tests/test_grid.py``), too slow together for the 15-minute suite. Run it after a change to
+the engine or a new transformers release:
+
+    python scripts/grid_sweep.py                 # the whole grid (~5 min on 2 cores)
+    python scripts/grid_sweep.py --families llama,bart --methods lora,prefix
+
+For each (family, method): the logits with ``return_dict=False`` and with ``output_hidden_states`` /
+``output_attentions`` are the plain call's, one row alone gives that row of the batch, a training step
+with labels runs with ``return_dict=False``; a forward under ``torch.inference_mode`` before training
+leaves training possible and inference_mode agrees with no_grad after it; a ``state_dict`` round trip
+into a fresh model with the same delta gives the same logits; ``model.to(bfloat16)`` after attach
+(and back) trains and stays close; activation checkpointing, reentrant or not, gives the gradients
+of the same step without it. (In-place changes of outputs and ``copy.deepcopy`` are in the suite.)
+Prints each failure; exits 1 if there is any.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import torch  # noqa: E402
+
+import tiny  # noqa: E402
+import unipeft as up  # noqa: E402
+from test_grid import GRID, METHODS, run, train_steps  # noqa: E402
+from unipeft.compat import enable_activation_checkpointing  # noqa: E402
+
+
+def fresh(family, method):
+    return up.attach(tiny.make(family), METHODS[method](), name="t")
+
+
+def labels_for(family, x):
+    if family in ("gpt2", "llama"):
+        return {"labels": x["input_ids"]}
+    if family in ("t5", "bart"):
+        return {"labels": x["decoder_input_ids"]}
+    return {"labels": torch.tensor([0, 1])}
+
+
+def check_call_flags(family, method, x):
+    m = fresh(family, method).eval()
+    with torch.no_grad():
+        ref = m(**x).logits
+        assert torch.equal(m(**x, return_dict=False)[0], ref), "return_dict=False changes the logits"
+        assert torch.equal(m(**x, output_hidden_states=True, output_attentions=True).logits, ref), \
+            "output_hidden_states / output_attentions change the logits"
+        one = m(**{k: v[:1] for k, v in x.items()}).logits
+        assert torch.allclose(one, ref[:1], atol=1e-5), "a row alone differs from that row in the batch"
+    m.train()
+    m(**x, **labels_for(family, x), return_dict=False)[0].backward()
+
+
+def check_inference_mode(family, method, x):
+    m = fresh(family, method).eval()
+    with torch.inference_mode():
+        tiny.logits(m, x)
+    train_steps(m, x, steps=2)
+    with torch.inference_mode():
+        a = tiny.logits(m, x)
+    assert torch.equal(a, run(m, x)), "inference_mode and no_grad disagree after training"
+
+
+def check_state_dict(family, method, x):
+    m = fresh(family, method)
+    train_steps(m, x, steps=2)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(123)
+    f = fresh(family, method)
+    f.load_state_dict(state)
+    assert torch.allclose(run(f, x), run(m, x), atol=1e-6), "a state_dict round trip changes the logits"
+
+
+def check_dtype_after_attach(family, method, x):
+    m = fresh(family, method)
+    train_steps(m, x, steps=1)
+    ref = run(m, x)
+    m.to(torch.bfloat16)
+    low = run(m, x)
+    assert torch.allclose(low.float(), ref, atol=0.1, rtol=0.1), "bf16 after attach is far from fp32"
+    train_steps(m, x, steps=1)
+    m.to(torch.float32)
+    train_steps(m, x, steps=1)
+    assert torch.isfinite(run(m, x)).all(), "not finite after bf16 and back"
+
+
+def check_checkpointing(family, method, x):
+    for reentrant in (False, True):
+        torch.manual_seed(0)
+        m = fresh(family, method).train()
+        params = [p for p in m.parameters() if p.requires_grad]
+
+        def grads():
+            torch.manual_seed(1)  # the same dropout draws
+            tiny.logits(m, x).float().pow(2).mean().backward()
+            got = [None if p.grad is None else p.grad.clone() for p in params]
+            m.zero_grad(set_to_none=True)
+            return got
+
+        plain = grads()
+        enable_activation_checkpointing(m, use_reentrant=reentrant)
+        m.train()
+        for p, a, b in zip(params, plain, grads()):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4)), \
+                f"checkpointing (reentrant={reentrant}) changes the gradients"
+
+
+CHECKS = [check_call_flags, check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--families", default="", help="comma list (default: every family of the grid)")
+    ap.add_argument("--methods", default="", help="comma list of the grid's method rows (default: all)")
+    args = ap.parse_args(argv)
+    fams = {f for f in args.families.split(",") if f} or {f for f, _ in GRID}
+    methods = {m for m in args.methods.split(",") if m} or set(METHODS)
+    unknown = sorted((fams - set(tiny.FAMILIES)) | (methods - set(METHODS)))
+    if unknown:
+        ap.error(f"unknown {', '.join(unknown)}: families are {', '.join(tiny.FAMILIES)}; methods {', '.join(METHODS)}")
+    failures = cases = 0
+    for family, method in GRID:
+        if family not in fams or method not in methods:
+            continue
+        x = tiny.batch(family)
+        for check in CHECKS:
+            cases += 1
+            try:
+                check(family, method, x)
+            except Exception as e:  # report every case, then fail
+                failures += 1
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                print(f"FAIL {family} {method} {check.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                      f"({Path(where.filename).name}:{where.lineno})", flush=True)
+    print(f"{cases} checks, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,8 @@ small products. Variants (each on its own copy of the model, all in one process)
   unipeft-factored / unipeft-merged   the fused node forced onto one of its two paths
                    (unipeft-lora chooses per call by the cost model, see unipeft/fused.py)
   unipeft-unstacked  unipeft-lora with a shared-input group's base products run one by one under
-                   autocast (fused.stacked_base(False)) instead of as one stacked product
+                   autocast (fused.stacked_base(False)); by default grouped-query q, k, v are one
+                   stacked product (unipeft/fused.py)
   peft-ia3 / unipeft-ia3           (IA)3 with each library's defaults (k, v, FFN output)
   unipeft-adapter  a Pfeiffer bottleneck adapter (bottleneck 64) after every FFN
 

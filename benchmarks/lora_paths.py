@@ -26,9 +26,10 @@ in one product and [g, s gB] [W; A] the whole input gradient in one (the buffer 
 each against the two products it would replace, at 1,024 tokens, with and without the copies the layout
 forces (y is a strided view of the (N, out + r) result and must be made contiguous for the layers after;
 g arrives on its own and must be copied next to s gB). ``--stacked-base`` times one shared-input group's
-node (SmolLM2's q, k, v and gate, up; 1,024 tokens; forward + backward), fp32 and under bf16 autocast,
-with its members' weight copies stacked into one base product (``fused.stacked_base(True)``, what
-the node does when autocast copies the weights anyway) against n products, interleaved rounds.
+node (forward + backward, 1,024 tokens, bf16 autocast) with its members' weight copies stacked into one
+base product (``fused.stacked_base(True)``) against n products (``False``), interleaved rounds, on
+grouped-query shapes (narrow k, v), equal-width q, k, v and an FFN's gate, up; the last column says
+which the default ``auto`` stacks (fp32 copies no weight, so the node never stacks there).
 """
 import argparse
 import statistics
@@ -120,37 +121,38 @@ def stacked(tokens=1024, r=16):
               f"| {two_bwd:.2f} {one_bwd:.2f} {one_bwd_cat:.2f} ({one_bwd_cat / two_bwd:.2f}x)", flush=True)
 
 
-def stacked_base(tokens=1024, r=16, rounds=15):
-    groups = {"q,k,v": [(576, 576), (192, 576), (192, 576)], "gate,up": [(1536, 576), (1536, 576)]}
-    print(f"group precision | n base products (ms) | one stacked product (ms) | ratio   "
-          f"(forward + backward, {tokens} tokens, medians of {rounds} interleaved rounds)")
-    for bf16 in (False, True):
-        for name, shapes in groups.items():
-            inn = shapes[0][1]
-            x = torch.randn(tokens, inn, requires_grad=True)
-            ws = [torch.randn(o, inn) * 0.02 for o, _ in shapes]
-            As = [torch.nn.Parameter(torch.randn(r, inn) * 0.02) for _ in shapes]
-            Bs = [torch.nn.Parameter(torch.randn(o, r) * 0.02) for o, _ in shapes]
-            gs = [torch.randn(tokens, o) for o, _ in shapes]
+def stacked_base(tokens=1024, r=16, rounds=21):
+    groups = {"SmolLM2 q,k,v": [(576, 576), (192, 576), (192, 576)],
+              "Llama-3-1B-like q,k,v": [(2048, 2048), (512, 2048), (512, 2048)],
+              "MiniLM q,k,v": [(384, 384)] * 3, "equal 576 q,k,v": [(576, 576)] * 3,
+              "SmolLM2 gate,up": [(1536, 576), (1536, 576)]}
+    print(f"group | n base products (ms) | one stacked product (ms) | ratio | auto stacks   (bf16 autocast, "
+          f"forward + backward, {tokens} tokens, medians of {rounds} interleaved rounds)")
+    for name, shapes in groups.items():
+        inn = shapes[0][1]
+        x = torch.randn(tokens, inn, requires_grad=True)
+        ws = [torch.randn(o, inn) * 0.02 for o, _ in shapes]
+        As = [torch.nn.Parameter(torch.randn(r, inn) * 0.02) for _ in shapes]
+        Bs = [torch.nn.Parameter(torch.randn(o, r) * 0.02) for o, _ in shapes]
+        gs = [torch.randn(tokens, o).bfloat16() for o, _ in shapes]
 
-            def call(stack):
-                with fused.stacked_base(stack), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    ys = LoRALinear.apply(x, (2.0,) * len(shapes), *ws, *[None] * len(shapes), *As, *Bs)
-                torch.autograd.backward(ys, [g.to(y.dtype) for g, y in zip(gs, ys)])
-                x.grad = None
-                for p in As + Bs:
-                    p.grad = None
-            times = {True: [], False: []}
-            for _ in range(rounds):
-                for stack in (False, True):
+        def call(stack):
+            with fused.lora_path("factored"), fused.stacked_base(stack), torch.autocast("cpu", dtype=torch.bfloat16):
+                ys = LoRALinear.apply(x, (2.0,) * len(shapes), *ws, *[None] * len(shapes), *As, *Bs)
+            torch.autograd.backward(ys, gs)
+            x.grad = None
+            for p in As + Bs:
+                p.grad = None
+        times = {True: [], False: []}
+        for _ in range(rounds):
+            for stack in (False, True):
+                call(stack)
+                t = time.perf_counter()
+                for _ in range(3):
                     call(stack)
-                    t = time.perf_counter()
-                    for _ in range(3):
-                        call(stack)
-                    times[stack].append((time.perf_counter() - t) / 3 * 1e3)
-            n_ms, one_ms = statistics.median(times[False]), statistics.median(times[True])
-            print(f"{name:8s} {'bf16' if bf16 else 'fp32'} | {n_ms:.2f} | {one_ms:.2f} | {one_ms / n_ms:.2f}x"
-                  + ("" if bf16 else "   (fp32 copies nothing: the node keeps n products)"), flush=True)
+                times[stack].append((time.perf_counter() - t) / 3 * 1e3)
+        n_ms, one_ms = statistics.median(times[False]), statistics.median(times[True])
+        print(f"{name} | {n_ms:.2f} | {one_ms:.2f} | {one_ms / n_ms:.2f}x | {fused.stack_base(shapes)}", flush=True)
 
 
 def overhead(rounds=40):

@@ -140,7 +140,7 @@ def test_group_under_autocast_stacks_its_weight_copies_into_one_base_product(bia
         grads = torch.autograd.grad(ys, [x, *As, *Bs], gs)
         return list(ys), [t.float() for t in grads], saved
 
-    ys1, g1, saved1 = run(True)
+    ys1, g1, saved1 = run("auto")   # k and v are narrower than the input: auto stacks
     ys0, g0, saved0 = run(False)
     assert len({t.untyped_storage().data_ptr() for t in saved1}) == 1   # one buffer
     assert len({t.untyped_storage().data_ptr() for t in saved0}) == 3
@@ -148,6 +148,19 @@ def test_group_under_autocast_stacks_its_weight_copies_into_one_base_product(bia
         torch.testing.assert_close(a.detach().float(), b.detach().float(), atol=2e-2, rtol=2e-2)
     # each output has storage of its own: none is a slice of the stacked product
     assert len({y.untyped_storage().data_ptr() for y in ys1}) == 3
+
+
+def test_auto_stacks_only_groups_with_a_member_narrower_than_the_input():
+    assert fused.stack_base([(12, 8), (4, 8), (4, 8)])          # grouped-query q, k, v
+    assert not fused.stack_base([(8, 8)] * 3)                    # equal q, k, v: n products measured faster
+    assert not fused.stack_base([(24, 8), (24, 8)])              # gate, up
+    with fused.stacked_base(True):
+        assert fused.stack_base([(8, 8)] * 3)
+    with fused.stacked_base(False):
+        assert not fused.stack_base([(12, 8), (4, 8), (4, 8)])
+    with pytest.raises(ValueError, match="valid values"):
+        with fused.stacked_base("sometimes"):
+            pass
 
 
 def test_shared_input_group_is_right_when_inputs_differ_or_parameters_change(lora_path):

@@ -22,8 +22,12 @@ The fused LoRA node has two ways to compute the same thing (issue 23), chosen pe
 and benchmarks; the default ``auto`` uses the cost model.
 
 Maps that share their input (q, k, v; gate, up) and whose weights are copied to a lower compute
-dtype anyway (autocast) get their copies side by side in one buffer and one base product instead of
-n; ``with stacked_base(False):`` turns that off, for the benchmark that measures it.
+dtype anyway (autocast) can get their copies side by side in one buffer and one base product
+instead of n. In bf16 on a 2-core Xeon (``benchmarks/lora_paths.py --stacked-base``, 2026-12-03,
+forward + backward of the group's node) that paid in every run where a member is narrower than the
+input (grouped-query attention's k and v: 0.88-0.94x the time in five runs on two shapes), and
+went either way elsewhere (three equal maps 0.87-1.41x, gate and up 0.99-1.09x), so ``auto`` stacks
+only groups with a narrow member; ``with stacked_base(True | False | "auto"):`` forces it.
 """
 from __future__ import annotations
 
@@ -46,22 +50,28 @@ if _lora_path not in LORA_PATHS:
 MERGED_BREAK_EVEN = 4.0
 
 
-_stack_base = True
+_stack_base = "auto"
 
 
 @contextlib.contextmanager
-def stacked_base(flag: bool):
-    """Whether a shared-input LoRA group under autocast runs its base products as one (default True)."""
+def stacked_base(mode):
+    """Whether a shared-input LoRA group under autocast runs its base products as one: True, False,
+    or "auto" (the default: groups with a member narrower than the input, see the module docstring)."""
     global _stack_base
-    before, _stack_base = _stack_base, bool(flag)
+    if mode not in (True, False, "auto"):
+        raise ValueError(f"stacked_base({mode!r}): valid values are True, False, 'auto'")
+    before, _stack_base = _stack_base, mode
     try:
         yield
     finally:
         _stack_base = before
 
 
-def stack_base() -> bool:
-    return _stack_base
+def stack_base(shapes: list[tuple[int, int]]) -> bool:
+    """Whether to stack the base products of a group of maps of ``shapes`` [(out, in), ...]."""
+    if _stack_base == "auto":
+        return any(o < i for o, i in shapes)
+    return bool(_stack_base)
 
 
 def enabled() -> bool:

@@ -344,11 +344,11 @@ class LoRALinear(torch.autograd.Function):
                                                              for w, B in zip(weights, Bs)], dt)
         outs, lo, kept = [], 0, []
         stacked = None
-        if n > 1 and not merged and fused.stack_base() and all(w.dtype != dt for w in weights):
+        if n > 1 and not merged and all(w.dtype != dt for w in weights) and fused.stack_base([w.shape for w in weights]):
             # The weights are copied to the compute dtype anyway (autocast); copied side by side into
             # one buffer, the n base products run as one x [W_1; ...; W_n]^T, which the half-precision
-            # kernels run faster than n narrow ones (the node for SmolLM2's q, k, v in bf16, forward and
-            # backward: 0.92x the time; gate, up: 0.99x; benchmarks/lora_paths.py --stacked-base).
+            # kernels run faster than n products when some are narrow (grouped-query k and v; see
+            # fused.stack_base for where it pays and where it does not).
             stacked = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dt, device=x.device)
             row = 0
             for w in weights:

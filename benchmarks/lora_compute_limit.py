@@ -12,8 +12,8 @@ small products. Variants (each on its own copy of the model, all in one process)
   unipeft-factored / unipeft-merged   the fused node forced onto one of its two paths
                    (unipeft-lora chooses per call by the cost model, see unipeft/fused.py)
   unipeft-unstacked  unipeft-lora with a shared-input group's base products run one by one under
-                   autocast (fused.stacked_base(False)); by default grouped-query q, k, v are one
-                   stacked product (unipeft/fused.py)
+                   autocast (fused.stacked_base(False), the default); unipeft-lora then runs with
+                   stacked_base("auto"): grouped-query q, k, v as one stacked product (unipeft/fused.py)
   peft-ia3 / unipeft-ia3           (IA)3 with each library's defaults (k, v, FFN output)
   unipeft-adapter  a Pfeiffer bottleneck adapter (bottleneck 64) after every FFN
 
@@ -149,6 +149,8 @@ def build(name: str, base, args):
             ctx = fused.disabled
         elif name == "unipeft-unstacked":
             ctx = lambda: fused.stacked_base(False)  # noqa: E731
+        if name == "unipeft-lora" and "unipeft-unstacked" in args.variants:
+            ctx = lambda: fused.stacked_base("auto")  # noqa: E731  (the pair compares the two)
         elif name != "unipeft-lora":
             ctx = lambda: fused.lora_path(name.split("-")[1])  # noqa: E731
         return model, True, ctx

@@ -23,11 +23,14 @@ and benchmarks; the default ``auto`` uses the cost model.
 
 Maps that share their input (q, k, v; gate, up) and whose weights are copied to a lower compute
 dtype anyway (autocast) can get their copies side by side in one buffer and one base product
-instead of n. In bf16 on a 2-core Xeon (``benchmarks/lora_paths.py --stacked-base``, 2026-12-03,
-forward + backward of the group's node) that paid in every run where a member is narrower than the
-input (grouped-query attention's k and v: 0.88-0.94x the time in five runs on two shapes), and
-went either way elsewhere (three equal maps 0.87-1.41x, gate and up 0.99-1.09x), so ``auto`` stacks
-only groups with a narrow member; ``with stacked_base(True | False | "auto"):`` forces it.
+instead of n (``with stacked_base(True | False | "auto"):``; default False). In bf16 on a 2-core
+Xeon (``benchmarks/lora_paths.py --stacked-base``, 2026-12-03, forward + backward of the group's
+node) that paid in every run where a member is narrower than the input (grouped-query k and v:
+0.88-0.94x the time in five runs on two shapes) and went either way elsewhere (three equal maps
+0.87-1.41x, gate and up 0.99-1.09x); ``auto`` stacks only groups with a narrow member. In whole
+SmolLM2 steps (``benchmarks/lora_compute_limit.py --precision bf16 --variants ...,unipeft-unstacked``)
+two runs did not show the saving (stacked 1.01-1.02x of unstacked, per-round medians either way),
+so it stays off until a whole step does.
 """
 from __future__ import annotations
 
@@ -50,13 +53,13 @@ if _lora_path not in LORA_PATHS:
 MERGED_BREAK_EVEN = 4.0
 
 
-_stack_base = "auto"
+_stack_base = False  # see the module docstring: no whole-step gain measured yet
 
 
 @contextlib.contextmanager
 def stacked_base(mode):
-    """Whether a shared-input LoRA group under autocast runs its base products as one: True, False,
-    or "auto" (the default: groups with a member narrower than the input, see the module docstring)."""
+    """Whether a shared-input LoRA group under autocast runs its base products as one: True, False
+    (the default) or "auto" (groups with a member narrower than the input; see the module docstring)."""
     global _stack_base
     if mode not in (True, False, "auto"):
         raise ValueError(f"stacked_base({mode!r}): valid values are True, False, 'auto'")

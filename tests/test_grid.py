@@ -367,7 +367,9 @@ def test_outputs_of_the_linear_maps_may_be_changed_in_place(family, method):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("family,method", GRID)
+# the hooks, controllers and gates that copying must carry are the methods', the same on every family:
+# a decoder with grouped q, k, v and an encoder-decoder keep the suite's time (each case trains twice)
+@pytest.mark.parametrize("family,method", [(f, m) for f, m in GRID if f in ("llama", "bart")])
 def test_a_deep_copy_trains_as_the_original(family, method):
     """copy.deepcopy of a model with a delta (a reference model, an EMA copy) is a model of its own:
     trained with the same steps it ends where the original ends, and training it leaves the original

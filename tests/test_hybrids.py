@@ -105,7 +105,7 @@ def test_unipelt_gates_scale_each_submodule(family):
     torch.testing.assert_close(run(model, x), opened, rtol=1e-5, atol=1e-5)
 
 
-def test_unipelt_prefix_gate_scales_the_prefix_keys_and_values():
+def test_unipelt_prefix_gate_is_per_token_and_recorded():
     model, x = tiny.make("bert"), tiny.batch("bert")
     up.attach(model, up.UniPELT(components=("prefix",), prefix_length=3, reparam_hidden=0), name="t")
     record = delta_record(model)
@@ -115,14 +115,74 @@ def test_unipelt_prefix_gate_scales_the_prefix_keys_and_values():
     run(model, x)
     values = gate_values(model, "t")
     assert len(values) == len(sources) and all(0 < v < 1 for v in values.values())
-    src = sources[0]
-    k, v = src.prefix_kv(2, torch.float32, "cpu")
-    k0, v0 = src.inner.prefix_kv(2, torch.float32, "cpu")
-    g = src.tap.value[:, None, None, None]
-    torch.testing.assert_close(k, k0 * g)
-    torch.testing.assert_close(v, v0 * g)
+    assert sources[0].query_gate().shape == x["input_ids"].shape  # one gate per row and token
     record_gates(model, "t", on=False)
     assert gate_values(model, "t") == {}
+
+
+def _unipelt_prefix_and_plain_prefix(family, attn=None):
+    """UniPELT's gated prefix ("t") and a PrefixTuning delta ("p") with the same P on one model."""
+    model = tiny.make(family, attn=attn)
+    up.attach(model, up.UniPELT(components=("prefix",), prefix_length=3, reparam_hidden=0, train_head=False),
+              name="t")
+    scramble(model, "t")
+    prefix = up.storage.delta_tensors(model, delta_record(model))["model:0.prefix"]
+    up.attach(model, up.PrefixTuning(length=3, reparam_hidden=0, train_head=False), name="p")
+    return model, prefix
+
+
+@pytest.mark.parametrize("family,attn", [("bert", "eager"), ("bert", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"),
+                                         ("t5", None), ("bart", "sdpa")])
+def test_unipelt_constant_prefix_gate_is_the_prefix_scaled_by_it(family, attn):
+    """With every token's gate at g, each query sees g P_K and g P_V: the plain prefix with P scaled by g
+    (checks the widened-head computation against the paper's form, including each family's attention scale)."""
+    model, prefix = _unipelt_prefix_and_plain_prefix(family, attn)
+    x = tiny.batch(family)
+    for bias, g in ((1e4, 1.0), (0.0, 0.5), (-1.0, torch.sigmoid(torch.tensor(-1.0)).item())):
+        with torch.no_grad():
+            for tap in delta_record(model).attention.values():
+                tap.tap.gate.weight.zero_()
+                tap.tap.gate.bias.fill_(bias)
+        up.activate(model, "t")
+        gated = run(model, x)
+        copy_into(model, {"model:prefix": prefix * g}, "p")
+        up.activate(model, "p")
+        torch.testing.assert_close(gated, run(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "bart"])
+def test_unipelt_prefix_gate_reads_no_padding_and_no_later_token(family):
+    """Per-token gates: a row alone gives its rows of a padded batch, and in a decoder an earlier
+    position does not change when a later token does (a sequence-mean gate did both, before 2026-12-03)."""
+    model = tiny.make(family)
+    up.attach(model, up.UniPELT(prefix_length=3, reparam_hidden=16, bottleneck=8, r=2), name="t")
+    scramble(model, "t")
+    x = tiny.batch(family)  # row 1 is right-padded by 2
+    full = run(model, x)
+    alone = run(model, {k: v[1:, :5] if k != "decoder_input_ids" else v[1:] for k, v in x.items()})
+    if family in ("bert", "bart"):  # logits of the label / of the decoder's tokens
+        torch.testing.assert_close(full[1], alone[0], rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(full[1, :5], alone[0], rtol=1e-5, atol=1e-5)
+        changed = {k: v.clone() for k, v in x.items()}
+        changed["input_ids"][0, 5] = 7
+        torch.testing.assert_close(run(model, changed)[0, :5], full[0, :5], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_unipelt_cached_generation_equals_recomputing_the_sequence(family):
+    model = tiny.make(family)
+    up.attach(model, up.UniPELT(prefix_length=3, reparam_hidden=16, bottleneck=8, r=2), name="t")
+    scramble(model, "t")
+    x = tiny.batch(family)
+    kw = dict(attention_mask=x["attention_mask"], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(x["input_ids"], use_cache=True, **kw)
+        recomputed = model.generate(x["input_ids"], use_cache=False, **kw)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.scores, recomputed.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_unipelt_all_three_save_and_load(tmp_path):

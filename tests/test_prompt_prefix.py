@@ -12,6 +12,7 @@ from transformers import DynamicCache, StaticCache
 
 import tiny
 import unipeft as up
+from unipeft.prompting.scoring import cache_argument
 
 
 class FakeTokenizer:
@@ -167,10 +168,11 @@ def test_prefix_is_independent_of_the_cache_class(family):
     _scramble(model)
     ref = greedy_without_cache(model, ids, 5)
     dyn = DynamicCache(config=model.config)
-    out_dyn = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, past_key_values=dyn)
+    keyword = cache_argument(model)  # past_key_values, or cache from transformers 5.24 on
+    out_dyn = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, **{keyword: dyn})
     assert dyn.get_seq_length() == ids.shape[1] + 5 - 1  # real tokens only
     static = StaticCache(config=model.config, max_cache_len=32)
-    out_static = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, past_key_values=static)
+    out_static = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, **{keyword: static})
     out_none = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, use_cache=False)
     for out in (out_dyn, out_static, out_none):
         assert torch.equal(out, ref)
@@ -281,7 +283,7 @@ def test_prompt_site_finds_the_cache_by_type_whatever_its_keyword():
     model = tiny.make("llama")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{cache_argument(model): cache})
     mask = torch.ones(1, 4, dtype=torch.long)
     for keyword in ("past_key_values", "cache", "some_future_name"):
         assert _tokens_in_cache({keyword: cache, "attention_mask": mask}, mask, q_len=1, p=0) == 3

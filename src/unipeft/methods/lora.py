@@ -349,17 +349,16 @@ class LoRALinear(torch.autograd.Function):
             # one buffer, the n base products run as one x [W_1; ...; W_n]^T, which the half-precision
             # kernels run faster than n products when some are narrow (grouped-query k and v; see
             # fused.stack_base for where it pays and where it does not).
-            stacked = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dt, device=x.device)
-            row = 0
-            for w in weights:
-                stacked[row:row + w.shape[0]].copy_(w)
-                row += w.shape[0]
+            sizes = [w.shape[0] for w in weights]
+            stacked = torch.empty(sum(sizes), weights[0].shape[1], dtype=dt, device=x.device)
+            for part, w in zip(stacked.split(sizes), weights):
+                part.copy_(w)
             has_bias = any(b is not None for b in biases)
             bias = None if not has_bias else torch.cat([
                 b.to(dt) if b is not None else x2.new_zeros(w.shape[0], dtype=dt) for w, b in zip(weights, biases)])
-            base = F.linear(x2, stacked, bias)
-            row = 0
-        for w, b, a, B, s in zip(weights, biases, As, Bs, scales):
+            # each member's weight copy (kept for the backward) and its columns of the one product
+            stacked = list(zip(stacked.split(sizes), F.linear(x2, stacked, bias).split(sizes, dim=1)))
+        for k, (w, b, a, B, s) in enumerate(zip(weights, biases, As, Bs, scales)):
             r = B.shape[1]
             bias = None if b is None else _as(b, dt)
             # each output is a tensor of its own, written through a 2-D view: a view of the node's own
@@ -368,10 +367,9 @@ class LoRALinear(torch.autograd.Function):
             y = x2.new_empty(*x.shape[:-1], w.shape[0])
             y2 = y.view(-1, w.shape[0])
             if stacked is not None:
-                wc = stacked[row:row + w.shape[0]]  # this member's weight copy, kept for the backward
+                wc, base = stacked[k]
                 kept.append(wc)
-                torch.addmm(base[:, row:row + w.shape[0]], t[:, lo:lo + r], _as(B, dt).t(), alpha=s, out=y2)
-                row += w.shape[0]
+                torch.addmm(base, t[:, lo:lo + r], _as(B, dt).t(), alpha=s, out=y2)
             else:
                 if merged:
                     wc = _effective_weight(w, a, B, s, dt)

@@ -9,10 +9,13 @@ learns which submodule to lean on for the task at hand:
 
 x is the sublayer's input (read at the query map). Each gate is a linear map of its submodule's
 input to one number per token, then a sigmoid (Mao et al.'s "sigmoid of a linear map of the
-sublayer input"); the prefix's gate, which scales vectors shared by every token, takes the mean
-of the per-token gates over the sequence, one value per row (so in cached generation each step's
-gate reads that step's tokens). Every gated map has its own gate (Mao et al. share G_L between
-W_q and W_v; the difference is one d-vector per map).
+sublayer input"). The prefix's gate is per token too: token t's query sees G_P,t P_K and G_P,t P_V,
+as if each token had a prefix of its own (the attention position does this exactly in one call,
+``positions.attention._gated_attention``). So a token's output never depends on later tokens or on
+padding, and cached generation gives what recomputing the whole sequence gives. (Before
+2026-12-03 the prefix gate was the mean of the per-token gates over the sequence, one value per
+row: that read future tokens in a decoder and padding everywhere.) Every gated map has its own gate
+(Mao et al. share G_L between W_q and W_v; the difference is one d-vector per map).
 
 A composition (``compose.py``) of the existing ``Adapter(style="pfeiffer")``, ``PrefixTuning``
 and ``LoRA(targets=("q", "v"))``, with gates put around what they placed (``Gated``,
@@ -134,7 +137,7 @@ class Gated(LinearDelta):
 
 
 class GateTap(LinearDelta):
-    """Reads a sublayer's input at its query map and holds the prefix gate: G_P = mean_t sigmoid(x_t W + b)."""
+    """Reads a sublayer's input at its query map and holds the prefix gate per token: G_P,t = sigmoid(x_t W + b)."""
 
     rewrites_input = True
 
@@ -153,7 +156,7 @@ class GateTap(LinearDelta):
         return state
 
     def input(self, x):
-        g = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype))).mean(dim=tuple(range(1, x.dim())))  # (batch,)
+        g = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype))).squeeze(-1)  # (batch, tokens)
         self.__dict__["value"] = g
         if self.recording:
             self.__dict__["recorded"] = g.detach()
@@ -161,19 +164,20 @@ class GateTap(LinearDelta):
 
 
 class GatedPrefix(KVSource):
-    """A prefix source whose keys and values are scaled by the gate its attention's input set."""
+    """A prefix whose keys and values each query sees scaled by that token's gate (set by the tap at
+    the attention's query map; the attention position applies it, see ``KVSource.query_gate``)."""
 
     def __init__(self, inner: KVSource, tap: GateTap):
         self.inner, self.tap = inner, tap
 
     def prefix_kv(self, batch, dtype, device):
-        k, v = self.inner.prefix_kv(batch, dtype, device)
-        g = self.tap.value
-        if g is None or g.shape[0] != batch:
+        return self.inner.prefix_kv(batch, dtype, device)
+
+    def query_gate(self):
+        if self.tap.value is None:
             raise UnipeftError("UniPELT: the prefix gate did not see this attention's input (its query map "
-                               "ran on another batch)")
-        g = g.to(dtype)[:, None, None, None]
-        return k * g, v * g
+                               "did not run before the attention)")
+        return self.tap.value
 
 
 def _gates(model, name):

@@ -2,6 +2,7 @@
 interface (never the KV cache). See the package docstring."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable
 
@@ -24,6 +25,11 @@ class KVSource:
     def prefix_kv(self, batch: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values), each (batch, kv_heads, p, head_dim)."""
         raise NotImplementedError
+
+    def query_gate(self) -> torch.Tensor | None:
+        """None, or gates (batch, queries) for the current call: query i then sees this prefix's keys
+        and values scaled by gate[:, i] (UniPELT's per-token prefix gate; see ``_gated_attention``)."""
+        return None
 
 
 class AttentionSite:
@@ -105,9 +111,10 @@ def _pad_mask(mask: torch.Tensor | None, p: int, query: torch.Tensor, key_len: i
     return torch.cat([pad, mask], dim=-1)
 
 
-def _routed_prefix(site, n: int, key: torch.Tensor):
-    """(keys, values, visible) of the prefixes routed to each row, padded to the longest with
-    hidden columns; None when no row of this batch has a prefix here."""
+def _routed_prefix(site, n: int, key: torch.Tensor, q_len: int):
+    """(keys, values, visible, gate) of the prefixes routed to each row, padded to the longest with
+    hidden columns (gate: (n, q_len), ones for rows whose prefix has none; None when no prefix has
+    one); None when no row of this batch has a prefix here."""
     route = site.route
     items = [(src, route.rows(name, n, key.device, where=site)) for name, src in site.routed]
     items = [(src, rows) for src, rows in items if rows.numel()]
@@ -119,12 +126,69 @@ def _routed_prefix(site, n: int, key: torch.Tensor):
     pk = key.new_zeros(n, heads, p, dim)
     pv = key.new_zeros(n, heads, p, dim)
     visible = torch.zeros(n, p, dtype=torch.bool, device=key.device)
-    for (k, v), rows in kvs:
+    gate = None
+    for ((k, v), rows), (src, _) in zip(kvs, items):
         pad = (0, 0, 0, p - k.shape[2])
         pk = pk.index_copy(0, rows, torch.nn.functional.pad(k, pad))
         pv = pv.index_copy(0, rows, torch.nn.functional.pad(v, pad))
         visible[rows, :k.shape[2]] = True
-    return pk, pv, visible
+        g = src.query_gate()
+        if g is not None:  # each row has one prefix: one gate per row and query, 1 where ungated
+            gate = torch.ones(n, q_len, dtype=key.dtype, device=key.device) if gate is None else gate
+            gate = gate.index_copy(0, rows, _check_gate(g, len(rows), q_len).to(key.dtype))
+    return pk, pv, visible, gate
+
+
+def _check_gate(gate: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
+    if tuple(gate.shape) != (batch, q_len):
+        raise UnipeftError(f"a gated prefix has gates of shape {tuple(gate.shape)} for an attention call with "
+                           f"{batch} rows of {q_len} queries (its gate did not see this call's input)")
+    return gate
+
+
+def _gated_attention(fn, module, query, key, value, attention_mask, kwargs, pks, pvs, gates):
+    """The base attention with each gated prefix's keys and values scaled by its gate per query,
+    exactly (query i sees g_i P_K, g_i P_V, as if every query had a prefix of its own).
+
+    Per-query keys do not fit one attention call, so the head dimension is widened: one slot for the
+    real keys and ungated prefixes, one more per gated prefix. The query is [q | g_1 q | ...], a key
+    lives in its own slot with zeros elsewhere, so q.k is unchanged for the real keys and g_i (q.P_K)
+    for prefix i; the softmax still runs over all keys together. The values are slotted the same way
+    and the output is slot 0 + sum_i g_i slot_i. The base implementation (eager, sdpa, ...) runs
+    unchanged: masks, dropout, soft-capping and returned weights keep their shapes."""
+    d, dv, q_len, heads = query.shape[-1], value.shape[-1], query.shape[2], query.shape[1]
+    slot_of, qs = {}, [query]
+    for i, g in enumerate(gates):
+        if g is not None:
+            slot_of[i] = len(qs)
+            qs.append(query * _check_gate(g, query.shape[0], q_len).to(query.dtype)[:, None, :, None])
+    n = len(qs)
+
+    def slotted(t, slot, width):  # t in slot ``slot`` of n, zeros in the others
+        return torch.nn.functional.pad(t, (slot * width, (n - 1 - slot) * width))
+
+    new_query = torch.cat(qs, dim=-1)
+    if kwargs.get("scaling") is None:
+        # the base's default scale, 1/sqrt(head dim), would read the widened width n*d
+        new_query = new_query * math.sqrt(n)
+    new_key = torch.cat([slotted(k, slot_of.get(i, 0), d) for i, k in enumerate(pks)] + [slotted(key, 0, d)], dim=2)
+    new_value = torch.cat([slotted(v, slot_of.get(i, 0), dv) for i, v in enumerate(pvs)]
+                          + [slotted(value, 0, dv)], dim=2)
+    out, *rest = fn(module, new_query, new_key, new_value, attention_mask, **kwargs)
+    # transformers' attention functions return (batch, queries, heads, dim); (batch, heads, queries,
+    # dim) is recognised too, by shape
+    if out.dim() == 4 and out.shape[1] == q_len and out.shape[2] == heads:
+        view = (slice(None), slice(None), None, None)
+    elif out.dim() == 4 and out.shape[1] == heads and out.shape[2] == q_len:
+        view = (slice(None), None, slice(None), None)
+    else:
+        raise UnipeftError(f"attention output of shape {tuple(out.shape)}: expected (batch, {q_len} queries, "
+                           f"{heads} heads, {n * dv}) for a gated prefix")
+    parts = out.split(dv, dim=-1)
+    result = parts[0]
+    for i, slot in slot_of.items():
+        result = result + gates[i].to(out.dtype)[view] * parts[slot]
+    return (result, *rest)
 
 
 def attention_with_prefix(module, query, key, value, attention_mask, *, base_implementation: str, **kwargs):
@@ -147,19 +211,18 @@ def attention_with_prefix(module, query, key, value, attention_mask, *, base_imp
         site.capture.append((key.detach(), value.detach()))
     visible = None
     if site.route is not None:  # per-example routing: each row its own prefix (or none)
-        routed = _routed_prefix(site, query.shape[0], key)
+        routed = _routed_prefix(site, query.shape[0], key, query.shape[2])
         if routed is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
-        pks, pvs, visible = (routed[0],), (routed[1],), routed[2]
+        pks, pvs, visible, gates = (routed[0],), (routed[1],), routed[2], (routed[3],)
     elif not site.active:
         return fn(module, query, key, value, attention_mask, **kwargs)
     else:
         b = query.shape[0]
         pks, pvs = zip(*(s.prefix_kv(b, key.dtype, key.device) for s in site.active))
+        gates = tuple(s.query_gate() for s in site.active)
     p = sum(k.shape[2] for k in pks)
     key_len = key.shape[2]
-    new_key = torch.cat([*pks, key], dim=2)
-    new_value = torch.cat([*pvs, value], dim=2)
     attention_mask = _pad_mask(attention_mask, p, query, key_len, module, base_implementation, visible)
     for name, extra in kwargs.items():
         # A 4-D tensor over (batch, heads, queries, keys) is an additive term the base computed for
@@ -168,7 +231,9 @@ def attention_with_prefix(module, query, key, value, attention_mask, *, base_imp
         if isinstance(extra, torch.Tensor) and extra.dim() == 4 and extra.shape[-1] == key_len \
                 and extra.shape[-2] == query.shape[2] and extra.is_floating_point():
             kwargs[name] = torch.cat([extra.new_zeros(*extra.shape[:-1], p), extra], dim=-1)
-    return fn(module, query, new_key, new_value, attention_mask, **kwargs)
+    if any(g is not None for g in gates):
+        return _gated_attention(fn, module, query, key, value, attention_mask, kwargs, pks, pvs, gates)
+    return fn(module, query, torch.cat([*pks, key], dim=2), torch.cat([*pvs, value], dim=2), attention_mask, **kwargs)
 
 
 def _bound_attention(base_implementation: str) -> Callable:

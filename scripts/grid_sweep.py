@@ -7,7 +7,10 @@ the engine or a new transformers release:
 
 For each (family, method): the logits with ``return_dict=False`` and with ``output_hidden_states`` /
 ``output_attentions`` are the plain call's, one row alone gives that row of the batch, a training step
-with labels runs with ``return_dict=False``; a forward under ``torch.inference_mode`` before training
+with labels runs with ``return_dict=False``; with the delta moved off its init, a padded row alone
+(pads cut) gives its rows of the batch and, in a decoder, a later token leaves earlier positions alone;
+greedy generation (decoders and encoder-decoders, a left-padded batch) gives the same tokens cached
+and recomputed, and each row the tokens it gets alone; a forward under ``torch.inference_mode`` before training
 leaves training possible and inference_mode agrees with no_grad after it; a ``state_dict`` round trip
 into a fresh model with the same delta gives the same logits; ``model.to(bfloat16)`` after attach
 (and back) trains and stays close; activation checkpointing, reentrant or not, gives the gradients
@@ -56,6 +59,50 @@ def check_call_flags(family, method, x):
         assert torch.allclose(one, ref[:1], atol=1e-5), "a row alone differs from that row in the batch"
     m.train()
     m(**x, **labels_for(family, x), return_dict=False)[0].backward()
+
+
+def scrambled(family, method):
+    """A fresh delta moved away from its init, so that what it changes shows in the outputs."""
+    m = fresh(family, method).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in up.engine.registry(m).deltas["t"].parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def check_padding_and_causality(family, method, x):
+    m = scrambled(family, method)
+    trimmed = {k: v[1:, :5] if k != "decoder_input_ids" else v[1:] for k, v in x.items()}  # row 1 without its 2 pads
+    full, alone = run(m, x), run(m, trimmed)
+    if family in ("gpt2", "llama"):
+        full = full[:, :5]
+    assert torch.allclose(full[1], alone[0], atol=1e-5), "a padded row differs from the same row alone"
+    if family in ("gpt2", "llama"):
+        later = {k: v.clone() for k, v in x.items()}
+        later["input_ids"][0, 5] = 7
+        assert torch.allclose(run(m, later)[0, :5], full[0], atol=1e-6), "a later token changes earlier positions"
+
+
+def check_generation(family, method, x):
+    if family not in ("gpt2", "llama", "t5", "bart"):
+        return
+    m = scrambled(family, method)
+    ids, mask = x["input_ids"].clone(), x["attention_mask"].clone()
+    if family in ("gpt2", "llama"):  # the padded row padded on the left, as for generation
+        ids[1] = torch.cat([ids[1, -2:], ids[1, :-2]])
+        mask[1] = torch.cat([mask[1, -2:], mask[1, :-2]])
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = m.generate(ids, attention_mask=mask, use_cache=True, **kw)
+        recomputed = m.generate(ids, attention_mask=mask, use_cache=False, **kw)
+        assert torch.equal(cached, recomputed), "cached greedy generation differs from recomputing the sequence"
+        for i in range(2):
+            keep = mask[i].bool()
+            one = m.generate(ids[i:i + 1, keep], attention_mask=mask[i:i + 1, keep], **kw)[0]
+            got = cached[i, -len(one):] if family in ("gpt2", "llama") else cached[i, :len(one)]
+            assert torch.equal(got, one), f"row {i} generates other tokens in the batch than alone"
 
 
 def check_inference_mode(family, method, x):
@@ -112,7 +159,8 @@ def check_checkpointing(family, method, x):
                 f"checkpointing (reentrant={reentrant}) changes the gradients"
 
 
-CHECKS = [check_call_flags, check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing]
+CHECKS = [check_call_flags, check_padding_and_causality, check_generation, check_inference_mode, check_state_dict,
+          check_dtype_after_attach, check_checkpointing]
 
 
 def main(argv=None) -> int:

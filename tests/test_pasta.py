@@ -154,3 +154,38 @@ def test_attach_errors_leave_the_model_unchanged(tokens, tokenizer, message):
         up.attach(model, up.PASTA(tokens=tokens), name="t", tokenizer=tiny.tokenizer("bert") if tokenizer else None)
     assert up.engine.registry(model) is None
     assert not model.bert.embeddings.word_embeddings._forward_hooks
+
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "llama"])
+def test_resizing_the_embeddings_after_attach_keeps_the_delta_working(family):
+    """resize_token_embeddings (adding a chat template's tokens) gives T5's and BART's encoders a new
+    embedding module: the PASTA site follows it (it refused every call before 2026-12-03, the ids being
+    read at the old module), its vectors land exactly where they did, and a soft prompt in front embeds
+    the new tokens with the new table."""
+    model, x = tiny.make(family), tiny.batch(family)
+    stack = {"t5": lambda: model.encoder.block, "bart": lambda: model.model.encoder.layers,
+             "llama": lambda: model.model.layers}[family]()
+    up.attach(model, up.PASTA(tokens=[13, 5]), name="t")
+    n = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(n + 8)
+    x = {k: v.clone() for k, v in x.items()}
+    x["input_ids"][0, 1] = n + 3                                   # a new token in the batch
+    table = delta_record(model).module.table
+    with torch.no_grad():
+        table.zero_()
+        base = block_inputs(model, x, stack)
+        table.normal_()
+    got = block_inputs(model, x, stack)
+    ids = x["input_ids"]
+    expected = torch.zeros_like(base[0])
+    expected[ids == 13] = table[0, 0]
+    expected[ids == 5] = table[0, 1]
+    torch.testing.assert_close(got[0] - base[0], expected)
+    # a soft prompt in front reads the new token's row of the resized table
+    up.attach(model, up.PromptTuning(length=2), name="p")
+    up.activate(model, "p")
+    before = tiny.logits(model, x).detach()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[n + 3] += 1.0
+    assert not torch.allclose(tiny.logits(model, x), before)

@@ -75,6 +75,16 @@ class StepController:
         _CONTROLLERS.add(new)
         return new
 
+    def __getstate__(self):
+        """pickle (``torch.save(model)``) cannot store weak references: their targets (the model's own
+        modules, pickled with it) are stored instead, and made weak again on loading."""
+        return {k: None if k == "optimizer" else _weak_to_strong(v) for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        self.__dict__.update({k: _strong_to_weak(v) for k, v in state.items()})
+        _install_hooks()
+        _CONTROLLERS.add(self)  # an unpickled model's deltas keep their work at every optimizer step
+
     def state(self) -> dict[str, torch.Tensor]:
         """What a training checkpoint must keep for a resumed run to continue exactly (beyond the
         parameters, the optimizer and ``steps``, which the optimizer's state restores)."""
@@ -96,13 +106,49 @@ def _follow_weakrefs(value, memo):
     return copy.deepcopy(value, memo)
 
 
-def register(controller: StepController, modules) -> None:
-    """Run ``controller`` at every optimizer step; ``modules`` (the delta's modules) keep it alive."""
+class _Strong:
+    """A weak reference's target while pickled (None: the target was gone)."""
+
+    def __init__(self, target):
+        self.target = target
+
+
+class _Gone:
+    pass
+
+
+def _weak_to_strong(value):
+    if isinstance(value, weakref.ref):
+        return _Strong(value())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_weak_to_strong(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _weak_to_strong(v) for k, v in value.items()}
+    return value
+
+
+def _strong_to_weak(value):
+    if isinstance(value, _Strong):
+        # a reference to a target that was gone stays dead (a fresh object with no other owner)
+        return weakref.ref(value.target if value.target is not None else _Gone())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_strong_to_weak(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _strong_to_weak(v) for k, v in value.items()}
+    return value
+
+
+def _install_hooks() -> None:
     if not _HOOKS:
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         _HOOKS.append(register_optimizer_step_pre_hook(_before_step))
         _HOOKS.append(register_optimizer_step_post_hook(_after_step))
+
+
+def register(controller: StepController, modules) -> None:
+    """Run ``controller`` at every optimizer step; ``modules`` (the delta's modules) keep it alive."""
+    _install_hooks()
     for m in modules:
         m.__dict__[ATTR] = controller  # a plain attribute: not a submodule, not in the state dict
     _CONTROLLERS.add(controller)

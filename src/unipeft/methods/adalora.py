@@ -200,8 +200,8 @@ class _AllocatorLink:
     """The engine's config of an AdaLoRA delta -> its RankAllocator: weak (the delta's modules hold the
     allocator), and followed by copy.deepcopy to the copied model's allocator."""
 
-    def __init__(self, allocator: "RankAllocator"):
-        self._ref = weakref.ref(allocator)
+    def __init__(self, allocator: "RankAllocator | None"):
+        self._ref = weakref.ref(allocator if allocator is not None else step_hooks._Gone())
 
     def __call__(self) -> "RankAllocator | None":
         return self._ref()
@@ -209,6 +209,9 @@ class _AllocatorLink:
     def __deepcopy__(self, memo):
         target = self._ref()
         return self if target is None else _AllocatorLink(copy.deepcopy(target, memo))
+
+    def __reduce__(self):  # pickled (torch.save(model)) as a link to the pickled allocator
+        return _AllocatorLink, (self._ref(),)
 
 
 class RankAllocator(step_hooks.StepController):

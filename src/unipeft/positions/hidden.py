@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnipeftError
+from .inputs import stack_embedding
 
 
 class TokenSource:
@@ -42,7 +43,7 @@ class HiddenSite:
     of its chosen tokens at the input of every block of one stack."""
 
     def __init__(self, stack: nn.Module, embed: nn.Module, blocks: list[nn.Module]):
-        self.embed, self.blocks = embed, blocks
+        self.stack, self.embed, self.blocks = stack, embed, blocks
         self.sources: dict[str, TokenSource] = {}
         self.active: tuple = ()
         self.route = None
@@ -51,8 +52,8 @@ class HiddenSite:
         self._n_ids = 0                  # their length
         # a new pass forgets the last one's ids (first of the stack's hooks: an input site's hook may
         # look the ids up itself, and must find them recorded)
-        self._handles = [stack.register_forward_pre_hook(self._forget, prepend=True),
-                         embed.register_forward_hook(self._on_ids)]
+        self._embed_hook = embed.register_forward_hook(self._on_ids)
+        self._handles = [stack.register_forward_pre_hook(self._forget, prepend=True)]
         # a partial of a bound method, not a closure: copy.deepcopy(model) copies it onto the copy's site
         self._handles += [b.register_forward_pre_hook(functools.partial(self._add, i), with_kwargs=True)
                           for i, b in enumerate(blocks)]
@@ -67,13 +68,17 @@ class HiddenSite:
         self.routed = () if route is None else tuple((n, self.sources[n]) for n in route.order if n in self.sources)
 
     def remove(self) -> None:
-        for h in self._handles:
+        for h in (*self._handles, self._embed_hook):
             h.remove()
         self._hits = None
 
     # --- the hooks -----------------------------------------------------------------------------
     def _forget(self, module, args):
         self._hits = None
+        embed = stack_embedding(self.stack, self.embed)
+        if embed is not self.embed:  # a new embedding module (resize_token_embeddings): read the ids there
+            self._embed_hook.remove()
+            self.embed, self._embed_hook = embed, embed.register_forward_hook(self._on_ids)
         return None
 
     def _on_ids(self, module, args, output):

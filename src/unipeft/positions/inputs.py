@@ -15,6 +15,17 @@ import torch.nn as nn
 # Input embeddings
 # ---------------------------------------------------------------------------
 
+def stack_embedding(stack: nn.Module, fallback: nn.Module) -> nn.Module:
+    """The input embedding a stack uses now (``get_input_embeddings()``, transformers' accessor), else
+    ``fallback``, the one found at attach. ``resize_token_embeddings`` may put a new module there (T5's
+    and BART's encoders get the resized shared embedding): a site must follow it, not keep the old one."""
+    try:
+        embed = stack.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return fallback
+    return embed if isinstance(embed, nn.Module) else fallback
+
+
 def _tokens_in_cache(kwargs: dict, mask: torch.Tensor | None, q_len: int, p: int) -> int:
     """How many earlier positions (prompt included) a stack's KV cache holds: 0 on a fresh pass.
 
@@ -97,7 +108,7 @@ class InputSite:
         past_len = _tokens_in_cache(kwargs, mask, q_len, p)
         if past_len == 0:  # a fresh pass: prepend the prompt
             if embeds is None:
-                embeds = self.embed(ids)
+                embeds = stack_embedding(self.stack, self.embed)(ids)
             prompt = self._prompt(batch).to(embeds.dtype)
             kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
             kwargs["input_ids"] = None
@@ -205,7 +216,7 @@ class InputSite:
         pos = kwargs.get("position_ids")
         if past_len == 0:  # a fresh pass: [P_i, x_i, padding] per row
             if embeds is None:
-                embeds = self.embed(ids)
+                embeds = stack_embedding(self.stack, self.embed)(ids)
             prompts = self._routed_prompts(n, prompt_len, embeds)
             kwargs["inputs_embeds"] = _arrange(prompts, embeds, lengths, 0.0)
             kwargs["input_ids"] = None

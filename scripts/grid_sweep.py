@@ -2,7 +2,7 @@
 grid (``tests/test_grid.py``), too slow together for the 15-minute suite. Run it after a change to
 the engine or a new transformers release:
 
-    python scripts/grid_sweep.py                 # the whole grid (~5 min on 2 cores)
+    python scripts/grid_sweep.py                 # the whole grid (~4 min on 2 cores)
     python scripts/grid_sweep.py --families llama,bart --methods lora,prefix
 
 For each (family, method): the logits with ``return_dict=False`` and with ``output_hidden_states`` /
@@ -10,7 +10,8 @@ For each (family, method): the logits with ``return_dict=False`` and with ``outp
 with labels runs with ``return_dict=False``; with the delta moved off its init, a padded row alone
 (pads cut) gives its rows of the batch and, in a decoder, a later token leaves earlier positions alone;
 greedy generation (decoders and encoder-decoders, a left-padded batch) gives the same tokens cached
-and recomputed, and each row the tokens it gets alone; a forward under ``torch.inference_mode`` before training
+and recomputed, and each row the tokens it gets alone; a copy through ``torch.save(model)`` computes
+the same; ``resize_token_embeddings`` after attach leaves a model that runs a new token and trains; a forward under ``torch.inference_mode`` before training
 leaves training possible and inference_mode agrees with no_grad after it; a ``state_dict`` round trip
 into a fresh model with the same delta gives the same logits; ``model.to(bfloat16)`` after attach
 (and back) trains and stays close; activation checkpointing, reentrant or not, gives the gradients
@@ -78,7 +79,7 @@ def check_padding_and_causality(family, method, x):
     full, alone = run(m, x), run(m, trimmed)
     if family in ("gpt2", "llama"):
         full = full[:, :5]
-    assert torch.allclose(full[1], alone[0], atol=1e-5), "a padded row differs from the same row alone"
+    assert torch.allclose(full[1], alone[0], atol=1e-4), "a padded row differs from the same row alone"
     if family in ("gpt2", "llama"):
         later = {k: v.clone() for k, v in x.items()}
         later["input_ids"][0, 5] = 7
@@ -103,6 +104,26 @@ def check_generation(family, method, x):
             one = m.generate(ids[i:i + 1, keep], attention_mask=mask[i:i + 1, keep], **kw)[0]
             got = cached[i, -len(one):] if family in ("gpt2", "llama") else cached[i, :len(one)]
             assert torch.equal(got, one), f"row {i} generates other tokens in the batch than alone"
+
+
+def check_pickle(family, method, x):
+    import io
+
+    m = scrambled(family, method)
+    buf = io.BytesIO()
+    torch.save(m, buf)  # the whole model, pickled
+    buf.seek(0)
+    assert torch.equal(run(torch.load(buf, weights_only=False), x), run(m, x)), "a pickled copy computes otherwise"
+
+
+def check_resize_embeddings(family, method, x):
+    m = scrambled(family, method)
+    n = m.get_input_embeddings().weight.shape[0]
+    m.resize_token_embeddings(n + 8)
+    x = {k: v.clone() for k, v in x.items()}
+    x["input_ids"][0, 1] = n + 3
+    assert torch.isfinite(run(m, x)).all(), "not finite after resize_token_embeddings"
+    train_steps(m, x, steps=1)
 
 
 def check_inference_mode(family, method, x):
@@ -159,8 +180,8 @@ def check_checkpointing(family, method, x):
                 f"checkpointing (reentrant={reentrant}) changes the gradients"
 
 
-CHECKS = [check_call_flags, check_padding_and_causality, check_generation, check_inference_mode, check_state_dict,
-          check_dtype_after_attach, check_checkpointing]
+CHECKS = [check_call_flags, check_padding_and_causality, check_generation, check_pickle, check_resize_embeddings,
+          check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing]
 
 
 def main(argv=None) -> int:

@@ -162,8 +162,10 @@ def test_mixed_methods_in_one_batch(family):
                "ia3": up.IA3(), "prefix": up.PrefixTuning(length=2, reparam_hidden=0),
                "adapter": up.Adapter(style="parallel", bottleneck=4)}
     configs["bitfit"] = up.BitFit()  # bias-free families: new zero biases (BiasDelta)
+    # a gated prefix (one gate per query) beside the ungated one: the routed rows of the prefix get gates of 1
+    configs["unipelt"] = up.UniPELT(components=("prefix",), prefix_length=3, reparam_hidden=0)
     model = with_deltas(family, configs)
-    names = ["lora", "prompt", "ia3", None, "prefix", "adapter", "bitfit"]
+    names = ["lora", "prompt", "ia3", None, "prefix", "adapter", "bitfit", "unipelt"]
     batch = {k: torch.cat([v] * 4)[:len(names)] for k, v in four_rows(family).items()}
     expected = alone(model, batch, names)
     with up.route(model, names), torch.no_grad():

@@ -260,6 +260,33 @@ def test_detach_a_merged_delta_restores_the_base(family, method):
     assert torch.equal(run(model, x), base)
 
 
+@pytest.mark.parametrize("family,method", [g for g in GRID if g[1] in MERGEABLE])
+def test_merge_with_unload_leaves_a_plain_model_with_the_merged_outputs(family, method):
+    """up.merge(unload=True): the merged outputs, and a model transformers could have built itself: its
+    own module classes, its own state dict keys (a fresh model of the class loads them strictly)."""
+    model, x = tiny.make(family), tiny.batch(family)
+    fresh = tiny.make(family)
+    up.attach(model, METHODS[method](), name="t")
+    train_steps(model, x, steps=1)
+    if method in FINALIZED_BY_SAVE:
+        up.finalize(model, "t")
+    up.merge(model, "t")
+    merged = run(model, x)
+    if family in NO_BIAS and method == "bitfit":  # the biases have nowhere to go: refused, nothing changed
+        with pytest.raises(up.UnipeftError, match="adds biases to linear maps that have none"):
+            up.merge(model, "t", unload=True)
+        assert up.deltas(model) and torch.equal(run(model, x), merged)
+        return
+    up.merge(model, "t", unload=True)
+    assert up.engine.registry(model) is None and up.deltas(model) == {}
+    torch.testing.assert_close(run(model, x), merged, rtol=0, atol=0)
+    assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == \
+        {n: p.requires_grad for n, p in fresh.named_parameters()}
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(run(fresh, x), merged, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family,method", [g for g in GRID if g[1] not in MERGEABLE])
 def test_merge_refused_for_unmergeable(family, method):
     model = tiny.make(family)

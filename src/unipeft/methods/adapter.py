@@ -226,6 +226,7 @@ class InputTap(LinearDelta):
     AdapterBias) at the sublayer's output."""
 
     rewrites_input = True
+    keeps_input = True
 
     def __init__(self, adapter: AdapterDelta):
         super().__init__()

@@ -185,6 +185,7 @@ class Stacked(LinearDelta):
         self.parts.append(delta)
         self.rewrites_input = any(d.rewrites_input for d in self.parts)
         self.rewrites_output = any(d.rewrites_output for d in self.parts)
+        self.keeps_input = all(d.keeps_input for d in self.parts if d.rewrites_input)
 
     def input(self, x):
         for d in self.parts:

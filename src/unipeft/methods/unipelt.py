@@ -140,6 +140,7 @@ class GateTap(LinearDelta):
     """Reads a sublayer's input at its query map and holds the prefix gate per token: G_P,t = sigmoid(x_t W + b)."""
 
     rewrites_input = True
+    keeps_input = True
 
     def __init__(self, width: int):
         super().__init__()

@@ -29,6 +29,9 @@ class LinearDelta(nn.Module):
     rewrites_input = False
     rewrites_output = False
     replaces_base = False
+    # an input "rewrite" that hands x on unchanged (it only reads it: a tap for a parallel adapter or a
+    # gate): merging another delta at the map is then still exact (``engine._check_merge_order``)
+    keeps_input = False
 
     def with_base(self, site, x):
         """``output(x, base(x))`` computed in one go (a fused path), or None to take the plain path.

@@ -94,8 +94,8 @@ class MixedLinear(nn.Module):
     def averaged(self):
         """(weight, bias), the copies' average; kept between inference calls until a copy changes, so
         inference costs what one adapter's projection costs."""
-        if torch.is_grad_enabled() and self.weights.requires_grad:
-            return self.weight, self.bias
+        if (torch.is_grad_enabled() and self.weights.requires_grad) or torch.compiler.is_compiling():
+            return self.weight, self.bias  # (a compiled graph cannot keep the cache: data_ptr breaks it)
         key = (self.weights._version, self.biases._version, self.weights.data_ptr(), self.weights.dtype)
         kept = self.__dict__.get("_kept")
         if kept is None or kept[0] != key:
@@ -115,8 +115,10 @@ class MixedLinear(nn.Module):
     def forward(self, x):
         if not self.training:
             return F.linear(x, *self.averaged())
-        j = int(torch.randint(self.weights.shape[0], ()))
-        return F.linear(x, self.weights[j], self.biases[j])
+        # the draw stays a tensor: a Python int would stop torch.compile's graph here and specialise
+        # (recompile) on every value drawn
+        j = torch.randint(self.weights.shape[0], (1,)).to(self.weights.device)
+        return F.linear(x, self.weights.index_select(0, j)[0], self.biases.index_select(0, j)[0])
 
 
 class MixDelta(AdapterDelta):

@@ -86,7 +86,26 @@ def grad_b():
             print(N, out, 16, f"{tall:.3f} {wide:.3f} {wide / tall:.2f}", flush=True)
 
 
+def floor_arithmetic(tokens=1024, seq=128, r=16, layers=30, vocab=49152, hidden=576):
+    """The same floor in multiply-adds, not time: what a LoRA step must compute beyond the frozen step,
+    whatever the hardware, if every product ran equally fast."""
+    maps = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
+    linear = sum(o * i for o, i in maps)                  # per token and block
+    attention = 2 * seq * hidden                          # q k^T and p v, per token and block
+    # the frozen step: forward + the activation gradients (g W per map, the attention's four products,
+    # the output layer's g E); no weight gradients
+    frozen = tokens * (layers * (2 * linear + 3 * attention) + 2 * vocab * hidden)
+    four = tokens * layers * sum(2 * r * (o + i) for o, i in maps)        # t, gB, (gB)^T x, t^T g
+    factored = tokens * layers * sum(3 * r * (o + i) for o, i in maps)    # + t B^T and (gB) A
+    merged = four + layers * sum(2 * o * i * r for o, i in maps)          # + W + sBA, forward and backward
+    print(f"multiply-adds per step ({layers} blocks, {tokens} tokens of {seq}, r={r}, vocabulary {vocab}): "
+          f"frozen step {frozen / 1e9:.1f} G; the four LoRA products every exact path needs "
+          f"{four / 1e9:.2f} G = {four / frozen:.1%}; the factored path {factored / frozen:.1%}; the merged "
+          f"path {merged / frozen:.1%} (AdamW on the factors and Python per call come on top)")
+
+
 def floor(tokens=1024, r=16, layers=30):
+    floor_arithmetic(tokens=tokens, r=r, layers=layers)
     # SmolLM2-135M's block: q, k, v share x (one A product); gate, up share the normed x; o; down
     groups = [[(576, 576), (192, 576), (192, 576)], [(576, 576)], [(1536, 576), (1536, 576)], [(576, 1536)]]
     lora = base = 0.0

@@ -157,6 +157,8 @@ class SubspaceDelta(LinearDelta):
         space = self.space
         grad = torch.is_grad_enabled() and (space.theta.requires_grad or (
             space.scales is not None and space.scales.requires_grad))
+        if torch.compiler.is_compiling():  # a compiled graph cannot keep the cache (data_ptr breaks it)
+            grad = True
         # without autograd (evaluation, generation) one P_i(theta_d) serves every call until theta_d moves
         key = (space.theta._version, space.theta.data_ptr(),
                None if space.scales is None else (space.scales._version, space.scales.data_ptr()))

@@ -255,3 +255,30 @@ def test_bad_options_are_one_line_errors(make, message):
     with pytest.raises(up.UnipeftError, match=message) as err:
         make()
     assert "\n" not in str(err.value)
+
+
+def test_a_gated_prefix_keeps_the_attention_scale_when_the_base_defaults_it():
+    """The widened head dimension must not change the softmax scale: with no ``scaling`` keyword the base
+    implementation (sdpa) takes 1/sqrt(head dim) from the query's width, so the gated call compensates."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from unipeft.positions.attention import _gated_attention
+
+    sdpa_attention_forward = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    pk, pv = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 4, 3, 8, generator=g)
+    gate = torch.rand(2, 5, generator=g)
+    module = torch.nn.Module()
+    module.is_causal = False
+    default = _gated_attention(sdpa_attention_forward, module, q, k, v, None, {}, (pk,), (pv,), (gate,))[0]
+    given = _gated_attention(sdpa_attention_forward, module, q, k, v, None, {"scaling": 8 ** -0.5}, (pk,), (pv,),
+                             (gate,))[0]
+    torch.testing.assert_close(default, given)
+    # and the reference: each query with its own gated prefix, by hand
+    for t in range(5):
+        g_t = gate[:, None, t, None, None]
+        gk, gv = torch.cat([pk * g_t, k], 2), torch.cat([pv * g_t, v], 2)
+        w = torch.softmax(q[:, :, t:t + 1] @ gk.transpose(-1, -2) * 8 ** -0.5, dim=-1)
+        torch.testing.assert_close(given[:, t], (w @ gv)[:, :, 0], rtol=1e-5, atol=1e-6)

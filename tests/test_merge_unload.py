@@ -57,7 +57,8 @@ def test_sparse_deltas_on_the_same_tensors_keep_their_own_values():
     model, x = tiny.make("bert"), tiny.batch("bert")
     base = run(model, x)
     up.attach(model, up.SparseFT(select="magnitude", density=0.2, train_head=False), name="x")
-    up.attach(model, up.SparseFT(select="magnitude", density=0.05, train_head=False), name="y")  # inside x's mask: y takes those
+    # y's entries lie inside x's mask: training both, y takes those and x the rest
+    up.attach(model, up.SparseFT(select="magnitude", density=0.05, train_head=False), name="y")
     up.activate(model, ["x", "y"])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()

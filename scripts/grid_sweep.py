@@ -11,8 +11,9 @@ with labels runs with ``return_dict=False``; with the delta moved off its init, 
 (pads cut) gives its rows of the batch and, in a decoder, a later token leaves earlier positions alone;
 greedy generation (decoders and encoder-decoders, a left-padded batch) gives the same tokens cached
 and recomputed, and each row the tokens it gets alone; a copy through ``torch.save(model)`` computes
-the same; ``resize_token_embeddings`` after attach leaves a model that runs a new token and trains; a forward under ``torch.inference_mode`` before training
-leaves training possible and inference_mode agrees with no_grad after it; a ``state_dict`` round trip
+the same; ``resize_token_embeddings`` after attach leaves a model that runs a new token and trains;
+a forward under ``torch.inference_mode`` before training leaves training possible and inference_mode
+agrees with no_grad after it; a ``state_dict`` round trip
 into a fresh model with the same delta gives the same logits; ``model.to(bfloat16)`` after attach
 (and back) trains and stays close; activation checkpointing, reentrant or not, gives the gradients
 of the same step without it. (In-place changes of outputs and ``copy.deepcopy`` are in the suite.)
@@ -65,11 +66,7 @@ def check_call_flags(family, method, x):
 def scrambled(family, method):
     """A fresh delta moved away from its init, so that what it changes shows in the outputs."""
     m = fresh(family, method).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in up.engine.registry(m).deltas["t"].parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    tiny.scramble(m, "t", seed=3)
     return m
 
 

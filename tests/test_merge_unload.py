@@ -8,18 +8,12 @@ import transformers as tf
 
 import tiny
 import unipeft as up
+from tiny import scramble
 
 
 def run(model, x):
     with torch.no_grad():
         return tiny.logits(model, x)
-
-
-def scramble(model, name, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in up.engine.registry(model).deltas[name].parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

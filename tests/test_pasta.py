@@ -29,6 +29,14 @@ def stack_of(model, family):
             "t5": lambda: model.encoder.block, "llama": lambda: model.model.layers}[family]()
 
 
+def assert_layer0_vectors(got, base, ids, table):
+    """The first block's input changed by exactly v_0 at tokens 13 and 5 (PASTA(tokens=[13, 5])), nowhere else."""
+    expected = torch.zeros_like(base[0])
+    expected[ids == 13] = table[0, 0]
+    expected[ids == 5] = table[0, 1]
+    torch.testing.assert_close(got[0] - base[0], expected)
+
+
 def pair_batch():
     """Row 0: [CLS] a b [SEP] c [SEP]  (a pair); row 1: [CLS] a [SEP] then padding."""
     ids = torch.tensor([[2, 10, 11, 3, 12, 3], [2, 13, 3, 0, 0, 0]])
@@ -45,11 +53,7 @@ def test_each_layer_gets_its_vector_at_the_chosen_tokens_only(family):
     with torch.no_grad():
         table.normal_()
     got = block_inputs(model, x, stack)
-    ids = x["input_ids"]
-    expected = torch.zeros_like(base[0])
-    expected[ids == 13] = table[0, 0]
-    expected[ids == 5] = table[0, 1]
-    torch.testing.assert_close(got[0] - base[0], expected)     # layer 0: exactly v_0 at the two tokens
+    assert_layer0_vectors(got, base, x["input_ids"], table)     # layer 0: exactly v_0 at the two tokens
     assert table.shape == (len(stack), 2, 32)                  # L x K x d parameters
     # a later layer's input is its own v_l plus what the layers below made of the change
     assert not torch.allclose(got[1], base[1])
@@ -176,12 +180,7 @@ def test_resizing_the_embeddings_after_attach_keeps_the_delta_working(family):
         table.zero_()
         base = block_inputs(model, x, stack)
         table.normal_()
-    got = block_inputs(model, x, stack)
-    ids = x["input_ids"]
-    expected = torch.zeros_like(base[0])
-    expected[ids == 13] = table[0, 0]
-    expected[ids == 5] = table[0, 1]
-    torch.testing.assert_close(got[0] - base[0], expected)
+    assert_layer0_vectors(block_inputs(model, x, stack), base, x["input_ids"], table)
     # a soft prompt in front reads the new token's row of the resized table
     up.attach(model, up.PromptTuning(length=2), name="p")
     up.activate(model, "p")

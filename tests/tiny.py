@@ -80,6 +80,18 @@ def logits(model, inputs) -> torch.Tensor:
     return out.logits
 
 
+def scramble(model, name: str = "t", seed: int = 0, scale: float = 0.3) -> None:
+    """Move delta ``name``'s parameters off their init (many start at the identity), so that what the
+    delta changes shows in the outputs."""
+    import unipeft as up
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in up.engine.registry(model).deltas[name].parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
 # ---------------------------------------------------------------------------
 # tiny models saved as folders, with a word-level tokenizer (for the trainer and the CLI)
 # ---------------------------------------------------------------------------

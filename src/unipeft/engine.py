@@ -468,12 +468,8 @@ def merge(model: nn.Module, name: str, unload: bool = False) -> nn.Module:
         if name not in reg.active:
             raise UnipeftError(f"delta {name!r} is not active; activate it before merging (active: {reg.active})")
         _check_merge_order(model, delta)
-        added = 0
         for path in delta.linear:
-            site = model.get_submodule(path)
-            had_bias = getattr(site, "bias", None) is not None  # embeddings are sites without a bias
-            site.unipeft_merge(name)
-            added += getattr(site, "bias", None) is not None and not had_bias
+            model.get_submodule(path).unipeft_merge(name)
         delta.merged = True
         for p in delta.parameters():
             p.requires_grad_(False)
@@ -481,15 +477,15 @@ def merge(model: nn.Module, name: str, unload: bool = False) -> nn.Module:
         for p in delta.selected:
             params[p].requires_grad_(False)
         _refresh_sites(model, reg)
+        added = _added_biases(model, delta)
         if added and not unload:
             import warnings
 
-            warnings.warn(f"up.merge: delta {name!r} added a bias to {added} linear map(s) that had none, so the "
-                          f"model's state dict now holds {added} more tensor(s); up.unmerge removes them",
+            warnings.warn(f"up.merge: delta {name!r} added a bias to {len(added)} linear map(s) that had none, so "
+                          f"the model's state dict now holds {len(added)} more tensor(s); up.unmerge removes them",
                           stacklevel=2)
     if unload:
-        added = [p for p in delta.linear if getattr(model.get_submodule(p), "bias", None) is not None
-                 and model.get_submodule(p)._unipeft_merged.get(name, (None, None))[1] is None]
+        added = _added_biases(model, delta)
         if added:
             if not was_merged:
                 unmerge(model, name)  # as it was: nothing changed
@@ -499,6 +495,13 @@ def merge(model: nn.Module, name: str, unload: bool = False) -> nn.Module:
                                f"a method that changes weights only")
         _unload(model, reg, delta)
     return model
+
+
+def _added_biases(model: nn.Module, delta: Delta) -> list[str]:
+    """The maps where merging ``delta`` put a bias the base did not have (BitFit on a bias-free model):
+    the map has one now, and the originals kept for unmerge have none (embeddings have no bias)."""
+    return [p for p in delta.linear if getattr(model.get_submodule(p), "bias", None) is not None
+            and model.get_submodule(p)._unipeft_merged.get(delta.name, (None, None))[1] is None]
 
 
 def _check_merge_order(model: nn.Module, delta: Delta) -> None:

@@ -94,16 +94,23 @@ class StepController:
         """Take back what ``state()`` gave (from a checkpoint)."""
 
 
+def _map_nested(value, leaf):
+    """``value`` rebuilt with ``leaf`` applied to everything inside its lists, tuples and dicts."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_nested(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_nested(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
 def _follow_weakrefs(value, memo):
     """A deep copy of ``value`` in which each weak reference points to the copy of its target."""
-    if isinstance(value, weakref.ref):
-        target = value()
-        return value if target is None else weakref.ref(copy.deepcopy(target, memo))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_follow_weakrefs(v, memo) for v in value)
-    if isinstance(value, dict):
-        return {k: _follow_weakrefs(v, memo) for k, v in value.items()}
-    return copy.deepcopy(value, memo)
+    def leaf(v):
+        if isinstance(v, weakref.ref):
+            target = v()
+            return v if target is None else weakref.ref(copy.deepcopy(target, memo))
+        return copy.deepcopy(v, memo)
+    return _map_nested(value, leaf)
 
 
 class _Strong:
@@ -117,25 +124,21 @@ class _Gone:
     pass
 
 
+def dead_reference() -> weakref.ref:
+    """A weak reference whose target is gone (a fresh object with no other owner)."""
+    return weakref.ref(_Gone())
+
+
 def _weak_to_strong(value):
-    if isinstance(value, weakref.ref):
-        return _Strong(value())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_weak_to_strong(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _weak_to_strong(v) for k, v in value.items()}
-    return value
+    return _map_nested(value, lambda v: _Strong(v()) if isinstance(v, weakref.ref) else v)
 
 
 def _strong_to_weak(value):
-    if isinstance(value, _Strong):
-        # a reference to a target that was gone stays dead (a fresh object with no other owner)
-        return weakref.ref(value.target if value.target is not None else _Gone())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_strong_to_weak(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _strong_to_weak(v) for k, v in value.items()}
-    return value
+    def leaf(v):
+        if isinstance(v, _Strong):  # a reference to a target that was gone stays dead
+            return weakref.ref(v.target) if v.target is not None else dead_reference()
+        return v
+    return _map_nested(value, leaf)
 
 
 def _install_hooks() -> None:

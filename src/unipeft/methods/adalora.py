@@ -201,7 +201,7 @@ class _AllocatorLink:
     allocator), and followed by copy.deepcopy to the copied model's allocator."""
 
     def __init__(self, allocator: "RankAllocator | None"):
-        self._ref = weakref.ref(allocator if allocator is not None else step_hooks._Gone())
+        self._ref = weakref.ref(allocator) if allocator is not None else step_hooks.dead_reference()
 
     def __call__(self) -> "RankAllocator | None":
         return self._ref()

@@ -187,7 +187,7 @@ def test_trl_sft_trainer_with_checkpointing(tmp_path):
     delta_before, base_before = trainable(model), frozen(model)
     data = Dataset.from_list([{"text": f"{a} {b}"} for a, b in tiny.table_rows(8)])
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=8, save_steps=4, per_device_train_batch_size=4,
-                         learning_rate=3e-2, lr_scheduler_type="constant", gradient_checkpointing=True, max_length=32,
+                         learning_rate=3e-2, lr_scheduler_type="constant", activation_checkpointing=True, max_length=32,
                          logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
                          # SFTConfig defaults to bf16, and accelerate then leaves the model's forward under autocast
                          bf16=False)

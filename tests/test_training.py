@@ -264,6 +264,22 @@ def test_gradient_checkpointing_gives_the_same_training(models):
     assert max((pa[n] - pb[n]).abs().max().item() for n in pa) < 1e-6
 
 
+def test_gradient_checkpointing_on_a_model_that_cannot_is_refused_by_name(models, monkeypatch):
+    """The support flag is read under either of transformers' names (activation_ from 5.2x, gradient_
+    before); a class without it is refused with its name, not trained without checkpointing."""
+    from unipeft.compat import supports_activation_checkpointing
+
+    model, tok = load(models["gpt2-lm-nodrop"], GEN)
+    assert supports_activation_checkpointing(model)
+    monkeypatch.setattr(type(model), "supports_gradient_checkpointing", False)
+    monkeypatch.setattr(type(model), "supports_activation_checkpointing", False, raising=False)
+    assert not supports_activation_checkpointing(model)
+    up.attach(model, up.LoRA(r=4), name="t", tokenizer=tok)
+    cfg = TrainConfig(gradient_checkpointing=True, precision="fp32", progress=False, max_steps=1)
+    with pytest.raises(UnipeftError, match=f"{type(model).__name__} does not support gradient checkpointing"):
+        Trainer(model, tok, GEN, gen_examples(8), None, cfg, None, cache=False)
+
+
 def test_optimizer_is_fused_adamw_and_takes_the_same_steps_as_the_loop_kernel():
     from unipeft.training.trainer import make_adamw
 

@@ -25,3 +25,12 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
     if hasattr(type(model), "is_activation_checkpointing"):
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def supports_activation_checkpointing(model: nn.Module) -> bool:
+    """Whether the model's class declares checkpointing support, under either name (transformers 5.2x
+    renamed gradient checkpointing to activation checkpointing and keeps the old names until v6)."""
+    for name in ("supports_activation_checkpointing", "supports_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(type(model), name))
+    return False

@@ -4,7 +4,7 @@ A model with a delta attached is an ordinary ``nn.Module`` whose only trainable
 parameters are the delta's, so the Trainer trains it as it is::
 
     up.attach(model, up.LoRA(r=8, alpha=16), name="sft")
-    trainer = Trainer(model=model, args=TrainingArguments("out", gradient_checkpointing=True, ...),
+    trainer = Trainer(model=model, args=TrainingArguments("out", activation_checkpointing=True, ...),
                       train_dataset=..., callbacks=[up.integrations.SaveDeltaCallback()])
     trainer.train()
     up.load(fresh_base, "out/unipeft/sft")                  # the final delta

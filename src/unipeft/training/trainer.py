@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .. import fileio, progress, step_hooks
-from ..compat import enable_activation_checkpointing
+from ..compat import enable_activation_checkpointing, supports_activation_checkpointing
 from ..errors import UnipeftError, choices
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -243,7 +243,7 @@ class Trainer:
 
             check_packing(model, self.train_enc)
         if cfg.gradient_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", False):
+            if not supports_activation_checkpointing(model):
                 raise UnipeftError(f"{type(model).__name__} does not support gradient checkpointing")
             enable_activation_checkpointing(model)
             model.config.use_cache = False

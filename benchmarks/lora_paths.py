@@ -10,7 +10,7 @@ backward of one map at several token counts, and what the cost model in ``unipef
     python benchmarks/lora_paths.py --stacked-base   # a shared-input group's base products as one, or n
 
 Shapes are SmolLM2-135M's (576 wide, 1,536 FFN, 192 for its grouped k/v) and MiniLM's (384, 1,536);
-r = 16; median of 10 timed calls after 2 warm-up calls, ``--threads`` threads (default 2). The ratio
+r = 16; median of 10 timed calls after 2 warm-up calls (the two paths called in turn), ``--threads`` threads (default 2). The ratio
 calibrates ``fused.MERGED_BREAK_EVEN``. ``--grad-b`` times s g^T t (out x r, the textbook form) against
 (t^T g)^T (r x out, then transposed), the choice made in ``LoRALinear.backward``. ``--floor`` adds up,
 over SmolLM2-135M's 30 blocks at 8 x 128 tokens, the four products every exact LoRA step needs
@@ -53,6 +53,7 @@ def median_ms(fn, reps=12, warmup=2):
 
 
 def node(N, out, inn, r, mode, bf16):
+    """One forward + backward of a LoRA map through the fused node on path ``mode``, as a closure."""
     x = torch.randn(N, inn, requires_grad=True)
     w = torch.randn(out, inn) * 0.02
     a = torch.nn.Parameter(torch.randn(r, inn) * 0.02)
@@ -64,16 +65,30 @@ def node(N, out, inn, r, mode, bf16):
             y = LoRALinear.apply(x, (2.0,), w, None, a, b)
         y.backward(g.to(y.dtype))
         x.grad = a.grad = b.grad = None
-    return median_ms(call)
+    return call
+
+
+def interleaved_ms(fns, rounds=10, warmup=2):
+    """Median time of each closure over ``rounds`` rounds that call them in turn (a slow spell of a shared
+    machine then hits every closure alike, not one)."""
+    times = [[] for _ in fns]
+    for k in range(rounds + warmup):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            if k >= warmup:
+                times[i].append(time.perf_counter() - t)
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def paths(bf16):
+    dt = torch.bfloat16 if bf16 else torch.float32
     print("N out in r  factored_ms  merged_ms  merged/factored  model_says_merged")
     for out, inn in SHAPES:
         for N in (256, 1024, 4096):
-            f, m = node(N, out, inn, 16, "factored", bf16), node(N, out, inn, 16, "merged", bf16)
+            f, m = interleaved_ms([node(N, out, inn, 16, "factored", bf16), node(N, out, inn, 16, "merged", bf16)])
             print(N, out, inn, 16, f"{f:.2f} {m:.2f} {m / f:.2f}",
-                  fused.lora_merged_is_cheaper(N, [(out, inn, 16)]), flush=True)
+                  fused.lora_merged_is_cheaper(N, [(out, inn, 16)], dt), flush=True)
 
 
 def grad_b():
@@ -98,10 +113,12 @@ def floor_arithmetic(tokens=1024, seq=128, r=16, layers=30, vocab=49152, hidden=
     four = tokens * layers * sum(2 * r * (o + i) for o, i in maps)        # t, gB, (gB)^T x, t^T g
     factored = tokens * layers * sum(3 * r * (o + i) for o, i in maps)    # + t B^T and (gB) A
     merged = four + layers * sum(2 * o * i * r for o, i in maps)          # + W + sBA, forward and backward
+    kept = four + layers * sum(o * i * r for o, i in maps)                # autocast: W_eff formed once, kept
     print(f"multiply-adds per step ({layers} blocks, {tokens} tokens of {seq}, r={r}, vocabulary {vocab}): "
           f"frozen step {frozen / 1e9:.1f} G; the four LoRA products every exact path needs "
           f"{four / 1e9:.2f} G = {four / frozen:.1%}; the factored path {factored / frozen:.1%}; the merged "
-          f"path {merged / frozen:.1%} (AdamW on the factors and Python per call come on top)")
+          f"path {merged / frozen:.1%} in fp32, {kept / frozen:.1%} under autocast (W_eff kept in place of "
+          f"autocast's copy of W) (AdamW on the factors and Python per call come on top)")
 
 
 def floor(tokens=1024, r=16, layers=30):

@@ -218,6 +218,33 @@ def test_merged_path_is_taken_and_keeps_no_copy_of_the_weight():
         assert not any(t.shape == o.weight.shape and t.data_ptr() != o.weight.data_ptr() for t in saved)
 
 
+def test_merged_path_under_autocast_keeps_w_eff_in_place_of_the_weight_copy():
+    """Under autocast both paths keep one compute-dtype tensor the size of W for the backward (autocast's
+    copy of W on the factored path): the merged path keeps W_eff there instead of forming it again, so it
+    holds no more than the factored path and its gradients are the factored path's."""
+    from unipeft.methods.lora import _effective_weight
+
+    model = _scrambled("llama", up.LoRA(r=4, targets=("o",))).train()
+    o = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    g = torch.randn(2, 5, 32).bfloat16()
+    delta = next(iter(o._unipeft_post))
+    grads, sizes = {}, {}
+    for path in PATHS:
+        with fused.lora_path(path), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = o(x)
+        big = [t for t in y.grad_fn.saved_tensors if t.shape == o.weight.shape]
+        assert len(big) == 1 and big[0].dtype == torch.bfloat16 and big[0].data_ptr() != o.weight.data_ptr()
+        sizes[path] = sum(t.numel() * t.element_size() for t in y.grad_fn.saved_tensors)
+        if path == "merged":
+            want = _effective_weight(o.weight, delta.lora_A, delta.lora_B, delta.scale, torch.bfloat16)
+            assert torch.equal(big[0], want)
+        grads[path] = torch.autograd.grad(y, [x, delta.lora_A, delta.lora_B], g)
+    assert sizes["merged"] == sizes["factored"]
+    for a, b in zip(grads["merged"], grads["factored"]):
+        assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.99
+
+
 def test_merged_weight_is_summed_in_float32_and_rounded_once_under_autocast():
     """W + s B A in bf16 is the float32 sum rounded once, also when autocast is on (the node's forward runs
     under it, and autocast would run the addmm in bf16: two roundings)."""

@@ -14,9 +14,11 @@ The fused LoRA node has two ways to compute the same thing (issue 23), chosen pe
   factored   y = x W^T + s (x A^T) B^T; grad_x = g W + s (g B) A: four skinny rank-r products
              (cheap when the call has few tokens compared with the layer's width: generation,
              short sequences);
-  merged     y = x W_eff^T with W_eff = W + s B A, formed in the forward and formed again in the
-             backward (never kept: no extra copy of W lives through the backward); grad_x = g W_eff.
-             Two rank-r products of the layer's size replace two of the tokens' size.
+  merged     y = x W_eff^T with W_eff = W + s B A; grad_x = g W_eff. In float32 W_eff is formed in the
+             forward and formed again in the backward (never kept: no extra copy of W lives through
+             the backward); under autocast, where a compute-dtype copy of W is kept for the backward
+             anyway, W_eff is kept in its place and formed once. Two (autocast: one) rank-r products
+             of the layer's size replace two of the tokens' size.
 
 ``UNIPEFT_LORA_PATH=factored|merged`` (or ``with lora_path("merged"):``) forces one, for tests
 and benchmarks; the default ``auto`` uses the cost model.
@@ -113,8 +115,15 @@ def lora_path(mode: str):
 def lora_merged_is_cheaper(tokens: int, shapes: list[tuple[int, int, int]], dtype=None) -> bool:
     """Whether the fused LoRA node should form W_eff = W + s B A for a call with ``tokens`` rows
     over maps of ``shapes`` [(out, in, r), ...] in compute dtype ``dtype`` (see the module docstring).
-    Auto keeps the factored path for half precision: on a CPU with AMX the same benchmark gave the
-    merged path 0.61x to 1.71x of the factored one depending on the shape, no rule to follow yet."""
+
+    Auto keeps the factored path for half precision. Measured under bf16 autocast on a CPU with AMX:
+    when W_eff was formed twice, 0.61x to 1.71x of the factored path by shape; formed once and kept
+    (as now), 0.70-1.00x per layer at 1,024 tokens and more (``benchmarks/lora_paths.py --bf16``), but
+    1.04x and 1.08x per round of whole SmolLM2 steps (``benchmarks/lora_compute_limit.py --precision
+    bf16 --variants ...,unipeft-merged``; forming writes and reads a float32 temporary the size of W
+    beyond autocast's cast, with weights no longer in cache); and a bf16 W_eff rounds s B A to the bf16
+    steps of W (a term under half a step mostly vanishes from the forward), which the factored path
+    keeps. So no rule for half precision yet."""
     if _lora_path != "auto":
         return _lora_path == "merged"
     if dtype is not None and dtype not in (torch.float32, torch.float64):

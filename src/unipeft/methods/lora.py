@@ -328,8 +328,10 @@ class LoRALinear(torch.autograd.Function):
 
     With many tokens per call the node takes the *merged* path instead (``fused.lora_merged_is_cheaper``):
     y_i = x W_eff,i^T + b_i with W_eff,i = W_i + s_i B_i A_i, formed in float32 and rounded once to the
-    compute dtype, and formed again in the backward for grad_x = sum_i g_i W_eff,i (so no copy of a
-    weight outlives the forward). The gradients of A and B are the same products in both paths.
+    compute dtype. In float32 it is formed again in the backward for grad_x = sum_i g_i W_eff,i (so no
+    copy of a weight outlives the forward); under autocast, where a compute-dtype copy of W is kept for
+    the backward anyway, W_eff is kept in its place. The gradients of A and B are the same products in
+    both paths.
     """
 
     @staticmethod
@@ -342,6 +344,7 @@ class LoRALinear(torch.autograd.Function):
         t = x2 @ _as(A, dt).t()                                         # (N, sum r)
         merged = fused.lora_merged_is_cheaper(x2.shape[0], [(w.shape[0], w.shape[1], B.shape[1])
                                                              for w, B in zip(weights, Bs)], dt)
+        keep_formed = merged and all(w.dtype != dt for w in weights)
         outs, lo, kept = [], 0, []
         stacked = None
         if n > 1 and not merged and all(w.dtype != dt for w in weights) and fused.stack_base([w.shape for w in weights]):
@@ -373,7 +376,11 @@ class LoRALinear(torch.autograd.Function):
             else:
                 if merged:
                     wc = _effective_weight(w, a, B, s, dt)
-                    kept.append(w)  # a reference: W_eff is formed again in the backward
+                    # fp32: keep a reference and form W_eff again in the backward (no extra weight copy
+                    # lives through the backward). Under autocast a compute-dtype copy of W is kept
+                    # anyway (autocast keeps one, and so does the factored path): keeping W_eff in its
+                    # place costs no memory more and saves forming it twice.
+                    kept.append(wc if keep_formed else w)
                 else:
                     wc = _as(w, dt)  # under autocast a bf16 copy, kept for the backward as autocast would keep it
                     kept.append(wc)
@@ -387,6 +394,7 @@ class LoRALinear(torch.autograd.Function):
             lo += r
         ctx.save_for_backward(x2, t, A, *kept, *Bs)
         ctx.merged = merged
+        ctx.kept_formed = keep_formed
         ctx.scales, ctx.x_dtype, ctx.x_shape, ctx.ranks = scales, x.dtype, x.shape, [B.shape[1] for B in Bs]
         ctx.A_dtypes = [a.dtype for a in As]
         ctx.set_materialize_grads(False)  # a member whose output was never used sends no gradient
@@ -411,10 +419,11 @@ class LoRALinear(torch.autograd.Function):
                             else (g @ _as(B, dt)).mul_(s) for g, B, s, r in zip(gs, Bs, ctx.scales, ctx.ranks)], dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if ctx.merged:  # sum_i g_i W_eff,i, W_eff formed again (one at a time: one extra weight alive)
+            if ctx.merged:  # sum_i g_i W_eff,i, kept or formed again (one at a time: one extra weight alive)
                 parts = A.split(ctx.ranks)
                 for k, i in enumerate(live):
-                    w_eff = _effective_weight(weights[i], parts[i], Bs[i], ctx.scales[i], dt)
+                    w_eff = weights[i] if ctx.kept_formed else \
+                        _effective_weight(weights[i], parts[i], Bs[i], ctx.scales[i], dt)
                     grad_x = gs[i] @ w_eff if k == 0 else grad_x.addmm_(gs[i], w_eff)
             else:
                 grad_x = gs[live[0]] @ weights[live[0]]

@@ -20,7 +20,8 @@ The public API::
 __version__ = "0.1.0"
 
 from .config import METHODS, MethodConfig  # noqa: E402
-from .engine import active, attach, deltas, detach, merge, summary, trainable_parameters, unmerge  # noqa: E402
+from .engine import active, attach, deltas, detach, summary, trainable_parameters, unmerge  # noqa: E402
+from .merging import merge  # noqa: E402
 from .engine import set_active as activate  # noqa: E402
 from .errors import UnipeftError  # noqa: E402
 from .methods import Adapter, BitFit, Freeze, FullFineTune, IA3, LoRA, PrefixTuning, PromptTuning  # noqa: E402

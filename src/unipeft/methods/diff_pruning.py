@@ -104,7 +104,7 @@ class DiffPruning(MethodConfig):
         """Magnitude projection to exactly k = (1 - sparsity) N entries, in the live model."""
         if self.finalized:
             return
-        from .. import engine
+        from .. import engine, merging
 
         gated = {path: d for path, d in delta.linear.items() if isinstance(d, DiffDelta)}
         merged = delta.merged
@@ -139,7 +139,7 @@ class DiffPruning(MethodConfig):
             param.requires_grad_(on)
         sparse.compose(model, reg)
         if merged:
-            engine.merge(model, delta.name)
+            merging.merge(model, delta.name)
 
 
 class DiffDelta(pos.LinearDelta):

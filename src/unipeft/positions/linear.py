@@ -30,7 +30,7 @@ class LinearDelta(nn.Module):
     rewrites_output = False
     replaces_base = False
     # an input "rewrite" that hands x on unchanged (it only reads it: a tap for a parallel adapter or a
-    # gate): merging another delta at the map is then still exact (``engine._check_merge_order``)
+    # gate): merging another delta at the map is then still exact (``merging._check_merge_order``)
     keeps_input = False
 
     def with_base(self, site, x):

@@ -1,4 +1,6 @@
 """AdapterDrop: no adapters in the lowest n layers; robust training draws n per optimizer step."""
+import copy
+
 import pytest
 import torch
 
@@ -86,6 +88,52 @@ def test_robust_draws_n_per_optimizer_step_and_dropped_layers_get_no_gradient():
     # the draws are a function of the step: a second delta draws the same sequence
     from unipeft.methods.adapter_drop import DropSchedule
     assert [DropSchedule(1, 2).draw(t) for t in range(1, 13)] == drawn
+
+
+def test_robust_run_resumed_from_a_checkpoint_trains_as_the_uninterrupted_one():
+    """The controller's state (the n drawn for the next step) goes into training checkpoints
+    (step_hooks.state_tensors; SaveDeltaCallback under transformers.Trainer): a resumed run drops the
+    layers the uninterrupted run drops, from its first step on."""
+    from unipeft import step_hooks
+
+    x = tiny.batch("bert")
+
+    def make():
+        torch.manual_seed(0)
+        model = up.attach(tiny.make("bert"), up.AdapterDrop(n=1, robust=True, style="pfeiffer", bottleneck=8), name="t")
+        params = [p for p in delta_record(model).parameters() if p.requires_grad]
+        return model.train(), params, torch.optim.Adam(params, lr=1e-2)
+
+    def step(model, opt):
+        tiny.logits(model, x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model, params, opt = make()
+    schedule = next(iter(delta_record(model).linear.values())).__dict__["drop_at"][0]
+    first, dropped_once = schedule.drawn, False
+    # go on until a step has dropped a layer (the optimizer then skips its adapters: their step counts lag)
+    # and the next step's n differs from step 1's (what a resumed run without the state would use)
+    while not dropped_once or schedule.drawn == first:
+        dropped_once |= schedule.drawn > 0
+        step(model, opt)
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), step_hooks.state_tensors(model),
+             torch.get_rng_state())  # the model's dropout draws, as a checkpoint keeps them
+    for _ in range(3):
+        step(model, opt)
+    want = tiny.logits(model.eval(), x)
+
+    again, params2, opt2 = make()
+    with torch.no_grad():
+        for p, v in zip(params2, saved[0]):
+            p.copy_(v)
+    opt2.load_state_dict(saved[1])
+    step_hooks.load_state_tensors(again, saved[2], "the checkpoint")
+    torch.set_rng_state(saved[3])
+    for _ in range(3):
+        step(again, opt2)
+    assert next(iter(delta_record(again).linear.values())).__dict__["drop_at"][0].steps == schedule.steps
+    torch.testing.assert_close(tiny.logits(again.eval(), x), want, rtol=0, atol=0)
 
 
 def test_robust_delta_serves_any_n_at_inference_and_saves_it(tmp_path):

@@ -152,6 +152,32 @@ def test_trainer_resume_from_checkpoint_restores_the_delta(tmp_path):
     torch.testing.assert_close(outputs(fresh, x), want, rtol=0, atol=1e-6)
 
 
+def test_diff_pruning_trains_on_past_a_checkpoint_and_resumes_exactly(tmp_path):
+    """SaveDeltaCallback writes DiffPruning's projected (final) form at each checkpoint without projecting
+    the live delta: the training goes on with the parameters the optimizer holds (before, it stopped at
+    the first checkpoint), and a run resumed from that checkpoint ends where the uninterrupted one does."""
+    from transformers import Trainer
+
+    from unipeft.engine import registry
+
+    def run(out, resume=None, seed=0):
+        torch.manual_seed(seed)  # a resumed run starts from another initialisation: the checkpoint must win
+        model = up.attach(tiny.make("gpt2"), up.DiffPruning(sparsity=0.9), name="t")
+        trainer = Trainer(model=model, args=hf_args(out), train_dataset=lm_rows(), callbacks=[SaveDeltaCallback()])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    x = tiny.batch("gpt2")
+    model = run(tmp_path / "a")
+    assert registry(model).deltas["t"].config.finalized   # the end of training: the final form, file == memory
+    want = outputs(model, x)
+    at4 = up.load(tiny.make("gpt2"), tmp_path / "a" / "checkpoint-4" / "unipeft" / "t")
+    assert registry(at4).deltas["t"].config.finalized
+    assert not torch.allclose(outputs(at4, x), want, atol=1e-4)   # steps 5-8 changed the delta
+    resumed = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-4"), seed=1)
+    torch.testing.assert_close(outputs(resumed, x), want, rtol=0, atol=1e-6)
+
+
 def test_save_delta_callback_errors(tmp_path):
     from transformers import TrainerControl, TrainerState
 

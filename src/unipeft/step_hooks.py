@@ -189,12 +189,11 @@ def _after_step(optimizer, args, kwargs) -> None:
 
 
 def _steps_taken(optimizer, params) -> int:
-    """The steps ``optimizer`` has already taken on these parameters (a restored state's count), else 0."""
-    for p in params:
-        step = optimizer.state.get(p, {}).get("step")
-        if step is not None:
-            return int(step)
-    return 0
+    """The steps ``optimizer`` has already taken on these parameters (a restored state's count), else 0:
+    the largest count of any of them, since the optimizer skips a parameter at a step that gave it no
+    gradient (robust AdapterDrop's dropped layers), so some parameters' counts lag behind."""
+    steps = [optimizer.state.get(p, {}).get("step") for p in params]
+    return max((int(s) for s in steps if s is not None), default=0)
 
 
 def controllers(model: nn.Module) -> list[StepController]:

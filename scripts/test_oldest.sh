@@ -24,8 +24,7 @@ echo "[test_oldest] transformers $(python -c 'import transformers; print(transfo
 # (prompt layouts, prefix masks, generate with beams), the progress of evaluation phases, the
 # prompting package's reuse of the KV cache, chat templates and packed positions, PASTA's hidden
 # states, the serving engine's generation (logits processors, stopping criteria) and quantized bases.
-WORKERS="${UNIPEFT_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
-exec python -m pytest -q -x --durations=5 -n "$WORKERS" --dist loadfile \
+exec python -m pytest -q -x --durations=5 -n "$(test_workers)" --dist loadfile \
     tests/test_prompt_prefix.py tests/test_peft_format.py tests/test_architectures.py tests/test_grid.py \
     tests/test_fused.py tests/test_training.py tests/test_errors.py tests/test_real_models.py tests/test_routing.py \
     tests/test_progress.py tests/test_prompting.py tests/test_chat.py tests/test_pasta.py \

@@ -344,10 +344,11 @@ class LoRALinear(torch.autograd.Function):
         t = x2 @ _as(A, dt).t()                                         # (N, sum r)
         merged = fused.lora_merged_is_cheaper(x2.shape[0], [(w.shape[0], w.shape[1], B.shape[1])
                                                              for w, B in zip(weights, Bs)], dt)
-        keep_formed = merged and all(w.dtype != dt for w in weights)
+        copied = all(w.dtype != dt for w in weights)  # autocast: every weight is copied to the compute dtype
+        keep_formed = merged and copied
         outs, lo, kept = [], 0, []
         stacked = None
-        if n > 1 and not merged and all(w.dtype != dt for w in weights) and fused.stack_base([w.shape for w in weights]):
+        if n > 1 and not merged and copied and fused.stack_base([w.shape for w in weights]):
             # The weights are copied to the compute dtype anyway (autocast); copied side by side into
             # one buffer, the n base products run as one x [W_1; ...; W_n]^T, which the half-precision
             # kernels run faster than n products when some are narrow (grouped-query k and v; see

@@ -149,10 +149,10 @@ def build(name: str, base, args):
             ctx = fused.disabled
         elif name == "unipeft-unstacked":
             ctx = lambda: fused.stacked_base(False)  # noqa: E731
-        if name == "unipeft-lora" and "unipeft-unstacked" in args.variants:
-            ctx = lambda: fused.stacked_base("auto")  # noqa: E731  (the pair compares the two)
-        elif name != "unipeft-lora":
+        elif name in ("unipeft-factored", "unipeft-merged"):
             ctx = lambda: fused.lora_path(name.split("-")[1])  # noqa: E731
+        elif "unipeft-unstacked" in args.variants:  # unipeft-lora: the pair compares the two
+            ctx = lambda: fused.stacked_base("auto")  # noqa: E731
         return model, True, ctx
     if name == "unipeft-ia3":
         return up.attach(model, up.IA3()), True, ctx
@@ -230,6 +230,10 @@ def measure_memory(args) -> dict:
     return out
 
 
+def _x(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.3f}x"
+
+
 def _forward_args(args) -> list[str]:
     return ["--model", args.model, "--r", str(args.r), "--targets", args.targets, "--batch-size",
             str(args.batch_size), "--seq-len", str(args.seq_len), "--precision", args.precision, "--device",
@@ -280,16 +284,17 @@ def main(argv=None) -> int:
     ratios = {}
     for v in variants:
         med = st[v]["median_s"]
-        r_lim = med / st[ref]["median_s"] if ref else float("nan")
-        p_lim = (statistics.median(a / b for a, b in zip(per_round[v], per_round[ref])) if ref else float("nan"))
+        # None where the run has no limit or no peft-lora to compare with ("-" in the table, null in the JSON)
+        r_lim = med / st[ref]["median_s"] if ref else None
+        p_lim = statistics.median(a / b for a, b in zip(per_round[v], per_round[ref])) if ref else None
         p_peft = (statistics.median(a / b for a, b in zip(per_round[v], per_round["peft-lora"]))
-                  if "peft-lora" in per_round else float("nan"))
-        f_lim = st[v]["min_s"] / st[ref]["min_s"] if ref else float("nan")
+                  if "peft-lora" in per_round else None)
+        f_lim = st[v]["min_s"] / st[ref]["min_s"] if ref else None
         ratios[v] = {"vs_limit_medians": r_lim, "vs_limit_paired": p_lim, "vs_limit_fastest": f_lim,
                      "vs_peft_lora_paired": p_peft}
         mem = f"{memory[v]['peak_growth_mb']:.0f} MB" if v in memory else ""
-        rows.append(f"| {v} | {trainable[v]:,} | {med * 1e3:.0f} ms | {r_lim:.3f}x | {p_lim:.3f}x | {f_lim:.3f}x "
-                    f"| {p_peft:.3f}x | {mem} |")
+        rows.append(f"| {v} | {trainable[v]:,} | {med * 1e3:.0f} ms | {_x(r_lim)} | {_x(p_lim)} | {_x(f_lim)} "
+                    f"| {_x(p_peft)} | {mem} |")
     table = "\n".join(rows)
     print(table)
     other = contention.get("other_processes_cpu_cores", 0.0)

@@ -451,3 +451,26 @@ def test_local_paths_and_repo_ids(tmp_path, monkeypatch):
             up.push(model, bad)
     with pytest.raises(up.UnipeftError, match="nothing to push"):  # before any network call
         up.push(tiny.make("bert"), "someone/tiny-lora")
+
+
+def test_a_resume_without_the_deltas_step_state_warns_and_one_with_it_does_not(tmp_path):
+    """DyLoRA's next rank lives outside the parameters and the optimizer: a bare Trainer checkpoint lacks it,
+    so the first resumed step trains another rank than the uninterrupted run. That run says so (naming the
+    callback that keeps it); a run whose checkpoint came from SaveDeltaCallback says nothing."""
+    import warnings
+
+    from transformers import Trainer
+
+    def run(out, callbacks, resume=None):
+        torch.manual_seed(0)
+        model = up.attach(tiny.make("gpt2"), up.DyLoRA(r=8, seed=0), name="t")
+        trainer = Trainer(model=model, args=hf_args(out), train_dataset=lm_rows(), callbacks=callbacks)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(resume_from_checkpoint=resume)
+        return [str(w.message) for w in caught if "optimizer resumes" in str(w.message)]
+
+    assert run(tmp_path / "bare", []) == [] and run(tmp_path / "kept", [SaveDeltaCallback()]) == []
+    said = run(tmp_path / "bare", [], resume=str(tmp_path / "bare" / "checkpoint-4"))
+    assert len(said) == 1 and "DyLoRA's rank for step 5" in said[0] and "SaveDeltaCallback" in said[0]
+    assert run(tmp_path / "kept", [SaveDeltaCallback()], resume=str(tmp_path / "kept" / "checkpoint-4")) == []

@@ -391,10 +391,13 @@ def test_resume_in_process_reaches_the_uninterrupted_parameters(models, tmp_path
 @pytest.mark.parametrize("method", [
     lambda: up.AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1),  # masks at every step of 2..7
     lambda: up.DyLoRA(r=4, seed=3),                                          # a new rank at every step
-], ids=["adalora", "dylora"])
+    lambda: up.SparseFT(select="fish", density=0.05, select_after=6),        # scores gathered over steps 1..6
+    lambda: up.SparseFT(select="movement", density=0.05, select_after=6),
+], ids=["adalora", "dylora", "fish", "movement"])
 def test_resume_restores_what_a_delta_learns_between_steps(models, tmp_path, method):
-    """AdaLoRA's smoothed importance and kept triplets, DyLoRA's next rank: not parameters, not optimizer
-    state, yet a resumed run must continue with them to reach the uninterrupted run's parameters."""
+    """AdaLoRA's smoothed importance and kept triplets, DyLoRA's next rank, the scores FISH and movement
+    pruning gather before they choose their mask: not parameters, not optimizer state, yet a resumed run
+    must continue with them to reach the uninterrupted run's parameters."""
     exs = sent_examples(40)
     cfg = dict(lr=5e-3, batch_size=8, epochs=2, save_every=4, precision="fp32", progress=False)
 

@@ -218,12 +218,35 @@ class SparseController(step_hooks.StepController):
             self._params = {p: model.get_parameter(p) for p in delta.sparse.values}
         return list(self._params.values())
 
+    def _param_names(self) -> list[str]:
+        return list(self._params) if self.parameters() else []
+
     def set_total_steps(self, total: int) -> None:
         if isinstance(self.select_after, float):
             self.select_at = max(1, round(self.select_after * total))
 
     def done(self) -> None:
         self.select, self.scores = None, {}
+
+    # the scores gathered so far (movement, FISH): a run resumed before the selection chooses from every
+    # step's gradients, as the uninterrupted run does, not only from those after the checkpoint. As large
+    # as the delta's tensors (float32), and only until the mask is chosen
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"score.{p}": s for p, s in self.scores.items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(zip(self._param_names(), self.parameters()))
+        self.scores = {}
+        for key, t in tensors.items():
+            p = key[len("score."):]
+            if key.startswith("score.") and p in params:
+                self.scores[p] = t.to(params[p].device).clone()
+
+    def lost_on_resume(self, steps):
+        if self.select in ("movement", "fish") and (self.select_at is None or steps < self.select_at):
+            return (f"SparseFT's {self.select} scores of steps 1-{steps} (its mask would be chosen from the later "
+                    f"steps' gradients only)")
+        return None
 
     @torch.no_grad()
     def before(self) -> None:

@@ -22,7 +22,9 @@ registry holds it weakly).
 ``steps`` counts the optimizer steps a controller has seen. A resumed run (a checkpoint's
 optimizer state loaded into a fresh optimizer) starts from the optimizer's own count of the
 steps it took (Adam's ``state["step"]``), so a schedule over the training continues where it
-stopped instead of starting again.
+stopped instead of starting again. What else a controller learns between steps (``state()``)
+travels in training checkpoints (unipeft's trainer; ``SaveDeltaCallback`` under
+``transformers.Trainer``); a run resumed without it warns at its first step, naming what it lost.
 
 ``plan(model, total_steps)`` tells a model's controllers how many optimizer steps the training
 will take (AdaLoRA's budget schedule needs it): unipeft's trainer calls it, and so does
@@ -31,6 +33,7 @@ will take (AdaLoRA's budget schedule needs it): unipeft's trainer calls it, and 
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 
 import torch
@@ -92,6 +95,11 @@ class StepController:
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take back what ``state()`` gave (from a checkpoint)."""
+
+    def lost_on_resume(self, steps: int) -> str | None:
+        """What a run resumed after ``steps`` optimizer steps loses when ``load_state`` never ran (the
+        checkpoint came without the controllers' state), said for a warning; None when nothing."""
+        return None
 
 
 def _map_nested(value, leaf):
@@ -175,6 +183,8 @@ def _before_step(optimizer, args, kwargs) -> None:
         if any(id(p) in ids for p in params) and any(p.grad is not None for p in params):
             if c.steps == 0:
                 c.steps = _steps_taken(optimizer, params)
+                if c.steps and not c.__dict__.get("restored"):
+                    _warn_lost(c)
             c.optimizer = weakref.ref(optimizer)
             c.before()       # may raise (a missing total_step): the step then never happens
             c.pending = True
@@ -194,6 +204,15 @@ def _steps_taken(optimizer, params) -> int:
     gradient (robust AdapterDrop's dropped layers), so some parameters' counts lag behind."""
     steps = [optimizer.state.get(p, {}).get("step") for p in params]
     return max((int(s) for s in steps if s is not None), default=0)
+
+
+def _warn_lost(controller: StepController) -> None:
+    lost = controller.lost_on_resume(controller.steps)
+    if lost:
+        warnings.warn(f"unipeft: the optimizer resumes after step {controller.steps}, but {lost} did not come "
+                      f"back with it, so this run departs from the one it resumes. Checkpoints keep it when they "
+                      f"are written by `unipeft train` or, under transformers.Trainer, with "
+                      f"up.integrations.SaveDeltaCallback() among the callbacks.", stacklevel=3)
 
 
 def controllers(model: nn.Module) -> list[StepController]:
@@ -238,6 +257,7 @@ def load_state_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where
                            f"has {len(found)}: was it made with another method?")
     for i, c in enumerate(found):
         c.load_state(saved.get(i, {}))
+        c.restored = True  # a resumed run's first step does not warn that the state is lost
 
 
 def plan(model: nn.Module, total_steps: int) -> None:

@@ -270,6 +270,11 @@ class RankAllocator(step_hooks.StepController):
                 kept = tensors.get(f"kept.{j}")
                 d.__dict__["kept"] = None if kept is None else kept.to(d.lora_E.device, torch.bool)
 
+    def lost_on_resume(self, steps):
+        if self.fixed:
+            return None
+        return "AdaLoRA's smoothed importance scores and the triplets each module keeps (its budget allocation)"
+
     def pattern(self) -> dict[str, list[bool]]:
         full = [True] * self.config.init_r
         return {p: (d.pattern().tolist() if d is not None else full) for p, d in

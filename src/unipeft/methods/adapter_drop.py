@@ -102,6 +102,12 @@ class DropSchedule(step_hooks.StepController):
         if "drawn" in tensors:
             self.drawn = int(tensors["drawn"])
 
+    def lost_on_resume(self, steps):
+        if self.drawn == self.draw(steps + 1):
+            return None  # the n drawn at attach is the one the resumed step needs
+        return (f"robust AdapterDrop's number of dropped layers for step {steps + 1} (the first resumed step "
+                f"drops the {self.drawn} drawn for step 1)")
+
 
 def dropped(adapter: nn.Module) -> bool:
     """Whether this adapter sits out the current forward (a robust delta below the current n)."""

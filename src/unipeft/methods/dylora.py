@@ -122,6 +122,11 @@ class RankSampler(step_hooks.StepController):
     def load_state(self, tensors):
         self.b = int(tensors["b"])
 
+    def lost_on_resume(self, steps):
+        if self.b == self.draw(steps + 1):
+            return None  # the rank drawn at attach is the one the resumed step needs
+        return f"DyLoRA's rank for step {steps + 1} (the first resumed step trains rank {self.b}, drawn for step 1)"
+
 
 class DyLoRADelta(LoRADelta):
     """LoRA factors read at a rank: the drawn b in training mode, ``self.rank`` otherwise."""

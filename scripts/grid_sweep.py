@@ -17,7 +17,8 @@ agrees with no_grad after it; a ``state_dict`` round trip
 into a fresh model with the same delta gives the same logits; ``model.to(bfloat16)`` after attach
 (and back) trains and stays close; activation checkpointing, reentrant or not, gives the gradients
 of the same step without it; on the decoders, a ``transformers.Trainer`` run (with ``SaveDeltaCallback``)
-resumed from its step-3 checkpoint ends where the uninterrupted 6-step run ends. (In-place changes of
+resumed from its step-3 checkpoint ends where the uninterrupted 6-step run ends; a delta saved from the
+float32 base loads (and merges) onto its bfloat16 and float16 copies and computes what it did. (In-place changes of
 outputs and ``copy.deepcopy`` are in the suite.)
 Prints each failure; exits 1 if there is any.
 """
@@ -204,10 +205,32 @@ def check_trainer_resume(family, method, x):
             f"a Trainer run resumed at step 3 ends {(got - want).abs().max():.2e} from the uninterrupted one"
 
 
-check_trainer_resume.families = ("gpt2", "llama")  # causal LM rows (tests/test_ecosystem.lm_rows)
+check_trainer_resume.families = ("gpt2", "llama")
+
+
+def check_load_at_half_precision(family, method, x):
+    import tempfile
+
+    from test_grid import MERGEABLE
+
+    m = fresh(family, method)
+    train_steps(m, x, steps=2)
+    with tempfile.TemporaryDirectory() as d:
+        up.save(m, d, name="t")
+        want = run(m, x).float()  # after the save: DiffPruning takes its final form there
+        tol = 0.05 * want.abs().max().item() + 0.05
+        for dtype in (torch.bfloat16, torch.float16):
+            half = up.load(tiny.make(family).to(dtype), d)
+            err = (run(half, x).float() - want).abs().max().item()
+            assert err <= tol, f"loaded onto the {dtype} base: {err:.3g} from float32 (tolerance {tol:.3g})"
+            if method in MERGEABLE:
+                up.merge(half, "t")
+                err = (run(half, x).float() - want).abs().max().item()
+                assert err <= tol, f"merged into the {dtype} base: {err:.3g} from float32 (tolerance {tol:.3g})"  # causal LM rows (tests/test_ecosystem.lm_rows)
 
 CHECKS = [check_call_flags, check_padding_and_causality, check_generation, check_pickle, check_resize_embeddings,
-          check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing, check_trainer_resume]
+          check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing, check_trainer_resume,
+          check_load_at_half_precision]
 
 
 def main(argv=None) -> int:

@@ -246,6 +246,45 @@ def test_different_base_is_refused_unless_overridden(saved):
         up.load(tiny.make("roberta"), target)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_same_base_at_half_precision_is_the_same_base(saved, tmp_path, dtype):
+    """A delta saved from float32 weights loads onto their bfloat16 or float16 copy (a base served or loaded
+    with ``dtype=``) and, saved from that copy, back onto the float32 weights; another base at that
+    precision is refused as before. (Before, the dtype and the unrounded values were in the one fingerprint:
+    every such load was refused.)"""
+    target, x = saved
+    with torch.no_grad():
+        want = tiny.logits(up.load(tiny.make("bert"), target), x)
+    half = up.load(tiny.make("bert").to(dtype), target)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.logits(half, x).float(), want, atol=0.05, rtol=0.05)
+    other = tiny.make("bert", seed=1).to(dtype)
+    snap = snapshot(other)
+    with pytest.raises(up.UnipeftError, match="different base model.*also at bfloat16 and float16 precision"):
+        up.load(other, target)
+    assert_unchanged(other, snap)
+    back = up.save(half, tmp_path / "from-half", name="sst2")
+    assert up.active(up.load(tiny.make("bert"), back)) == ["sst2"]
+
+
+def test_a_base_rounded_twice_and_a_file_without_rounded_fingerprints_are_refused(saved, tmp_path):
+    """float16 -> bfloat16 rounds twice, so a delta saved from a float16 base does not match the bfloat16
+    copy of the same weights (check_base=False loads it); a delta.json written before the rounded
+    fingerprints existed matches the exact base only."""
+    target, _ = saved
+    from_fp16 = up.save(up.load(tiny.make("bert").half(), target), tmp_path / "fp16", name="sst2")
+    with pytest.raises(up.UnipeftError, match="different base model"):
+        up.load(tiny.make("bert").to(torch.bfloat16), from_fp16)
+    up.load(tiny.make("bert").to(torch.bfloat16), from_fp16, check_base=False)
+    meta = json.loads((target / "delta.json").read_text())
+    meta["base"] = {k: v for k, v in meta["base"].items() if k in ("model_type", "class", "fingerprint",
+                                                                    "loose_fingerprint", "quantized")}
+    (target / "delta.json").write_text(json.dumps(meta))
+    assert up.active(up.load(tiny.make("bert"), target)) == ["sst2"]
+    with pytest.raises(up.UnipeftError, match="different base model"):
+        up.load(tiny.make("bert").to(torch.bfloat16), target)
+
+
 def test_loading_never_unpickles(saved, monkeypatch):
     import pickle
 

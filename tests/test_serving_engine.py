@@ -304,3 +304,31 @@ def test_classification_batches_split_by_length_and_answers_are_unchanged(bert):
         assert e.batches == 1  # one batch taken from the queue, run as three forwards
     finally:
         e.stop()
+
+
+def test_a_base_served_in_half_precision_serves_the_deltas_saved_from_its_float32_weights(bert):
+    """Deltas are trained on float32 weights and served on a bfloat16 or float16 copy: the engine finds them
+    in its folder (scan) and answers as the float32 engine does, to that precision."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from test_serving_common import load_model
+    from unipeft import UnipeftError
+
+    path, deltas = bert
+    full = Engine(path, deltas, cache_mb=64)
+    half = Engine(path, deltas, cache_mb=64, dtype="bf16")   # unipeft serve --dtype bf16
+    obj = Engine((load_model(path).to(torch.float16), AutoTokenizer.from_pretrained(path)), deltas, cache_mb=64)
+    try:
+        assert half.model.dtype == torch.bfloat16 and obj.model.dtype == torch.float16
+        assert half.known() == full.known() == obj.known() == sorted(["lora0", "ia30", "prompt0", "bitfit0",
+                                                                       "pfeiffer0"])
+        for name in [None, *half.known()]:
+            want = full.classify(name, TEXTS)[0]["scores"]
+            assert half.classify(name, TEXTS)[0]["scores"] == pytest.approx(want, abs=0.03), name
+            assert obj.classify(name, TEXTS)[0]["scores"] == pytest.approx(want, abs=0.01), name
+    finally:
+        for e in (full, half, obj):
+            e.stop()
+    with pytest.raises(UnipeftError, match="dtype 'int8' is not a serving precision; valid: 'fp32', 'bf16'"):
+        Engine(path, deltas, dtype="int8")

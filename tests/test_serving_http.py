@@ -364,3 +364,25 @@ def test_replicas_sharing_a_deltas_directory(env, tmp_path):
         assert rb.status_code == 200 and ra.json()["choices"] == rb.json()["choices"]
         assert b.delete("/v1/deltas/shared1", headers=auth(key)).status_code == 200
         err(a.post("/v1/completions", json=ask, headers=auth(key)), 404)
+
+
+def test_serve_takes_the_precision_of_its_bases(tmp_path, monkeypatch, capsys):
+    """``unipeft serve --dtype bf16`` hands the precision to every engine (default fp32); another value is
+    refused with the valid choices."""
+    from unipeft.cli import main
+    from unipeft.serving import engine as engine_module
+
+    seen = []
+
+    def fake_engine(model, deltas, **kw):
+        seen.append(kw["dtype"])
+        raise up.UnipeftError("stop before listening")
+
+    monkeypatch.setattr(engine_module, "Engine", fake_engine)
+    assert main(["serve", "--model", "m", "--deltas", str(tmp_path), "--dtype", "bf16"]) == 2
+    assert main(["serve", "--model", "m", "--deltas", str(tmp_path)]) == 2
+    assert seen == ["bf16", "fp32"]
+    capsys.readouterr()
+    assert main(["serve", "--model", "m", "--deltas", str(tmp_path), "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype" in err and "'int8'" in err and "bf16" in err and seen == ["bf16", "fp32"]

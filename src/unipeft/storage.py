@@ -1,9 +1,10 @@
 """Saving and loading deltas: a directory with ``delta.json`` + ``delta.safetensors``.
 
 * Only the delta's tensors are written (a few MB), never the base model.
-* ``delta.json`` records the method config, the library version and a
-  fingerprint of the base model; loading onto another base is refused unless
-  ``check_base=False``.
+* ``delta.json`` records the method config, the library version and
+  fingerprints of the base model; loading onto another base is refused unless
+  ``check_base=False`` (the same base at bfloat16 or float16 precision, or quantized, is
+  the same base: ``same_base``).
 * Writes are atomic: files go to a temporary directory beside the target,
   which is then renamed into place, so a crash never leaves half a delta.
 * Loads never execute code (JSON and safetensors only) and never leave a
@@ -90,38 +91,87 @@ def _sharded(model: nn.Module) -> bool:
 # fingerprint of the base model
 # ---------------------------------------------------------------------------
 
-def fingerprint(model: nn.Module, loose: bool = False) -> str:
-    """A hash of the base model's parameter names, shapes and a sample of values.
+# A base loaded at another precision is the same base: a delta trained on the float32 weights serves on
+# their bfloat16 or float16 copy (``from_pretrained(..., dtype=torch.bfloat16)``, ``model.half()``). Rounding
+# both sides' samples to that precision makes their fingerprints equal, because casting rounds to nearest
+# even whichever way the copy was made. (A float16 base and a bfloat16 one of the same weights do not match:
+# rounding one to the other rounds twice.)
+ROUNDINGS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    Sampling (up to 1,024 evenly spaced values per tensor) keeps this cheap on
-    large models while any realistic difference in weights changes it. Task
-    heads are left out: a fresh head is random by design.
 
-    ``loose``: the weights of linear maps count by name and (out, in) shape only, every other tensor
-    (embeddings, norms, biases) by value as above. It is the same for a base and for that base
-    quantized (``unipeft.quantization``), so a delta trained on either loads onto the other.
+def _linear_shapes(model: nn.Module) -> dict[str, tuple]:
+    """The (out, in) of every linear map's weight, by parameter name (what the loose fingerprint keeps)."""
+    from .architectures import is_linear_like
+    from .quantization import bits_of, logical_shape
+
+    out = {}
+    for path, m in model.named_modules():
+        if is_linear_like(m):
+            w = m.weight  # (out, in), or (in, out) for a Conv1D
+            shape = logical_shape(m) if bits_of(m) else tuple(w.shape[::1 if isinstance(m, nn.Linear) else -1])
+            out[f"{path}.weight" if path else "weight"] = shape
+    return out
+
+
+def base_identity(model: nn.Module) -> dict:
+    """Everything ``up.save`` records to recognise the base again (``same_base``), in one pass over it:
+
+      fingerprint                     names, shapes, dtypes and a sample of every tensor's values
+      loose_fingerprint               linear weights by name and shape only (a base and its quantized copy)
+      fingerprint_<dtype>, loose_...  the same with every floating sample rounded to bfloat16 / float16
+      quantized                       the widths of quantized linear maps (None for a float model)
+
+    Sampling (up to 1,024 evenly spaced values per tensor) keeps this cheap on large models while any
+    realistic difference in weights changes it. Task heads are left out: a fresh head is random by design.
     """
-    linear = {}
-    if loose:
-        from .architectures import is_linear_like
-        from .quantization import bits_of, logical_shape
-
-        for path, m in model.named_modules():
-            if is_linear_like(m):
-                w = m.weight  # (out, in), or (in, out) for a Conv1D
-                shape = logical_shape(m) if bits_of(m) else tuple(w.shape[::1 if isinstance(m, nn.Linear) else -1])
-                linear[f"{path}.weight" if path else "weight"] = shape
-    h = hashlib.sha256()
+    linear = _linear_shapes(model)
+    suffixes = [""] + [f"_{k}" for k in ROUNDINGS]
+    hashes = {f"{kind}{sfx}": hashlib.sha256() for kind in ("fingerprint", "loose_fingerprint") for sfx in suffixes}
     for name, t in sorted(original_base_tensors(model).items()):
-        if name in linear:
-            h.update(f"{name}:linear{tuple(linear[name])}".encode())
-            continue
         flat = full_tensor(t.detach()).reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].to(device="cpu", dtype=torch.float32)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+        shape = tuple(t.shape)
+        views = {"": (f"{name}:{shape}:{t.dtype}", sample)}
+        for key, dt in ROUNDINGS.items():
+            views[f"_{key}"] = ((f"{name}:{shape}:float", sample.to(dt).to(torch.float32)) if t.is_floating_point()
+                                else views[""])
+        for sfx, (header, values) in views.items():
+            data = values.numpy().tobytes()
+            for kind in ("fingerprint", "loose_fingerprint"):
+                h = hashes[kind + sfx]
+                if kind == "loose_fingerprint" and name in linear:
+                    h.update(f"{name}:linear{tuple(linear[name])}".encode())
+                else:
+                    h.update(header.encode())
+                    h.update(data)
+    out = {k: h.hexdigest()[:32] for k, h in hashes.items()}
+    out["quantized"] = quantized_bits(model)
+    return out
+
+
+def fingerprint(model: nn.Module, loose: bool = False) -> str:
+    """A hash of the base model's parameter names, shapes, dtypes and a sample of values (``base_identity``).
+
+    ``loose``: the weights of linear maps count by name and (out, in) shape only, every other tensor
+    (embeddings, norms, biases) by value. It is the same for a base and for that base
+    quantized (``unipeft.quantization``), so a delta trained on either loads onto the other.
+    """
+    return base_identity(model)["loose_fingerprint" if loose else "fingerprint"]
+
+
+def same_base(saved: dict, have: dict) -> bool:
+    """Whether a delta whose file records base ``saved`` (delta.json's "base") belongs on the base
+    ``have`` (``base_identity``): the same weights, or the same weights at another precision, or (where
+    either is quantized) the same model apart from its linear weights' values. Files written before the
+    rounded fingerprints existed match on the exact and loose ones only."""
+    quantized = bool(saved.get("quantized") or have.get("quantized"))
+    for sfx in [""] + [f"_{k}" for k in ROUNDINGS]:
+        for kind in ("fingerprint", "loose_fingerprint") if quantized else ("fingerprint",):
+            want = saved.get(kind + sfx)
+            if want is not None and want == have.get(kind + sfx):
+                return True
+    return False
 
 
 def quantized_bits(model: nn.Module) -> list[int] | None:
@@ -237,9 +287,7 @@ def save(model: nn.Module, directory, name: str | None = None) -> Path:
         "base": {
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
             "class": type(model).__name__,
-            "fingerprint": fingerprint(model),
-            "loose_fingerprint": fingerprint(model, loose=True),  # quantized <-> float bases (fingerprint())
-            "quantized": quantized_bits(model),
+            **base_identity(model),  # fingerprints, loose and rounded ones, quantized widths: same_base()
         },
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                     for k, v in tensors.items()},
@@ -363,19 +411,14 @@ def load(model: nn.Module, directory, name: str | None = None, *, check_base: bo
                                f"{str(d)!r} is {config.kind}, whose rank is fixed")
         config = config.replace(rank=rank)
     if check_base:
-        want = meta["base"].get("fingerprint")
-        have = fingerprint(model)
-        # a quantized base and its float original differ in their linear weights only: either way
-        # round, the loose fingerprint (the rest by value, linear weights by name and shape) decides
-        if want != have and (meta["base"].get("quantized") or quantized_bits(model)):
-            if meta["base"].get("loose_fingerprint") == fingerprint(model, loose=True):
-                want = have
-        if want != have:
+        have = base_identity(model)
+        if not same_base(meta["base"], have):
             raise UnipeftError(
                 f"{str(d)!r} was trained on a different base model ({meta['base'].get('model_type')} "
-                f"{meta['base'].get('class')}, fingerprint {want}) than this one "
+                f"{meta['base'].get('class')}, fingerprint {meta['base'].get('fingerprint')}) than this one "
                 f"({getattr(getattr(model, 'config', None), 'model_type', None)} {type(model).__name__}, "
-                f"fingerprint {have}); pass check_base=False to load it anyway"
+                f"fingerprint {have['fingerprint']}), also at bfloat16 and float16 precision; pass "
+                f"check_base=False to load it anyway"
             )
     return attach_with_tensors(model, config, name or meta["name"], tensors, activate=activate, tokenizer=tokenizer)
 

@@ -131,8 +131,7 @@ class Server:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _engine_for(self, meta: dict) -> Engine | None:
-        fp = (meta.get("base") or {}).get("fingerprint")
-        return next((e for e in self.engines.values() if e.fingerprint == fp), None)
+        return next((e for e in self.engines.values() if e.serves_base_of(meta)), None)
 
     # ------------------------------------------------------------------ callers
     def caller(self, request) -> str | None:

@@ -1,13 +1,28 @@
 """The one base model a server holds: loading it from an embedded name, a transformers folder or
-an object, and the two facts the engine asks of it (the longest input it takes, the id it pads with).
+an object, at the precision it is served in, and the two facts the engine asks of it (the longest
+input it takes, the id it pads with).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from ..errors import UnipeftError, choices
+
+# the precisions a base can be served in (``unipeft serve --dtype``); deltas saved from the float32
+# weights serve on every one of them (storage.same_base)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_base(model: nn.Module, dtype: str | None) -> nn.Module:
+    """``model`` in serving precision ``dtype`` (None: as loaded), cast in place."""
+    if dtype is None:
+        return model
+    if dtype not in DTYPES:
+        raise UnipeftError(f"Engine: dtype {dtype!r} is not a serving precision; valid: {choices(list(DTYPES))}")
+    return model.to(DTYPES[dtype])
 
 
 def load_base(base, tokenizer=None):

@@ -36,6 +36,8 @@ def add_serve(p) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask")
     p.add_argument("--max-upload-mb", type=float, default=256, help="largest delta upload")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the precision the bases are served in (deltas saved from float32 weights serve on any)")
 
 
 def is_loopback(host: str) -> bool:
@@ -66,7 +68,7 @@ def run_serve(args) -> int:
     from .engine import Engine
 
     kw = {"cache_mb": args.cache_mb, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-          "max_new_tokens": args.max_new_tokens}
+          "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
     if not args.model:
         from .demo import engines
 

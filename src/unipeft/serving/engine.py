@@ -8,6 +8,8 @@ Deltas are the folders ``up.save`` writes (the folder name is the delta's name).
 loaded on first use and kept in a cache sized in **bytes** (the sum of a delta's tensors): an
 (IA)3 delta is kilobytes and a LoRA megabytes, so a cache that counted slots would waste the
 small ones. When a load would pass the budget, the least recently used deltas are detached.
+``dtype="bf16"`` (or ``"fp16"``) serves the base at half precision; deltas saved from its float32
+weights are the same base's deltas (``storage.same_base``) and serve on it unchanged.
 
 One worker thread owns the model. Requests arriving together (within ``max_wait_ms`` of the
 first, up to ``max_batch`` rows) become one batch, each row routed to its own delta with
@@ -50,7 +52,7 @@ from ..engine import detach, registry
 from ..errors import UnipeftError, choices
 from ..routing import route
 from . import batch as B
-from .base_model import load_base, max_positions, pad_id
+from .base_model import cast_base, load_base, max_positions, pad_id
 from .metrics import Metrics
 
 # a delta's name, optionally "tenant/name": letters, digits, '_' and '-', never a path
@@ -104,8 +106,9 @@ class Engine:
     def __init__(self, base, deltas_dir=None, cache_mb: float = 256, *, tokenizer=None, name: str | None = None,
                  max_batch: int = 32, max_wait_ms: float = 5.0, max_new_tokens: int = 512,
                  metrics: Metrics | None = None, start: bool = True, rejoin: bool = True,
-                 bucket_overhead: int = 64):
+                 bucket_overhead: int = 64, dtype: str | None = None):
         model, tok, default_name = load_base(base, tokenizer)
+        model = cast_base(model, dtype)  # "bf16" / "fp16": half the memory; deltas saved in float32 still serve
         if cache_mb <= 0 or max_batch < 1 or max_wait_ms < 0:
             raise UnipeftError(f"Engine: cache_mb must be > 0, max_batch >= 1, max_wait_ms >= 0 "
                                f"(got {cache_mb}, {max_batch}, {max_wait_ms})")
@@ -119,7 +122,8 @@ class Engine:
             raise UnipeftError(f"Engine: {type(model).__name__} neither generates nor classifies")
         self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)] \
             if self.kind == "classify" else []
-        self.fingerprint = storage.fingerprint(model)
+        self.identity = storage.base_identity(model)  # what a delta's file must match (storage.same_base)
+        self.fingerprint = self.identity["fingerprint"]
         self.cache_bytes = int(cache_mb * 2 ** 20)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.max_new_tokens = max_new_tokens
@@ -161,7 +165,7 @@ class Engine:
             if d.name.startswith(".") or not (d / storage.JSON_NAME).is_file() or not NAME.match(d.name):
                 continue
             meta = storage.read_meta(d)
-            if meta["base"].get("fingerprint") == self.fingerprint:
+            if self.serves_base_of(meta):
                 self.add(d.name, d, meta=meta)
                 found.append(d.name)
         return found
@@ -174,7 +178,7 @@ class Engine:
                              f"(starting with a letter or digit)")
         path = Path(path)
         meta = meta or storage.read_meta(path)
-        if meta["base"].get("fingerprint") != self.fingerprint:
+        if not self.serves_base_of(meta):
             raise BadRequest(f"delta {key!r} was saved for another base (fingerprint "
                              f"{meta['base'].get('fingerprint')}); this engine serves {self.name} "
                              f"(fingerprint {self.fingerprint})")
@@ -184,6 +188,11 @@ class Engine:
             if key in self._known:
                 self._unload(key, evicted=False)
             self._known[key] = _Known(path, kind, int(options.get("length", 0)) if kind == "prompt_tuning" else 0)
+
+    def serves_base_of(self, meta: dict) -> bool:
+        """Whether a delta described by ``meta`` (its delta.json) was saved for this engine's base, at any
+        precision (a delta trained on float32 weights serves on their bfloat16 copy)."""
+        return storage.same_base(meta.get("base") or {}, self.identity)
 
     def remove(self, key: str) -> None:
         """Stop serving ``key``: waits for a running batch, detaches it, fails its queued requests
@@ -223,7 +232,7 @@ class Engine:
     def _attach(self, path: Path) -> tuple[str, int]:
         """Attach the delta at ``path`` (switched off) under a fresh internal name; (name, bytes)."""
         meta, config, tensors = self._read(path)
-        if meta["base"].get("fingerprint") != self.fingerprint:
+        if not self.serves_base_of(meta):
             raise BadRequest(f"{path.name}: saved for another base (fingerprint {meta['base'].get('fingerprint')}, "
                              f"served {self.fingerprint})")
         self._serial += 1

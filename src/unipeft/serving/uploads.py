@@ -169,7 +169,7 @@ def prepare(files: dict[str, bytes], fields: dict[str, str], engines: dict) -> d
             raise HTTPError(400, "delta.json and delta.safetensors disagree about which tensors the delta holds")
         check_sizes("delta.json", m["options"], tensors)
         fp = (meta.get("base") or {}).get("fingerprint")
-        engine = next((e for e in engines.values() if e.fingerprint == fp), None)
+        engine = next((e for e in engines.values() if e.serves_base_of(meta)), None)
         if engine is None:
             served = ", ".join(f"{e.name} ({e.fingerprint})" for e in engines.values())
             raise HTTPError(400, f"delta.json: base fingerprint {fp!r} matches no served base; served: {served}")

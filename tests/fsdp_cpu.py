@@ -64,7 +64,11 @@ def main(spec_path: str) -> int:
     out = Path(spec["report"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(report))
-    torch.distributed.destroy_process_group()  # left to interpreter exit, gloo's threads once aborted a rank
+    # every rank done with the collectives above before any closes its group: closed early, or left to
+    # interpreter exit, gloo's threads aborted the other rank (SIGABRT, "terminate called without an
+    # active exception"; twice in runs under load)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return 0
 
 

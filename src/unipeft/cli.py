@@ -201,9 +201,21 @@ def main(argv=None) -> int:
 def _end_process_group() -> None:
     """Under a launcher (accelerate, torchrun), close the process group before the interpreter exits:
     left to exit, gloo's threads can be torn down while running ('terminate called without an
-    active exception', SIGABRT on one rank; seen once in CI on FSDP2)."""
+    active exception', SIGABRT on one rank; seen once in CI on FSDP2). The ranks first meet at a barrier
+    (gloo's monitored one, which gives up after a minute where a rank failed and never comes): a rank
+    that closed its group while another still received its part of the last collective aborted that
+    one the same way."""
     torch = sys.modules.get("torch")  # only if this command imported it
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import datetime
+
+        try:
+            if torch.distributed.get_backend() == "gloo":
+                torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                torch.distributed.barrier()
+        except Exception:  # noqa: BLE001  a rank that failed: close anyway, its error is already reported
+            pass
         torch.distributed.destroy_process_group()
 
 

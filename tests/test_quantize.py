@@ -451,6 +451,19 @@ def test_a_delta_moves_between_the_quantized_and_the_float_base(bits, tmp_path):
         up.load(tiny.make(family, seed=5), tmp_path / "from_q")
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_a_delta_from_a_base_quantized_at_bfloat16_loads_onto_the_float32_original(bits, tmp_path):
+    """A QLoRA base made from bfloat16 weights keeps its other tensors in bfloat16: the loose fingerprint
+    rounded to bfloat16 matches the float32 original (and its bfloat16 copy), not another base."""
+    q = up.quantize(tiny.make("llama").to(torch.bfloat16), bits=bits)
+    up.attach(q, up.LoRA(r=4), name="t")
+    up.save(q, tmp_path / "t", name="t")
+    for base in (tiny.make("llama"), tiny.make("llama").to(torch.bfloat16), up.quantize(tiny.make("llama"), bits=bits)):
+        assert up.active(up.load(base, tmp_path / "t")) == ["t"]
+    with pytest.raises(UnipeftError, match="different base model"):
+        up.load(tiny.make("llama", seed=5), tmp_path / "t")
+
+
 # ---------------------------------------------------------------------------
 # bad input: one line, the model unchanged
 # ---------------------------------------------------------------------------

@@ -462,6 +462,38 @@ def test_diff_pruning_finalize_keeps_exactly_k_entries_and_save_is_the_model_in_
     assert json.loads((d / "delta.json").read_text())["method"]["options"]["finalized"] is True
 
 
+def test_diff_pruning_saved_with_keep_training_writes_the_final_form_and_trains_on(tmp_path, monkeypatch):
+    """``up.save(..., keep_training=True)`` (a checkpoint in the middle of a run) writes the bytes that
+    finalize-then-save writes, without taking the final form: the live delta stays gated and trains on.
+    SaveDeltaCallback uses it instead of a deep copy of the whole model (memory for a second copy)."""
+    import copy
+
+    from unipeft.methods.diff_pruning import DiffDelta
+
+    model, x = tiny.make(FAMILY), tiny.batch(FAMILY)
+    up.attach(model, up.DiffPruning(sparsity=0.99), name="t")
+    steps(model, x, 3)
+    twin = copy.deepcopy(model)
+    before = run(model, x)
+    kept = up.save(model, tmp_path / "kept", name="t", keep_training=True)
+    assert not record(model).config.finalized and any(isinstance(m, DiffDelta) for m in model.modules())
+    assert torch.equal(run(model, x), before)
+    final = up.save(twin, tmp_path / "final", name="t")  # takes the final form
+    a, b = load_file(str(kept / "delta.safetensors")), load_file(str(final / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta_a, meta_b = (json.loads((d / "delta.json").read_text()) for d in (kept, final))
+    assert meta_a == meta_b and meta_a["method"]["options"]["finalized"] is True
+    steps(model, x, 2)  # still training: the file of the checkpoint is not the model any more
+    assert not torch.equal(run(model, x), before)
+    real = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a, **k: pytest.fail("the callback copied the model")
+                        if isinstance(obj, torch.nn.Module) else real(obj, *a, **k))
+    from unipeft.integrations import SaveDeltaCallback
+
+    SaveDeltaCallback()._save(model, tmp_path / "ckpt", training=True)
+    assert (tmp_path / "ckpt" / "unipeft" / "t" / "delta.json").is_file() and not record(model).config.finalized
+
+
 def test_diff_pruning_projection_keeps_the_largest_diffs():
     from unipeft.methods.diff_pruning import DiffDelta
 

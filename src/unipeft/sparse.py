@@ -360,9 +360,15 @@ def export(model: nn.Module, reg, delta) -> dict[str, torch.Tensor]:
         idx = delta.sparse.indices[p]
         if idx is None:
             idx = torch.arange(values.numel(), device=values.device)
-        out[f"{PREFIX}{p}.indices"] = idx.to(torch.int32 if delta.sparse.numel[p] < 2 ** 31 else torch.int64)
-        out[f"{PREFIX}{p}.values"] = values
+        out.update(file_tensors(p, idx, values, delta.sparse.numel[p]))
     return out
+
+
+def file_tensors(p: str, idx: torch.Tensor, values: torch.Tensor, numel: int) -> dict[str, torch.Tensor]:
+    """The file's two tensors for base tensor ``p`` (``numel`` entries): its indices (int32 where they fit)
+    and the values at them."""
+    return {f"{PREFIX}{p}.indices": idx.to(torch.int32 if numel < 2 ** 31 else torch.int64),
+            f"{PREFIX}{p}.values": values}
 
 
 def restore(model: nn.Module, reg, delta, tensors: dict[str, torch.Tensor]) -> None:

@@ -260,8 +260,13 @@ def pick_delta(model: nn.Module, name: str | None, verb: str = "save") -> Delta:
     return _require(model, name)[1]
 
 
-def save(model: nn.Module, directory, name: str | None = None) -> Path:
+def save(model: nn.Module, directory, name: str | None = None, *, keep_training: bool = False) -> Path:
     """Write delta ``name`` to ``directory`` (created or replaced atomically).
+
+    A delta with a final form (DiffPruning: projected to its exact budget) takes it, in the live model
+    too, so the file and the model in memory are the same. ``keep_training=True`` writes the final
+    form without taking it: the delta goes on training in its current form (a checkpoint in the
+    middle of a run; ``integrations.SaveDeltaCallback`` does so).
 
     Under FSDP2 (sharded parameters) every process must call ``save``: the full tensors are
     gathered collectively, then only global rank 0 writes; the others return the same path.
@@ -270,13 +275,18 @@ def save(model: nn.Module, directory, name: str | None = None) -> Path:
 
     delta = pick_delta(model, name)
     name = delta.name
-    finalize = getattr(delta.config, "finalize", None)
-    if finalize is not None:  # DiffPruning: projected to its exact budget in the live model too (file == memory)
-        finalize(model, registry(model), delta)
     config = delta.config
+    tensors = None
+    if getattr(config, "finalize", None) is not None and not getattr(config, "finalized", False):
+        if keep_training:
+            tensors = config.final_tensors(model, registry(model), delta)
+            config = config.replace(finalized=True)
+        else:  # file == memory
+            config.finalize(model, registry(model), delta)
+            config = delta.config
     sharded = _sharded(model)
     saved = config.saved_config() if hasattr(config, "saved_config") else config
-    tensors = delta_tensors(model, delta)
+    tensors = delta_tensors(model, delta) if tensors is None else tensors
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -95,18 +95,11 @@ class SaveDeltaCallback(TrainerCallback):
 
         ``up.save`` gives a delta that has a final form (DiffPruning's projection to its budget) that form
         in the live model too. In the middle of training that would swap the parameters the optimizer
-        trains for others and end the training at the first checkpoint, so there the final form is
-        taken on a deep copy of the model (memory for a second copy while saving), the live one untouched."""
+        trains for others and end the training at the first checkpoint, so checkpoints write the final
+        form without taking it (``keep_training=True``); the end of training takes it."""
         model, names = self._deltas(model)
-        reg = registry(model)
-        source = model
-        if training and any(hasattr(reg.deltas[n].config, "finalize") and not getattr(reg.deltas[n].config, "finalized", False)
-                            for n in names):
-            import copy
-
-            source = copy.deepcopy(model)
         for n in names:
-            save(source, directory / self.folder / n, name=n)
+            save(model, directory / self.folder / n, name=n, keep_training=training)
         return model
 
     STEP_STATE = "step_state.safetensors"

@@ -106,17 +106,10 @@ class DiffPruning(MethodConfig):
             return
         from .. import engine, merging
 
-        gated = {path: d for path, d in delta.linear.items() if isinstance(d, DiffDelta)}
         merged = delta.merged
         if merged:
             engine.unmerge(model, delta.name)
-        diffs = {}
-        for path, d in gated.items():
-            site = model.get_submodule(path)
-            dense = d.diff(deterministic=True)
-            diffs[f"{path}.weight"] = (dense.T if site._unipeft_transposed else dense).reshape(-1)
-        chosen = sparse.top_k({p: t.abs() for p, t in diffs.items()},
-                              sparse.budget(1 - self.sparsity, sum(t.numel() for t in diffs.values())))
+        gated, diffs, chosen = self._projection(model, delta)
         originals = engine.original_base_tensors(model)
         for path in gated:  # the training form leaves the maps
             site = model.get_submodule(path)
@@ -140,6 +133,38 @@ class DiffPruning(MethodConfig):
         sparse.compose(model, reg)
         if merged:
             merging.merge(model, delta.name)
+
+
+    def _projection(self, model: nn.Module, delta):
+        """The gated maps, each one's dense diff (flat, in its weight's own layout) and the top-k entries
+        of all of them together (k = (1 - sparsity) N): the final form, not yet taken."""
+        gated = {path: d for path, d in delta.linear.items() if isinstance(d, DiffDelta)}
+        diffs = {}
+        for path, d in gated.items():
+            site = model.get_submodule(path)
+            dense = d.diff(deterministic=True)
+            diffs[f"{path}.weight"] = (dense.T if site._unipeft_transposed else dense).reshape(-1)
+        chosen = sparse.top_k({p: t.abs() for p, t in diffs.items()},
+                              sparse.budget(1 - self.sparsity, sum(t.numel() for t in diffs.values())))
+        return gated, diffs, chosen
+
+    @torch.no_grad()
+    def final_tensors(self, model: nn.Module, reg, delta) -> dict[str, torch.Tensor]:
+        """The tensors ``up.save`` writes for the final form, without taking it: the live delta goes on
+        training in its gated form (``up.save(..., keep_training=True)``, checkpoints in the middle of a
+        run). The same bytes as ``finalize`` followed by a save."""
+        if self.finalized:
+            raise UnipeftError("DiffPruning.final_tensors: the delta already has its final form")
+        from ..storage import delta_tensors
+
+        gated, diffs, chosen = self._projection(model, delta)
+        # the rest of the delta (a trained head) as it is; the gated maps' training form gives way to the sparse one
+        training_form = {f"linear:{path}.{n}" for path, d in gated.items() for n, _ in d.state_dict().items()}
+        out = {k: v for k, v in delta_tensors(model, delta).items() if k not in training_form}
+        for p, flat in diffs.items():
+            idx = chosen[p]
+            out.update(sparse.file_tensors(p, idx, flat[idx].to(model.get_parameter(p).dtype), flat.numel()))
+        return out
 
 
 class DiffDelta(pos.LinearDelta):

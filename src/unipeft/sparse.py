@@ -218,9 +218,6 @@ class SparseController(step_hooks.StepController):
             self._params = {p: model.get_parameter(p) for p in delta.sparse.values}
         return list(self._params.values())
 
-    def _param_names(self) -> list[str]:
-        return list(self._params) if self.parameters() else []
-
     def set_total_steps(self, total: int) -> None:
         if isinstance(self.select_after, float):
             self.select_at = max(1, round(self.select_after * total))
@@ -235,7 +232,8 @@ class SparseController(step_hooks.StepController):
         return {f"score.{p}": s for p, s in self.scores.items()}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(zip(self._param_names(), self.parameters()))
+        self.parameters()  # resolves self._params, name -> parameter (None while the delta is not registered)
+        params = self._params or {}
         self.scores = {}
         for key, t in tensors.items():
             p = key[len("score."):]

@@ -54,6 +54,7 @@ class StepController:
     pending = False  # before() ran for a step whose after() has not yet
     optimizer = None  # a weak reference to the optimizer of the latest step (one that resets its moments)
     steps = 0        # optimizer steps completed (before(): the next is steps + 1; after(): this is steps)
+    restored = False  # load_state ran from a checkpoint: a resumed run lost nothing
 
     def parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
@@ -183,7 +184,7 @@ def _before_step(optimizer, args, kwargs) -> None:
         if any(id(p) in ids for p in params) and any(p.grad is not None for p in params):
             if c.steps == 0:
                 c.steps = _steps_taken(optimizer, params)
-                if c.steps and not c.__dict__.get("restored"):
+                if c.steps and not c.restored:
                     _warn_lost(c)
             c.optimizer = weakref.ref(optimizer)
             c.before()       # may raise (a missing total_step): the step then never happens

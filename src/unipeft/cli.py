@@ -177,6 +177,34 @@ def apply_yaml_config(path: str, sub: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
+    """Run one command; returns its exit code. A process of a distributed launch (its process group set up
+    by the command) leaves through ``os._exit`` once the group is closed: see ``_leave``."""
+    code = _main(argv)
+    if _CLOSED_GROUP:
+        _leave(code)
+    return code
+
+
+_CLOSED_GROUP = False  # this process closed a process group that its command had set up
+
+
+def _leave(code: int) -> None:
+    """Exit without interpreter finalization. After a distributed run, gloo's worker threads can still hold
+    work objects whose tensors need the GIL of an interpreter being torn down, which aborts the process
+    ("terminate called without an active exception", SIGABRT) after everything was written, and the
+    launcher then reports the run as failed (pytorch/pytorch#179291 describes the teardown; seen in this
+    project's FSDP2 tests). Everything a command writes is written by then, atomically."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed (a broken pipe)
+            pass
+    os._exit(code)
+
+
+def _main(argv=None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         only = argv[0] if argv and argv[0] in COMMANDS and not any(a in ("-h", "--help") for a in argv[:1]) else None
@@ -217,6 +245,8 @@ def _end_process_group() -> None:
         except Exception:  # noqa: BLE001  a rank that failed: close anyway, its error is already reported
             pass
         torch.distributed.destroy_process_group()
+        global _CLOSED_GROUP
+        _CLOSED_GROUP = True
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def check_trainer_resume(family, method, x):
             f"a Trainer run resumed at step 3 ends {(got - want).abs().max():.2e} from the uninterrupted one"
 
 
-check_trainer_resume.families = ("gpt2", "llama")
+check_trainer_resume.families = ("gpt2", "llama")  # causal LM rows (tests/test_ecosystem.lm_rows)
 
 
 def check_load_at_half_precision(family, method, x):
@@ -226,7 +226,7 @@ def check_load_at_half_precision(family, method, x):
             if method in MERGEABLE:
                 up.merge(half, "t")
                 err = (run(half, x).float() - want).abs().max().item()
-                assert err <= tol, f"merged into the {dtype} base: {err:.3g} from float32 (tolerance {tol:.3g})"  # causal LM rows (tests/test_ecosystem.lm_rows)
+                assert err <= tol, f"merged into the {dtype} base: {err:.3g} from float32 (tolerance {tol:.3g})"
 
 CHECKS = [check_call_flags, check_padding_and_causality, check_generation, check_pickle, check_resize_embeddings,
           check_inference_mode, check_state_dict, check_dtype_after_attach, check_checkpointing, check_trainer_resume,

@@ -179,13 +179,13 @@ def apply_yaml_config(path: str, sub: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     """Run one command; returns its exit code. A process of a distributed launch (its process group set up
     by the command) leaves through ``os._exit`` once the group is closed: see ``_leave``."""
-    code = _main(argv)
-    if _CLOSED_GROUP:
+    try:
+        code = _main(argv)
+    finally:
+        closed = _end_process_group()
+    if closed:
         _leave(code)
     return code
-
-
-_CLOSED_GROUP = False  # this process closed a process group that its command had set up
 
 
 def _leave(code: int) -> None:
@@ -222,17 +222,15 @@ def _main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    finally:
-        _end_process_group()
 
 
-def _end_process_group() -> None:
+def _end_process_group() -> bool:
     """Under a launcher (accelerate, torchrun), close the process group before the interpreter exits:
     left to exit, gloo's threads can be torn down while running ('terminate called without an
     active exception', SIGABRT on one rank; seen once in CI on FSDP2). The ranks first meet at a barrier
-    (gloo's monitored one, which gives up after a minute where a rank failed and never comes): a rank
-    that closed its group while another still received its part of the last collective aborted that
-    one the same way."""
+    (gloo's monitored one, which gives up after a minute where a rank failed and never comes), so that
+    no rank closes its group, and then leaves at once (``_leave``), while another still receives its
+    part of the last collective. Returns whether it closed one."""
     torch = sys.modules.get("torch")  # only if this command imported it
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         import datetime
@@ -245,8 +243,8 @@ def _end_process_group() -> None:
         except Exception:  # noqa: BLE001  a rank that failed: close anyway, its error is already reported
             pass
         torch.distributed.destroy_process_group()
-        global _CLOSED_GROUP
-        _CLOSED_GROUP = True
+        return True
+    return False
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def _sharded(model: nn.Module) -> bool:
 # even whichever way the copy was made. (A float16 base and a bfloat16 one of the same weights do not match:
 # rounding one to the other rounds twice.)
 ROUNDINGS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_SUFFIXES = [""] + [f"_{k}" for k in ROUNDINGS]  # fingerprint, fingerprint_bfloat16, ...
 
 
 def _linear_shapes(model: nn.Module) -> dict[str, tuple]:
@@ -125,8 +126,7 @@ def base_identity(model: nn.Module) -> dict:
     realistic difference in weights changes it. Task heads are left out: a fresh head is random by design.
     """
     linear = _linear_shapes(model)
-    suffixes = [""] + [f"_{k}" for k in ROUNDINGS]
-    hashes = {f"{kind}{sfx}": hashlib.sha256() for kind in ("fingerprint", "loose_fingerprint") for sfx in suffixes}
+    hashes = {f"{kind}{sfx}": hashlib.sha256() for kind in ("fingerprint", "loose_fingerprint") for sfx in _SUFFIXES}
     for name, t in sorted(original_base_tensors(model).items()):
         flat = full_tensor(t.detach()).reshape(-1)
         step = max(1, flat.numel() // 1024)
@@ -166,7 +166,7 @@ def same_base(saved: dict, have: dict) -> bool:
     either is quantized) the same model apart from its linear weights' values. Files written before the
     rounded fingerprints existed match on the exact and loose ones only."""
     quantized = bool(saved.get("quantized") or have.get("quantized"))
-    for sfx in [""] + [f"_{k}" for k in ROUNDINGS]:
+    for sfx in _SUFFIXES:
         for kind in ("fingerprint", "loose_fingerprint") if quantized else ("fingerprint",):
             want = saved.get(kind + sfx)
             if want is not None and want == have.get(kind + sfx):

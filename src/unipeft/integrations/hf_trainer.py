@@ -35,8 +35,8 @@ What is saved where, and why:
   ``load_best_model_at_end``, so that one is the best delta). These are the
   small fingerprinted folders to keep, ``up.push`` or ``up.load`` onto a base.
   A delta with a final form (DiffPruning's projection to its budget) is written
-  in that form; at a checkpoint it is taken on a copy of the model, so the
-  training goes on with the delta it was training.
+  in that form; at a checkpoint without taking it (``up.save(..., keep_training=True)``),
+  so the training goes on with the delta it was training.
 
 Gradient checkpointing needs nothing from unipeft with transformers >= 5: the
 Trainer checkpoints non-reentrantly by default, and for models fed

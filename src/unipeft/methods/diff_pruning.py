@@ -134,7 +134,6 @@ class DiffPruning(MethodConfig):
         if merged:
             merging.merge(model, delta.name)
 
-
     def _projection(self, model: nn.Module, delta):
         """The gated maps, each one's dense diff (flat, in its weight's own layout) and the top-k entries
         of all of them together (k = (1 - sparsity) N): the final form, not yet taken."""
